@@ -1,0 +1,38 @@
+# `make demo` and `make test` each create .venv if it is missing, install what they need, and run.
+# Every pip call passes -c constraints.txt: torch/torchvision are pinned there (and nowhere else).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test test-slow install benchmarks teacher clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/onestep demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+benchmarks: $(STAMP)
+	$(PY) benchmarks/objectives.py
+
+# Re-train the shipped digits teacher (about 35 min on 2 CPU cores).
+teacher: $(STAMP)
+	$(VENV)/bin/onestep teacher-train --out onestep/assets/digits_teacher
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,92 @@
+"""The Objective contract (spec §1): one scalar loss per optimizer group; the trainer does the rest.
+
+An objective owns every auxiliary network it needs; the trainer owns optimizers, EMA, checkpoints.
+Every random draw (times, masks, noise) comes from `self.generator`, which the trainer seeds and
+checkpoints, so a resumed run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimDefaults:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set `Config` (a dataclass of their options) and implement `loss`."""
+
+    Config: type = dataclass(type("EmptyConfig", (), {}))
+    #: True for objectives that distill a teacher into a few-step student (benchmarks train these)
+    distillation: bool = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.generator: torch.Generator | None = None
+
+    # --- contract -------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"student": [p for p in self.student.parameters() if p.requires_grad]}
+
+    def default_optim(self, group: str) -> OptimDefaults:
+        return OptimDefaults()
+
+    def active_groups(self, step: int) -> list[str]:
+        return ["student"]
+
+    def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        # the trainer calls the (possibly DDP-wrapped, autocast-wrapped) module, which lands here
+        return self.loss(batch, step)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond=None, steps: int = 1, times=None) -> torch.Tensor:
+        return self.student.sample(noise, cond, steps=steps, times=times)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint must hold: the student and the auxiliary nets, not the frozen teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    # --- randomness from the objective's generator ------------------------------------------
+    def _gen(self) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+        return self.generator
+
+    def rand(self, *shape, device=None) -> torch.Tensor:
+        # drawn on the CPU generator, then moved: the same numbers on every device
+        return torch.rand(*shape, generator=self._gen(), dtype=torch.float32).to(device)
+
+    def randn(self, *shape, device=None) -> torch.Tensor:
+        return torch.randn(*shape, generator=self._gen(), dtype=torch.float32).to(device)
+
+
+def logit_normal(n: int, mu: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """sigmoid(mu + sigma * z) for given standard-normal draws z (shape [n])."""
+    return torch.sigmoid(mu + sigma * noise[:n])
+
+
+@contextlib.contextmanager
+def frozen_eval(module: nn.Module):
+    """Target passes: eval mode (no dropout) and no autocast, restored afterwards."""
+    was_training = module.training
+    module.eval()
+    device_type = next(module.parameters()).device.type if any(True for _ in module.parameters()) else "cpu"
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        module.train(was_training)

@@ -1,0 +1,109 @@
+"""Students: every student is an average-velocity field u(z, r, t, cond) in flow time.
+
+z_r = z_t - (t - r) u(z_t, r, t); one step is x0 = eps - u(eps, 0, 1); u(z, t, t) is the
+instantaneous velocity v(z, t), so a flow-matching model is the same object used only at r = t.
+
+The interval t - r gets a second time embedding whose last layer is zero-initialised: a student built
+from a teacher is *exactly* that teacher at step 0 (u(z, t, t) = v_teacher(z, t)).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from onestep.sampling import sample_avg_velocity
+
+
+class AvgVelocityField(nn.Module):
+    """Base for students: forward(z, r, t, cond) -> u; velocity(); the k-step sampler."""
+
+    def velocity(self, z, t, cond=None):
+        return self(z, t, t, cond)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond=None, steps: int = 1,
+               times: Sequence[float] | None = None) -> torch.Tensor:
+        return sample_avg_velocity(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
+
+
+class AvgVelocityUNet(AvgVelocityField):
+    """A diffusers `UNet2DModel` as u(z, r, t): t is the UNet's timestep (x `time_scale`), and t - r enters
+    through the UNet's own `class_embed_type="timestep"` embedding, which diffusers adds to the time
+    embedding. A UNet without that embedding is a plain velocity model (only r = t is allowed).
+    """
+
+    def __init__(self, unet, time_scale: float = 1000.0):
+        super().__init__()
+        self.unet = unet
+        self.time_scale = time_scale
+        self.has_interval_embedding = unet.config.class_embed_type == "timestep"
+
+    def forward(self, z, r, t, cond=None):
+        if cond is not None:
+            raise ValueError("AvgVelocityUNet is unconditional; got a condition")
+        class_labels = None
+        if self.has_interval_embedding:
+            class_labels = (t - r) * self.time_scale
+        elif r is not t and not torch.equal(r, t):
+            raise ValueError("this UNet has no interval embedding: it is a velocity model, so r must equal t")
+        return self.unet(z, t * self.time_scale, class_labels=class_labels).sample
+
+    @classmethod
+    def from_velocity_unet(cls, unet, time_scale: float = 1000.0) -> "AvgVelocityUNet":
+        """Copy a velocity UNet and add a zero-initialised embedding of t - r."""
+        from diffusers import UNet2DModel
+
+        config = dict(unet.config)
+        config["class_embed_type"] = "timestep"
+        student = UNet2DModel.from_config(config).to(unet.device, unet.dtype)
+        missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+            raise ValueError(f"backbone mismatch: missing {missing}, unexpected {unexpected}")
+        nn.init.zeros_(student.class_embedding.linear_2.weight)
+        nn.init.zeros_(student.class_embedding.linear_2.bias)
+        return cls(student, time_scale)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPAvgVelocity(AvgVelocityField):
+    """u(z, r, t) for vector data (the Gaussian-mixture toys): an MLP on [z, emb(t), emb(t - r)]."""
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32, time_scale: float = 1000.0):
+        super().__init__()
+        self.emb_dim, self.time_scale = emb_dim, time_scale
+        self.t_embed = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.interval_embed = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.interval_embed[-1].weight)
+        nn.init.zeros_(self.interval_embed[-1].bias)
+        self.inp = nn.Linear(dim, hidden)
+        layers = []
+        for _ in range(depth):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        self.body = nn.Sequential(*layers, nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, z, r, t, cond=None):
+        e_t = sinusoidal_embedding(t * self.time_scale, self.emb_dim)
+        e_d = sinusoidal_embedding((t - r) * self.time_scale, self.emb_dim)
+        return self.body(self.inp(z) + self.t_embed(e_t) + self.interval_embed(e_d))
+
+
+def student_from_teacher(teacher) -> AvgVelocityField:
+    """The default student of a teacher: a copy of its backbone with the interval embedding added."""
+    backbone = teacher.backbone()
+    if backbone is None:
+        raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
+    if isinstance(backbone, AvgVelocityUNet):
+        return AvgVelocityUNet.from_velocity_unet(backbone.unet, backbone.time_scale)
+    if isinstance(backbone, AvgVelocityField):
+        return copy.deepcopy(backbone)
+    raise ValueError(f"don't know how to build a student from a {type(backbone).__name__} backbone")

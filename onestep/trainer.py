@@ -1,0 +1,285 @@
+"""The one training loop, for every objective, through accelerate.
+
+The objective returns one loss per optimizer group; the trainer owns everything else: accelerate
+`prepare` (device, DDP, mixed precision), one AdamW + warm-up schedule per group, the groups active
+at each step, gradient accumulation and clipping, the student's EMA, checkpoints and exact resume,
+a non-finite-loss guard, tensorboard scalars + metrics.jsonl, a progress bar and PNG sample grids.
+
+Checkpoint layout (runs/<name>/checkpoints/step-XXXXXX/):
+    trainable.safetensors    student + auxiliary nets (never the frozen teacher)
+    ema.safetensors          EMA of the student's parameters
+    optim-<group>.pt / sched-<group>.pt   tensors only: loaded with torch.load(weights_only=True)
+    rng.safetensors          the objective's and the data's generators, torch's global CPU RNG
+    state.json               step, EMA step, counters
+It is written to `step-XXXXXX.tmp` and renamed, so a kill during a save never leaves a broken latest
+checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onestep.build import build_data, build_objective, build_student, build_teacher
+from onestep.config import RunConfig, to_yaml
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, teacher=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.num_threads > 0:
+            torch.set_num_threads(tc.num_threads)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
+        self.accelerator = Accelerator(
+            cpu=tc.device == "cpu",
+            mixed_precision=tc.mixed_precision,
+            gradient_accumulation_steps=tc.grad_accum,
+            log_with="tensorboard",
+            project_dir=str(self.run_dir),
+            # groups may be inactive at a step (alternating schedules)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        acc = self.accelerator
+        torch.manual_seed(cfg.seed)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        student = build_student(cfg, self.teacher)
+        self.objective = build_objective(cfg, student, self.teacher)
+        self.data = build_data(cfg, self.teacher)
+        # every random draw comes from these two generators (per process), saved in checkpoints
+        self.objective.generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * acc.process_index)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * acc.process_index + 1)
+
+        self.groups = self.objective.param_groups()
+        self.optimizers, self.schedulers = {}, {}
+        for g, params in self.groups.items():
+            d = self.objective.default_optim(g)
+            lr = tc.lr if tc.lr is not None else d.lr
+            wd = tc.weight_decay if tc.weight_decay is not None else d.weight_decay
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
+            warm = max(tc.warmup_steps, 0)
+            self.optimizers[g] = opt
+            self.schedulers[g] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / (w + 1)))
+        names = list(self.groups)
+        prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names],
+                               *[self.schedulers[g] for g in names])
+        self.model = prepared[0]
+        self.optimizers = dict(zip(names, prepared[1:1 + len(names)]))
+        self.schedulers = dict(zip(names, prepared[1 + len(names):]))
+
+        from diffusers.training_utils import EMAModel
+
+        self.ema = EMAModel(self.student.parameters(), decay=tc.ema_decay)
+        self.ema.to(acc.device)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def student(self):
+        return self.objective.student
+
+    def ema_student(self):
+        """A copy of the student holding the EMA weights (for sampling and evaluation)."""
+        s = copy.deepcopy(self.student)
+        self.ema.copy_to(s.parameters())
+        return s.eval()
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        final = self.ckpt_dir / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        obj = self.unwrapped
+        save_file({k: v.detach().contiguous().cpu() for k, v in obj.trainable_state_dict().items()},
+                  tmp / "trainable.safetensors")
+        names = [n for n, p in self.student.named_parameters()]
+        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, self.ema.shadow_params)},
+                  tmp / "ema.safetensors")
+        for g in self.groups:
+            torch.save(self.optimizers[g].state_dict(), tmp / f"optim-{g}.pt")
+            torch.save(self.schedulers[g].state_dict(), tmp / f"sched-{g}.pt")
+        save_file({"objective": obj.generator.get_state(), "data": self.data_generator.get_state(),
+                   "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {"step": self.step, "ema_optimization_step": self.ema.optimization_step,
+                 "nonfinite_total": self.nonfinite_total}
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():  # make the files durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        kept = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in kept[:-self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        obj = self.unwrapped
+        missing, unexpected = obj.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+        if unexpected or any(not k.startswith("teacher.") for k in missing):
+            raise ValueError(f"checkpoint {path} does not match this run: missing {missing}, unexpected {unexpected}")
+        ema = load_file(path / "ema.safetensors")
+        names = [n for n, _ in self.student.named_parameters()]
+        for shadow, n in zip(self.ema.shadow_params, names):
+            shadow.data.copy_(ema[n])
+        for g in self.groups:
+            self.optimizers[g].load_state_dict(torch.load(path / f"optim-{g}.pt", weights_only=True))
+            self.schedulers[g].load_state_dict(torch.load(path / f"sched-{g}.pt", weights_only=True))
+        rng = load_file(path / "rng.safetensors")
+        obj.generator.set_state(rng["objective"])
+        self.data_generator.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        state = json.loads((path / "state.json").read_text())
+        self.step = state["step"]
+        self.ema.optimization_step = state["ema_optimization_step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+
+    def maybe_resume(self) -> bool:
+        latest = _latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            return False
+        self.load_checkpoint(latest)
+        self.accelerator.print(f"resumed from {latest}")
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum micro-batches) of every active group."""
+        acc, tc = self.accelerator, self.cfg.train
+        logs: dict[str, float] = {}
+        groups = self.objective.active_groups(self.step)
+        finite = True
+        for _ in range(tc.grad_accum):
+            with acc.accumulate(self.model):
+                batch = self.data.batch(self.cfg.data.batch_size, self.data_generator, acc.device)
+                out = self.model(batch, self.step)
+                for i, g in enumerate(groups):
+                    if not torch.isfinite(out[g]).item():
+                        finite = False
+                        logs["nonfinite_group"] = g
+                        continue
+                    acc.backward(out[g], inputs=self.groups[g], retain_graph=i < len(groups) - 1)
+                if acc.sync_gradients:
+                    for g in groups:
+                        gn = acc.clip_grad_norm_(self.groups[g], tc.clip_grad_norm)
+                        if not torch.isfinite(gn).item():
+                            finite = False
+                            logs["nonfinite_group"] = g
+                        logs[f"grad_norm/{g}"] = float(gn)
+                    for g in groups:
+                        if finite:
+                            self.optimizers[g].step()
+                            self.schedulers[g].step()
+                        self.optimizers[g].zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    if k.startswith("log/"):
+                        logs[k[4:]] = logs.get(k[4:], 0.0) + float(v) / tc.grad_accum
+        if finite:
+            self.ema.step(self.student.parameters())
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        return logs
+
+    def fit(self, resume: bool = True) -> "Trainer":
+        acc, tc = self.accelerator, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        if resume:
+            self.maybe_resume()
+        acc.init_trackers("tb")
+        bar = None
+        if tc.progress and acc.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        t0 = time.perf_counter()
+        while self.step < tc.steps:
+            logs = self.train_step()
+            if self.nonfinite_in_a_row > 0:
+                group = logs.get("nonfinite_group", "?")
+                acc.print(f"step {self.step}: non-finite loss or gradient in group {group!r}; step skipped")
+                if self.nonfinite_in_a_row > tc.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_a_row} non-finite steps in a row (group {group!r}, step {self.step}); "
+                        f"stopped; the last good checkpoint is {_latest_checkpoint(self.ckpt_dir)}")
+                continue
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                if "loss" in logs:
+                    bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                scalars = {k: v for k, v in logs.items() if isinstance(v, float)}
+                scalars["lr"] = self.schedulers[next(iter(self.groups))].get_last_lr()[0]
+                acc.log(scalars, step=self.step)
+                if acc.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3), **scalars}) + "\n")
+            if tc.sample_every and self.step % tc.sample_every == 0:
+                self.save_samples()
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_samples()
+        acc.end_training()
+        return self
+
+    @torch.no_grad()
+    def save_samples(self, n: int = 64) -> Path | None:
+        """A PNG grid of EMA-student samples, one row block per step count in train.sample_steps."""
+        if not self.accelerator.is_main_process or len(self.sample_shape()) != 3:
+            return None
+        from torchvision.utils import save_image
+
+        student = self.ema_student()
+        noise = torch.randn(n, *self.sample_shape(), generator=torch.Generator().manual_seed(0)).to(self.accelerator.device)
+        rows = [student.sample(noise, steps=k).clamp(-1, 1) for k in self.cfg.train.sample_steps]
+        out = self.run_dir / "samples" / f"step-{self.step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image((torch.cat(rows) + 1) / 2, out, nrow=int(math.sqrt(n)))
+        return out
+
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.teacher is not None:
+            return tuple(self.teacher.sample_shape)
+        return tuple(self.data.x.shape[1:]) if hasattr(self.data, "x") else ()
