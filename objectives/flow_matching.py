@@ -52,8 +52,8 @@ class FlowMatching(Objective):
 
     def loss(self, batch, step):
         x, cond = batch["x"], batch.get("cond")
-        t = self.sample_t(x.shape[0], x.device)
-        eps = self.randn(*x.shape, device=x.device)
+        t = self.sample_t(x.shape[0], x.device).to(x.dtype)
+        eps = self.randn(*x.shape, device=x.device).to(x.dtype)
         z_t = paths.interpolate(x, eps, t)
         if self.cfg.target == "data":
             target = eps - x

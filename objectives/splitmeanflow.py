@@ -110,8 +110,9 @@ class SplitMeanFlow(Objective):
         x, cond = batch["x"], batch.get("cond")
         n = x.shape[0]
         r, t, is_boundary = self.sample_times(n, x.device)
+        r, t = r.to(x.dtype), t.to(x.dtype)
         eps = self.randn(*x.shape, device=x.device).to(x.dtype)
-        lam = self.rand(n, device=x.device)
+        lam = self.rand(n, device=x.device).to(x.dtype)
         z_t = paths.interpolate(x, eps, t)
 
         # targets: teacher velocity on boundary samples, split consistency on the others

@@ -55,11 +55,10 @@ class AvgVelocityUNet(AvgVelocityField):
     @classmethod
     def from_velocity_unet(cls, unet, time_scale: float = 1000.0) -> "AvgVelocityUNet":
         """Copy a velocity UNet and add a zero-initialised embedding of t - r."""
-        from diffusers import UNet2DModel
-
-        config = dict(unet.config)
+        # `_use_default_values` would reset class_embed_type to its default: drop it
+        config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
         config["class_embed_type"] = "timestep"
-        student = UNet2DModel.from_config(config).to(unet.device, unet.dtype)
+        student = type(unet).from_config(config).to(device=unet.device, dtype=unet.dtype)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         if unexpected or any(not k.startswith("class_embedding.") for k in missing):
             raise ValueError(f"backbone mismatch: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,141 @@
+"""`onestep demo`: digits teacher -> SplitMeanFlow one-step student -> digits-FID report.
+
+Every row of the report is scored under one protocol: N samples (N = the number of held-out real
+digits unless eval.num_samples says otherwise) from the same fixed noise, digits-FID against the
+training split, and images/s measured while generating those N samples. The `real` row scores N
+held-out real digits the same way: the floor that says how good the teacher is.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from onestep.config import RunConfig
+from onestep.data import load_digits
+
+
+@torch.no_grad()
+def _generate(sample_fn, noise: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, float]:
+    """Samples for all of `noise` and the images/s achieved (after one untimed warm-up batch)."""
+    sample_fn(noise[: min(8, len(noise))])
+    if noise.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = torch.cat([sample_fn(noise[i:i + batch_size]) for i in range(0, len(noise), batch_size)])
+    if noise.is_cuda:
+        torch.cuda.synchronize()
+    return out.clamp(-1, 1), len(noise) / (time.perf_counter() - start)
+
+
+def evaluate_digits(teacher, student, cfg: RunConfig, device) -> dict:
+    from onestep.evaluation.features import digits_fid
+
+    ev = cfg.eval
+    heldout = load_digits("heldout").images
+    n = ev.num_samples or len(heldout)
+    noise = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(ev.seed)).to(device)
+    rows, samples, protocol = [], {}, None
+
+    def add(model: str, steps: int, images: torch.Tensor, ips: float | None):
+        nonlocal protocol
+        scored = digits_fid(images.cpu())
+        protocol = scored["protocol"]
+        rows.append({"model": model, "steps": steps, "digits_fid": round(scored["digits_fid"], 3),
+                     "images_per_s": None if ips is None else round(ips, 1)})
+
+    real = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(ev.seed))[:n]]
+    add("real", 0, real, None)
+    for k in ev.teacher_steps:
+        images, ips = _generate(lambda z, k=k: teacher.sample(z, steps=k, solver=ev.solver), noise, ev.batch_size)
+        samples[("teacher", k)] = images
+        add("teacher", k, images, ips)
+    for k in ev.student_steps:
+        images, ips = _generate(lambda z, k=k: student.sample(z, steps=k), noise, ev.batch_size)
+        samples[("student", k)] = images
+        add("student", k, images, ips)
+    protocol.update({
+        "noise_seed": ev.seed, "teacher_solver": ev.solver, "student_sampler": "z_r = z_t - (t - r) u(z_t, r, t), uniform grid",
+        "student_weights": "EMA", "generation_batch_size": ev.batch_size, "device": str(device),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "real_row": "held-out split vs the training-split reference, same N",
+    })
+    return {"rows": rows, "protocol": protocol, "samples": samples}
+
+
+def _row(rows, model, steps):
+    return next((r for r in rows if r["model"] == model and r["steps"] == steps), None)
+
+
+def targets(rows) -> list[tuple[str, float, float, bool]]:
+    """The spine issue's goals as (what, measured ratio, goal, met)."""
+    out = []
+    real, t1, t50 = _row(rows, "real", 0), _row(rows, "teacher", 1), _row(rows, "teacher", 50)
+    s1, s2 = _row(rows, "student", 1), _row(rows, "student", 2)
+    if real and t50:
+        out.append(("teacher 50-step FID / real FID", t50["digits_fid"] / real["digits_fid"], 2.5))
+    if s1 and t50:
+        out.append(("student 1-step FID / teacher 50-step FID", s1["digits_fid"] / t50["digits_fid"], 1.75))
+    if s1 and t1:
+        out.append(("student 1-step FID / teacher 1-step FID", s1["digits_fid"] / t1["digits_fid"], 0.1))
+    if s2 and t50:
+        out.append(("student 2-step FID / teacher 50-step FID", s2["digits_fid"] / t50["digits_fid"], 1.3))
+    if s1 and t50:
+        speedup = s1["images_per_s"] / t50["images_per_s"]
+        out.append(("student 1-step images/s / teacher 50-step images/s", speedup, 30.0, speedup >= 30.0))
+    return [(w, v, g, met[0] if met else v <= g) for w, v, g, *met in out]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# onestep demo: {report['run']}", "",
+             f"Training: {report['train_steps']} SplitMeanFlow steps in {report['train_seconds']:.0f} s; "
+             f"evaluation {report['eval_seconds']:.0f} s.", "",
+             "| model | steps | digits-FID | images/s |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        ips = "–" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['digits_fid']:.2f} | {ips} |")
+    lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
+    for what, value, goal, met in targets(report["rows"]):
+        op = ">=" if "images/s" in what else "<="
+        lines.append(f"| {what} | {value:.3f} | {op} {goal} | {'yes' if met else 'NO'} |")
+    p = report["protocol"]
+    lines += ["", f"Protocol: {p['num_samples']} samples per row, digits-FID ({p['feature_net']}, sha256 "
+              f"{p['feature_net_sha256'][:12]}…) against {p['reference']} ({p['reference_size']} images); noise seed "
+              f"{p['noise_seed']}; teacher {p['teacher_solver']}; student EMA weights; {p['device']}, "
+              f"{p['torch_threads']} threads.", "", "Samples (same noise): teacher 50 steps | teacher 1 step | "
+              "student 1 step: `grid.png`."]
+    return "\n".join(lines)
+
+
+def save_grid(samples: dict, path: Path, n: int = 64) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    panels = [make_grid((samples[key][:n] + 1) / 2, nrow=8, padding=1, pad_value=1.0)
+              for key in (("teacher", 50), ("teacher", 1), ("student", 1)) if key in samples]
+    if panels:
+        gap = torch.ones(3, panels[0].shape[1], 6)
+        save_image(torch.cat([x for p in panels for x in (p, gap)][:-1], dim=2), path)
+
+
+def run_demo(cfg: RunConfig, resume: bool = True) -> dict:
+    from onestep.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    start = time.perf_counter()
+    trainer.fit(resume=resume)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = evaluate_digits(trainer.teacher, trainer.ema_student(), cfg, trainer.accelerator.device)
+    eval_seconds = time.perf_counter() - start
+    report = {"run": cfg.name, "train_steps": trainer.step, "train_seconds": round(train_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1), "rows": result["rows"], "protocol": result["protocol"]}
+    report["targets"] = [{"what": w, "value": round(v, 4), "target": g, "met": bool(m)} for w, v, g, m in targets(report["rows"])]
+    run_dir = trainer.run_dir
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report["markdown"] = markdown(report)
+    (run_dir / "report.md").write_text(report["markdown"] + "\n")
+    save_grid(result["samples"], run_dir / "grid.png")
+    return report

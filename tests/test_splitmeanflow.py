@@ -1,0 +1,112 @@
+"""SplitMeanFlow against the exact average velocity of the Gaussian mixture (spec §3(h))."""
+import pytest
+import torch
+
+from onestep.config import ConfigError
+from onestep.objectives.splitmeanflow import SplitMeanFlow, SplitMeanFlowConfig
+from onestep.student import MLPAvgVelocity
+
+
+def batch(gmm_teacher, n=32, seed=0):
+    x, _ = gmm_teacher.mixture.sample(n, torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return {"x": x, "cond": None}
+
+
+def test_interval_splitting_residual_of_exact_field_is_zero(gmm_teacher):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(24, 2, dtype=torch.float64, generator=g) * 1.5
+    a, b, c = torch.rand(3, 24, dtype=torch.float64, generator=g).sort(0).values  # r < s < t
+    r, s, t = a, b, c
+    u = gmm_teacher.average_velocity
+    u_st = u(z, s, t)
+    z_s = z - (t - s)[:, None] * u_st
+    lhs = (t - r)[:, None] * u(z, r, t)
+    rhs = (s - r)[:, None] * u(z_s, r, s) + (t - s)[:, None] * u_st
+    assert (lhs - rhs).abs().max() < 1e-8
+
+
+def test_loss_of_exact_field_is_zero(gmm_teacher, exact_field):
+    obj = SplitMeanFlow(exact_field, gmm_teacher, SplitMeanFlowConfig(flow_ratio=0.5))
+    out = obj.loss(batch(gmm_teacher), step=0)
+    assert out["log/loss_consistency"] < 1e-14
+    assert out["log/loss_boundary"] < 1e-20   # boundary target = exact teacher velocity
+    # with eps - x as the boundary target, the boundary loss is the FM conditional variance: > 0
+    obj_data = SplitMeanFlow(exact_field, None, SplitMeanFlowConfig(flow_ratio=0.5, boundary_target="data"))
+    out = obj_data.loss(batch(gmm_teacher), step=0)
+    assert out["log/loss_consistency"] < 1e-14 and out["log/loss_boundary"] > 1e-2
+
+
+def test_lambda_at_the_ends_gives_no_signal(gmm_teacher):
+    torch.manual_seed(0)
+    student = MLPAvgVelocity(2).double()
+    with torch.no_grad():
+        student.interval_embed[-1].weight.normal_()  # so that r matters
+    obj = SplitMeanFlow(student, gmm_teacher, SplitMeanFlowConfig(flow_ratio=0.5))
+    z = torch.randn(16, 2, dtype=torch.float64)
+    t = torch.rand(16, dtype=torch.float64) * 0.5 + 0.5
+    r = t * 0.3
+    for lam in (0.0, 1.0):
+        target = obj.consistency_target(z, r, t, torch.full((16,), lam, dtype=torch.float64))
+        pred = student(z, r, t)
+        assert torch.allclose(target, pred.detach(), atol=1e-12)
+        loss = (pred - target).pow(2).mean()
+        grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+        assert all(g is None or g.abs().max() < 1e-12 for g in grads)
+
+
+def test_constant_field_satisfies_splitting_but_not_the_boundary(gmm_teacher):
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+
+        def forward(self, z, r, t, cond=None):
+            return self.c.expand_as(z)
+
+    obj = SplitMeanFlow(Constant(), gmm_teacher, SplitMeanFlowConfig(flow_ratio=0.5))
+    out = obj.loss(batch(gmm_teacher), step=0)
+    assert out["log/loss_consistency"] < 1e-20   # any constant field satisfies interval splitting
+    assert out["log/loss_boundary"] > 1e-1       # only the boundary term pins u to the teacher
+
+
+def test_gradient_flows_only_through_the_prediction(gmm_teacher):
+    torch.manual_seed(0)
+    student = MLPAvgVelocity(2).double()
+    obj = SplitMeanFlow(student, gmm_teacher, SplitMeanFlowConfig(flow_ratio=0.5))
+    b = batch(gmm_teacher)
+    obj.generator = torch.Generator().manual_seed(3)
+    loss = obj.loss(b, 0)["student"]
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    # rebuild the same draws by hand: the target is a constant, the prediction carries all gradient
+    obj.generator = torch.Generator().manual_seed(3)
+    r, t, is_b = obj.sample_times(32)
+    eps = obj.randn(32, 2).double()
+    lam = obj.rand(32).double()
+    r, t = r.double(), t.double()
+    z = (1 - t)[:, None] * b["x"] + t[:, None] * eps
+    with torch.no_grad():
+        target = torch.where(is_b[:, None], gmm_teacher.velocity(z, t), obj.consistency_target(z, r, t, lam))
+    assert not target.requires_grad
+    ref = (student(z, r, t) - target).pow(2).mean()
+    ref_grads = torch.autograd.grad(ref, list(student.parameters()), allow_unused=True)
+    assert torch.allclose(loss, ref, atol=1e-12)
+    for g1, g2 in zip(grads, ref_grads):
+        assert (g1 is None and g2 is None) or torch.allclose(g1, g2, atol=1e-12)
+
+
+def test_time_sampling_masks_and_anchors(gmm_teacher, exact_field):
+    cfg = SplitMeanFlowConfig(flow_ratio=0.5, anchor_share=0.5, anchor_intervals=[[0.0, 1.0], [0.0, 0.5]])
+    obj = SplitMeanFlow(exact_field, gmm_teacher, cfg)
+    r, t, is_b = obj.sample_times(20_000)
+    assert ((r <= t) & (r >= 0) & (t <= 1)).all()
+    assert torch.equal(r[is_b], t[is_b])
+    assert abs(is_b.float().mean() - 0.5) < 0.02                 # per-sample masks, P(boundary) = p
+    cons = ~is_b
+    anchored = cons & (((r == 0) & (t == 1)) | ((r == 0) & (t == 0.5)))
+    assert abs(anchored.sum() / cons.sum() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("bad", [{"flow_ratio": 0.3}, {"anchor_intervals": [[0.5, 0.2]]}, {"boundary_target": "x"}])
+def test_bad_options_are_config_errors(gmm_teacher, exact_field, bad):
+    with pytest.raises(ConfigError):
+        SplitMeanFlow(exact_field, gmm_teacher, SplitMeanFlowConfig(**bad))
