@@ -35,6 +35,11 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.generator: torch.Generator | None = None
 
+    @staticmethod
+    def check_config(cfg, teacher=...) -> None:
+        """Raise ConfigError for bad options. `teacher` is `...` when only the config is known
+        (checked at load time, before any model is built) and the teacher or None afterwards."""
+
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"student": [p for p in self.student.parameters() if p.requires_grad]}

@@ -35,6 +35,10 @@ class FlowMatching(Objective):
 
     def __init__(self, student, teacher, cfg: FlowMatchingConfig):
         super().__init__(student, teacher, cfg)
+        self.check_config(cfg, teacher)
+
+    @staticmethod
+    def check_config(cfg: FlowMatchingConfig, teacher=...) -> None:
         if cfg.target not in ("data", "teacher"):
             raise ConfigError(f"objective.target must be 'data' or 'teacher', got {cfg.target!r}")
         if cfg.time_sampler not in ("uniform", "logit_normal"):

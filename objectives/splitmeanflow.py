@@ -51,6 +51,12 @@ class SplitMeanFlow(Objective):
 
     def __init__(self, student, teacher, cfg: SplitMeanFlowConfig):
         super().__init__(student, teacher, cfg)
+        self.check_config(cfg, teacher)
+        anchors = torch.tensor(cfg.anchor_intervals, dtype=torch.float32).reshape(-1, 2)
+        self.register_buffer("anchors", anchors, persistent=False)
+
+    @staticmethod
+    def check_config(cfg: SplitMeanFlowConfig, teacher=...) -> None:
         if not 0.5 <= cfg.flow_ratio <= 1.0:
             raise ConfigError(
                 f"objective.flow_ratio must be in [0.5, 1] (smaller flow ratios collapse), got {cfg.flow_ratio}")
@@ -62,11 +68,9 @@ class SplitMeanFlow(Objective):
             raise ConfigError(f"objective.time_sampler must be 'logit_normal' or 'uniform', got {cfg.time_sampler!r}")
         if not 0.0 <= cfg.anchor_share <= 1.0:
             raise ConfigError(f"objective.anchor_share must be in [0, 1], got {cfg.anchor_share}")
-        anchors = torch.tensor(cfg.anchor_intervals, dtype=torch.float32).reshape(-1, 2)
-        if cfg.anchor_share > 0 and (len(anchors) == 0 or (anchors[:, 0] >= anchors[:, 1]).any()
-                                     or anchors.min() < 0 or anchors.max() > 1):
-            raise ConfigError(f"objective.anchor_intervals must be [r, t] pairs with 0 <= r < t <= 1, got {cfg.anchor_intervals}")
-        self.register_buffer("anchors", anchors, persistent=False)
+        pairs = cfg.anchor_intervals
+        if cfg.anchor_share > 0 and (not pairs or any(len(p) != 2 or not 0 <= p[0] < p[1] <= 1 for p in pairs)):
+            raise ConfigError(f"objective.anchor_intervals must be [r, t] pairs with 0 <= r < t <= 1, got {pairs}")
 
     def default_optim(self, group):
         return OptimDefaults(lr=self.cfg.lr)

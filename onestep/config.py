@@ -152,7 +152,9 @@ def validate(run: RunConfig) -> None:
     load_builtin()
     if run.teacher.get("name") not in (None, "none"):
         section_config("teacher", run.teacher, TEACHERS)
-    section_config("objective", run.objective, OBJECTIVES)
+    obj_cls, obj_cfg = section_config("objective", run.objective, OBJECTIVES)
+    has_teacher = run.teacher.get("name") not in (None, "none")
+    obj_cls.check_config(obj_cfg, ... if has_teacher else None)
     choices = {
         "student.init": (run.student.init, ("teacher", "scratch")),
         "student.backbone": (run.student.backbone, ("digits_unet", "mlp")),

@@ -52,6 +52,15 @@ class AvgVelocityUNet(AvgVelocityField):
             raise ValueError("this UNet has no interval embedding: it is a velocity model, so r must equal t")
         return self.unet(z, t * self.time_scale, class_labels=class_labels).sample
 
+    @torch.no_grad()
+    def sample(self, noise, cond=None, steps: int = 1, times=None):
+        if self.has_interval_embedding:
+            return super().sample(noise, cond, steps=steps, times=times)
+        # a plain velocity model: u(z, r, t) ~ v(z, t) is the Euler step
+        from onestep.sampling import solve_ode
+
+        return solve_ode(lambda z, t: self(z, t, t, cond), noise, steps=steps, times=times)
+
     @classmethod
     def from_velocity_unet(cls, unet, time_scale: float = 1000.0) -> "AvgVelocityUNet":
         """Copy a velocity UNet and add a zero-initialised embedding of t - r."""

@@ -254,10 +254,10 @@ class Trainer:
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3), **scalars}) + "\n")
-            if tc.sample_every and self.step % tc.sample_every == 0:
-                self.save_samples()
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                 self.save_checkpoint()
+            if tc.sample_every and self.step % tc.sample_every == 0:
+                self.save_samples()
         if bar is not None:
             bar.close()
         self.save_samples()

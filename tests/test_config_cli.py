@@ -1,0 +1,61 @@
+"""Configs and the command line: bad input is one line and exit code 2; `onestep list`."""
+import subprocess
+import sys
+
+import pytest
+
+from onestep.cli import main
+from onestep.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["objective.flow_rate=0.5"], "unknown key objective.flow_rate; allowed: anchor_intervals, anchor_share, boundary_target, flow_ratio"),
+    (["objective.name=nope"], "objective.name: unknown objective 'nope'; allowed: flow_matching, splitmeanflow"),
+    (["teacher.name=nope"], "teacher.name: unknown teacher 'nope'; allowed: digits, gmm"),
+    (["train.stepz=3"], "train.stepz"),
+    (["train.steps=abc"], "train.steps"),
+    (["objective.flow_ratio=abc"], "objective.flow_ratio"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not allowed; allowed: no, bf16, fp16"),
+    (["objective.flow_ratio=0.2"], None),  # checked when the objective is built (below)
+])
+def test_config_errors_name_the_key(overrides, expect):
+    if expect is None:
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", overrides)
+    msg = str(e.value)
+    assert expect in msg and "\n" not in msg
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "digits_teacher", "digits_splitmeanflow"):
+        cfg = load_config(name)
+        assert cfg.name
+    cfg = load_config("demo", ["train.steps=7", "objective.anchor_share=0.5"])
+    assert cfg.train.steps == 7 and cfg.objective["anchor_share"] == 0.5
+
+
+def test_cli_config_error_exits_2_with_one_line(capsys, tmp_path):
+    rc = main(["distill", "--config", "demo", "objective.nope=1", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "objective.nope" in err
+    rc = main(["distill", "--config", "demo", "objective.flow_ratio=0.2", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "flow_ratio must be in [0.5, 1]" in err and "Traceback" not in err
+    rc = main(["distill", "--config", "no_such_config"])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_console_script_no_traceback():
+    out = subprocess.run([sys.executable, "-m", "onestep.cli", "demo", "data.batch_size=zero"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith("config error: data.batch_size") and "Traceback" not in out.stderr
+
+
+def test_list_prints_registries(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "teachers:" and "  digits" in out and "  gmm" in out
+    assert "objectives:" in out and "  splitmeanflow" in out and "  flow_matching" in out
+    assert "metrics:" in out and "  digits_fid" in out

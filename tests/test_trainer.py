@@ -1,0 +1,124 @@
+"""The accelerate trainer: exact resume, atomic checkpoints, the non-finite guard, teacher round trip."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onestep.config import load_config
+from onestep.trainer import NonFiniteLossError, Trainer
+
+
+def gmm_cfg(tmp_path, name, steps, **extra):
+    overrides = [f"name={name}", f"output_dir={tmp_path}", "teacher.name=gmm", "student.init=scratch",
+                 "student.backbone=mlp", "data.name=gmm", "data.batch_size=32", f"train.steps={steps}",
+                 "train.progress=false", "train.checkpoint_every=5", "train.log_every=1", "train.keep_checkpoints=3"]
+    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = Trainer(gmm_cfg(tmp_path, "full", 12)).fit()
+    part = Trainer(gmm_cfg(tmp_path, "part", 7)).fit()          # checkpoints at 5 and 7
+    assert part.step == 7
+    resumed = Trainer(gmm_cfg(tmp_path, "part", 12)).fit()      # resumes from step 7
+    for (n, a), b in zip(full.student.named_parameters(), resumed.student.parameters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params):
+        assert torch.equal(a, b)
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")  # same losses, step by step
+    ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert ckpts == ["step-000007", "step-000010", "step-000012"]  # the last K are kept
+    assert (tmp_path / "part" / "config.yaml").is_file()
+
+
+def test_interrupted_checkpoint_write_is_ignored(tmp_path):
+    Trainer(gmm_cfg(tmp_path, "r", 5)).fit()
+    ck = tmp_path / "r" / "checkpoints"
+    # a kill during a save leaves only a .tmp folder, never a broken step-* folder
+    shutil.copytree(ck / "step-000005", ck / "step-000009.tmp")
+    (ck / "step-000009.tmp" / "trainable.safetensors").write_bytes(b"garbage")
+    t = Trainer(gmm_cfg(tmp_path, "r", 6))
+    assert t.maybe_resume() and t.step == 5
+
+
+def test_checkpoint_holds_no_teacher_and_loads_safely(tmp_path):
+    Trainer(gmm_cfg(tmp_path, "c", 5)).fit()
+    ck = tmp_path / "c" / "checkpoints" / "step-000005"
+    keys = load_file(ck / "trainable.safetensors").keys()
+    assert keys and all(k.startswith("student.") for k in keys)
+    torch.load(ck / "optim-student.pt", weights_only=True)   # tensors and plain containers only
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    t = Trainer(gmm_cfg(tmp_path, "nan", 20, **{"train.max_nonfinite": 2}))
+    original = t.objective.loss
+
+    def poisoned(batch, step):
+        out = original(batch, step)
+        if step >= 5:
+            out["student"] = out["student"] * float("nan")
+        return out
+
+    monkeypatch.setattr(t.objective, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="group 'student', step 5"):
+        t.fit()
+    assert t.step == 5
+    ck = tmp_path / "nan" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-000005"]
+    assert all(torch.isfinite(p).all() for p in t.student.parameters())
+
+
+def test_grad_accumulation_matches_a_larger_batch(tmp_path):
+    """Two micro-batches of 16 == one batch of 32 when the data and draws line up."""
+    # accelerate's gradient state is process-wide: finish trainer a before building trainer b
+    x = torch.randn(32, 2)
+    t_all, eps_all = torch.rand(32), torch.randn(32, 2)
+
+    def fixed(obj, sl):
+        def loss(batch, step):
+            z = (1 - t_all[sl, None]) * x[sl] + t_all[sl, None] * eps_all[sl]
+            pred = obj.student(z, t_all[sl], t_all[sl])
+            l = (pred - (eps_all[sl] - x[sl])).pow(2).mean()
+            return {"student": l, "log/loss": l.detach()}
+        return loss
+
+    a = Trainer(gmm_cfg(tmp_path, "big", 1, **{"objective.name": "flow_matching", "data.batch_size": 32}))
+    init = {k: v.clone() for k, v in a.student.state_dict().items()}
+    a.objective.loss = fixed(a.objective, slice(0, 32))
+    a.train_step()
+    b = Trainer(gmm_cfg(tmp_path, "acc", 1, **{"objective.name": "flow_matching", "data.batch_size": 16,
+                                                 "train.grad_accum": 2}))
+    b.student.load_state_dict(init)
+    halves = iter([slice(0, 16), slice(16, 32)])
+    b.objective.loss = lambda batch, step: fixed(b.objective, next(halves))(batch, step)
+    b.train_step()
+    for p, q in zip(a.student.parameters(), b.student.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_teacher_train_round_trip_through_from_pretrained(tmp_path):
+    """`onestep teacher-train` on digits for a few steps; the saved folder loads with diffusers."""
+    from onestep.cli import main
+    from onestep.teachers.digits import DigitsTeacher
+
+    out = tmp_path / "teacher"
+    rc = main(["teacher-train", "--out", str(out), f"output_dir={tmp_path}", "train.steps=2",
+               "data.batch_size=8", "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
+    assert rc == 0 and (out / "diffusion_pytorch_model.safetensors").is_file()
+    teacher = DigitsTeacher.from_pretrained(out)
+    ema = load_file(tmp_path / "digits_teacher" / "checkpoints" / "step-000002" / "ema.safetensors")
+    for name, p in teacher.model.named_parameters():
+        assert torch.equal(p, ema[name])
+    assert (tmp_path / "digits_teacher" / "samples" / "step-000002.png").is_file()
+
+
+def test_missing_teacher_weights_name_the_file_and_the_option(tmp_path):
+    from onestep.teachers.digits import DigitsTeacher
+
+    with pytest.raises(FileNotFoundError, match="config.json.*teacher.path"):
+        DigitsTeacher.from_pretrained(tmp_path / "nowhere")
