@@ -1,0 +1,33 @@
+"""The demo's whole path on a tiny random teacher: train, evaluate, report.json/report.md/grid.png."""
+import json
+
+import torch
+from diffusers import UNet2DModel
+
+from onestep.config import load_config
+from onestep.demo import run_demo
+
+
+def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, add_attention=False)
+    unet.save_pretrained(tmp_path / "teacher")
+    cfg = load_config("demo", [f"output_dir={tmp_path}", f"teacher.path={tmp_path / 'teacher'}", "train.steps=3",
+                               "data.batch_size=8", "train.progress=false", "eval.num_samples=24",
+                               "eval.teacher_steps=[1,50]", "eval.student_steps=[1,2]", "train.sample_every=0"])
+    report = run_demo(cfg)
+    run = tmp_path / "demo"
+    saved = json.loads((run / "report.json").read_text())
+    assert [(r["model"], r["steps"]) for r in saved["rows"]] == [
+        ("real", 0), ("teacher", 1), ("teacher", 50), ("student", 1), ("student", 2)]
+    for r in saved["rows"]:
+        assert r["digits_fid"] > 0
+        assert (r["images_per_s"] is None) == (r["model"] == "real")
+    assert saved["protocol"]["num_samples"] == 24 and saved["protocol"]["reference"] == "sklearn-digits/train"
+    # a 1-step sampler is much faster than a 50-step one, whatever the weights
+    by = {(r["model"], r["steps"]): r for r in saved["rows"]}
+    assert by[("student", 1)]["images_per_s"] > 5 * by[("teacher", 50)]["images_per_s"]
+    assert (run / "grid.png").is_file() and (run / "report.md").read_text().startswith("# onestep demo")
+    assert (run / "config.yaml").is_file() and report["train_steps"] == 3
