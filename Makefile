@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 benchmarks: $(STAMP)
 	$(PY) benchmarks/objectives.py
 
-# Re-train the shipped digits teacher (about 35 min on 2 CPU cores).
+# Re-train the shipped digits teacher (about 40 min on 2 CPU cores).
 teacher: $(STAMP)
 	$(VENV)/bin/onestep teacher-train --out onestep/assets/digits_teacher
 

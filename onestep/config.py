@@ -40,6 +40,7 @@ class TrainSection:
     lr: Optional[float] = None   # overrides the objective's default learning rate (all groups)
     weight_decay: Optional[float] = None
     warmup_steps: int = 0
+    decay_steps: int = 0         # linear LR decay to 0 over the last decay_steps steps (0: constant)
     clip_grad_norm: float = 1.0
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)

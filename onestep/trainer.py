@@ -76,9 +76,8 @@ class Trainer:
             lr = tc.lr if tc.lr is not None else d.lr
             wd = tc.weight_decay if tc.weight_decay is not None else d.weight_decay
             opt = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
-            warm = max(tc.warmup_steps, 0)
             self.optimizers[g] = opt
-            self.schedulers[g] = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / (w + 1)))
+            self.schedulers[g] = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         names = list(self.groups)
         prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names],
                                *[self.schedulers[g] for g in names])
@@ -93,6 +92,14 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, constant, then a linear decay to 0 over the last `decay_steps` steps."""
+        tc = self.cfg.train
+        warm = min(1.0, (step + 1) / (tc.warmup_steps + 1))
+        if tc.decay_steps <= 0:
+            return warm
+        return warm * min(1.0, max(0.0, (tc.steps - step) / tc.decay_steps))
 
     # ------------------------------------------------------------------------------------------
     @property
