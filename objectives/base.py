@@ -89,9 +89,13 @@ def frozen_eval(module: nn.Module):
     """Target passes: eval mode (no dropout) and no autocast, restored afterwards."""
     was_training = module.training
     module.eval()
-    device_type = next(module.parameters()).device.type if any(True for _ in module.parameters()) else "cpu"
     try:
-        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            # the module may have no parameters (analytic teachers): switch autocast off everywhere
+            stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
             yield
     finally:
         module.train(was_training)

@@ -48,6 +48,7 @@ class SplitMeanFlowConfig:
 @OBJECTIVES.register("splitmeanflow")
 class SplitMeanFlow(Objective):
     Config = SplitMeanFlowConfig
+    needs_interval = True  # trains u(z, r, t) for r < t
 
     def __init__(self, student, teacher, cfg: SplitMeanFlowConfig):
         super().__init__(student, teacher, cfg)
@@ -84,13 +85,13 @@ class SplitMeanFlow(Objective):
         else:
             a, b = self.rand(n), self.rand(n)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        is_anchor = self.rand(n) < cfg.anchor_share
-        which = torch.randint(len(self.anchors), (n,), generator=self._gen())
-        anchor = self.anchors.cpu()[which]
-        r = torch.where(is_anchor, anchor[:, 0], r)
-        t = torch.where(is_anchor, anchor[:, 1], t)
         is_boundary = self.rand(n) < cfg.flow_ratio
         r = torch.where(is_boundary, t, r)
+        # anchors replace (r, t) of consistency samples only; boundary samples keep their own t
+        is_anchor = (self.rand(n) < cfg.anchor_share) & ~is_boundary
+        anchor = self.anchors.cpu()[torch.randint(len(self.anchors), (n,), generator=self._gen())]
+        r = torch.where(is_anchor, anchor[:, 0], r)
+        t = torch.where(is_anchor, anchor[:, 1], t)
         return r.to(device), t.to(device), is_boundary.to(device)
 
     def consistency_target(self, z_t, r, t, lam, cond=None):

@@ -85,15 +85,24 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def _allowed(dc: type) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(dc))
-
-
-def _check_keys(section: str, given: dict, dc: type, extra: tuple[str, ...] = ()) -> None:
-    names = {f.name for f in dataclasses.fields(dc)} | set(extra)
+def _check_keys(section: str, given: dict, dc: type) -> None:
+    names = {f.name for f in dataclasses.fields(dc)}
     for key in given:
         if key not in names:
-            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(sorted(names))}")
+            where = key if section == "config" else f"{section}.{key}"
+            raise ConfigError(f"unknown key {where}; allowed: {', '.join(sorted(names))}")
+
+
+def _check_run_keys(values) -> None:
+    """Unknown keys in the top level or a fixed section, with the allowed names (teacher and
+    objective keys are checked later, against the Config of the entry their `name` selects)."""
+    if not isinstance(values, dict):
+        raise ConfigError("a config must be a mapping of keys to values")
+    _check_keys("config", values, RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        section, factory = values.get(f.name), f.default_factory
+        if isinstance(section, dict) and dataclasses.is_dataclass(factory):
+            _check_keys(f.name, section, factory)
 
 
 def find_config(name_or_path: str) -> Path:
@@ -111,14 +120,18 @@ def find_config(name_or_path: str) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Merge defaults <- YAML file <- `key=value` overrides, then validate every section."""
     try:
-        cfg = OmegaConf.structured(RunConfig)
+        layers = []
         if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(find_config(str(path))))
+            layers.append(OmegaConf.load(find_config(str(path))))
         if overrides:
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override {item!r} is not key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.structured(RunConfig)
+        for layer in layers:
+            _check_run_keys(OmegaConf.to_container(layer))
+            cfg = OmegaConf.merge(cfg, layer)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     run = OmegaConf.to_object(cfg)
@@ -167,14 +180,39 @@ def validate(run: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
-    positive = {"data.batch_size": run.data.batch_size, "train.steps": run.train.steps,
-                "train.grad_accum": run.train.grad_accum, "train.checkpoint_every": run.train.checkpoint_every,
-                "train.keep_checkpoints": run.train.keep_checkpoints}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if not 0.0 <= run.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {run.train.ema_decay}")
+    tr, ev = run.train, run.eval
+    at_least = {
+        "data.batch_size": (run.data.batch_size, 1), "train.steps": (tr.steps, 1),
+        "train.grad_accum": (tr.grad_accum, 1), "train.checkpoint_every": (tr.checkpoint_every, 1),
+        "train.keep_checkpoints": (tr.keep_checkpoints, 1), "train.log_every": (tr.log_every, 1),
+        "train.warmup_steps": (tr.warmup_steps, 0), "train.decay_steps": (tr.decay_steps, 0),
+        "train.sample_every": (tr.sample_every, 0), "train.max_nonfinite": (tr.max_nonfinite, 0),
+        "train.num_threads": (tr.num_threads, 0), "eval.num_samples": (ev.num_samples, 0),
+        "eval.batch_size": (ev.batch_size, 1),
+    }
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key, steps in {"train.sample_steps": tr.sample_steps, "eval.teacher_steps": ev.teacher_steps,
+                       "eval.student_steps": ev.student_steps}.items():
+        if any(k < 1 for k in steps):
+            raise ConfigError(f"{key} must list step counts >= 1, got {list(steps)}")
+    if not tr.clip_grad_norm > 0:
+        raise ConfigError(f"train.clip_grad_norm must be > 0, got {tr.clip_grad_norm}")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {tr.ema_decay}")
+    # combinations
+    teacher_name = run.teacher.get("name")
+    if run.student.init == "teacher" and not has_teacher:
+        raise ConfigError("student.init=teacher needs a teacher: set teacher.name or student.init=scratch")
+    if run.data.name == "gmm" and teacher_name != "gmm":
+        raise ConfigError("data.name=gmm draws from the teacher's mixture: it needs teacher.name=gmm")
+    if run.student.init == "scratch" and run.student.backbone == "digits_unet" and run.data.name != "digits":
+        raise ConfigError("student.backbone=digits_unet works on data.name=digits; use student.backbone=mlp")
+    if run.student.init == "scratch" and run.student.backbone == "mlp" and run.data.name == "digits":
+        raise ConfigError("student.backbone=mlp works on vector data (data.name=gmm); use student.backbone=digits_unet")
+    if getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch" and not run.student.interval_embedding:
+        raise ConfigError(f"objective {run.objective['name']} trains u(z, r, t): set student.interval_embedding=true")
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -112,6 +112,9 @@ def student_from_teacher(teacher) -> AvgVelocityField:
         raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
     if isinstance(backbone, AvgVelocityUNet):
         return AvgVelocityUNet.from_velocity_unet(backbone.unet, backbone.time_scale)
-    if isinstance(backbone, AvgVelocityField):
-        return copy.deepcopy(backbone)
+    if isinstance(backbone, MLPAvgVelocity):
+        student = copy.deepcopy(backbone)
+        nn.init.zeros_(student.interval_embed[-1].weight)  # a trained copy need not be zero there
+        nn.init.zeros_(student.interval_embed[-1].bias)
+        return student
     raise ValueError(f"don't know how to build a student from a {type(backbone).__name__} backbone")

@@ -9,7 +9,7 @@ Checkpoint layout (runs/<name>/checkpoints/step-XXXXXX/):
     trainable.safetensors    student + auxiliary nets (never the frozen teacher)
     ema.safetensors          EMA of the student's parameters
     optim-<group>.pt / sched-<group>.pt   tensors only: loaded with torch.load(weights_only=True)
-    rng.safetensors          the objective's and the data's generators, torch's global CPU RNG
+    rng-<rank>.safetensors   per process: the objective's and the data's generators, torch's RNGs
     state.json               step, EMA step, counters
 It is written to `step-XXXXXX.tmp` and renamed, so a kill during a save never leaves a broken latest
 checkpoint.
@@ -35,8 +35,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
+    done = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = _checkpoints(ckpt_dir)
     return done[-1] if done else None
 
 
@@ -79,11 +85,10 @@ class Trainer:
             self.optimizers[g] = opt
             self.schedulers[g] = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         names = list(self.groups)
-        prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names],
-                               *[self.schedulers[g] for g in names])
+        # schedulers stay unprepared: accelerate would step them once per process per step
+        prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names])
         self.model = prepared[0]
-        self.optimizers = dict(zip(names, prepared[1:1 + len(names)]))
-        self.schedulers = dict(zip(names, prepared[1 + len(names):]))
+        self.optimizers = dict(zip(names, prepared[1:]))
 
         from diffusers.training_utils import EMAModel
 
@@ -123,14 +128,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
+        final = self.ckpt_dir / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        obj = self.unwrapped
+        # every process has its own generators: each saves its own RNG file
+        rng = {"objective": obj.generator.get_state(), "data": self.data_generator.get_state(),
+               "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        final = self.ckpt_dir / f"step-{self.step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        obj = self.unwrapped
         save_file({k: v.detach().contiguous().cpu() for k, v in obj.trainable_state_dict().items()},
                   tmp / "trainable.safetensors")
         names = [n for n, p in self.student.named_parameters()]
@@ -139,10 +152,11 @@ class Trainer:
         for g in self.groups:
             torch.save(self.optimizers[g].state_dict(), tmp / f"optim-{g}.pt")
             torch.save(self.schedulers[g].state_dict(), tmp / f"sched-{g}.pt")
-        save_file({"objective": obj.generator.get_state(), "data": self.data_generator.get_state(),
-                   "torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        if acc.scaler is not None:
+            torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
         state = {"step": self.step, "ema_optimization_step": self.ema.optimization_step,
-                 "nonfinite_total": self.nonfinite_total}
+                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                 "num_processes": acc.num_processes}
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as fh:
@@ -150,8 +164,12 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        kept = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in kept[:-self.cfg.train.keep_checkpoints]:
+        dir_fd = os.open(self.ckpt_dir, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for old in _checkpoints(self.ckpt_dir)[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -164,17 +182,26 @@ class Trainer:
         names = [n for n, _ in self.student.named_parameters()]
         for shadow, n in zip(self.ema.shadow_params, names):
             shadow.data.copy_(ema[n])
+        load = lambda f: torch.load(path / f, map_location="cpu", weights_only=True)  # noqa: E731
         for g in self.groups:
-            self.optimizers[g].load_state_dict(torch.load(path / f"optim-{g}.pt", weights_only=True))
-            self.schedulers[g].load_state_dict(torch.load(path / f"sched-{g}.pt", weights_only=True))
-        rng = load_file(path / "rng.safetensors")
+            self.optimizers[g].load_state_dict(load(f"optim-{g}.pt"))
+            self.schedulers[g].load_state_dict(load(f"sched-{g}.pt"))
+        if self.accelerator.scaler is not None and (path / "grad_scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(load("grad_scaler.pt"))
+        rng_file = path / f"rng-{self.accelerator.process_index}.safetensors"
+        if not rng_file.is_file():
+            raise ValueError(f"{rng_file} is missing: resume with the number of processes that wrote {path}")
+        rng = load_file(rng_file)
         obj.generator.set_state(rng["objective"])
         self.data_generator.set_state(rng["data"])
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
         state = json.loads((path / "state.json").read_text())
         self.step = state["step"]
         self.ema.optimization_step = state["ema_optimization_step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
     def maybe_resume(self) -> bool:
         latest = _latest_checkpoint(self.ckpt_dir)
@@ -186,7 +213,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (grad_accum micro-batches) of every active group."""
+        """One optimizer step (grad_accum micro-batches) of every active group.
+
+        A non-finite loss is agreed on by all processes (so DDP never waits on a rank that skipped
+        backward); the step is then skipped everywhere. Under fp16 the gradient scaler handles
+        non-finite gradients itself (it skips the update and lowers the scale).
+        """
         acc, tc = self.accelerator, self.cfg.train
         logs: dict[str, float] = {}
         groups = self.objective.active_groups(self.step)
@@ -195,24 +227,31 @@ class Trainer:
             with acc.accumulate(self.model):
                 batch = self.data.batch(self.cfg.data.batch_size, self.data_generator, acc.device)
                 out = self.model(batch, self.step)
+                ok = torch.stack([torch.isfinite(out[g]).all() for g in groups]).float().min()
+                if acc.num_processes > 1:
+                    ok = acc.reduce(ok, "sum") / acc.num_processes
+                if ok.item() < 1.0:
+                    finite = False
+                    logs["nonfinite_group"] = next((g for g in groups if not torch.isfinite(out[g]).all()), groups[0])
                 for i, g in enumerate(groups):
-                    if not torch.isfinite(out[g]).item():
-                        finite = False
-                        logs["nonfinite_group"] = g
-                        continue
-                    acc.backward(out[g], inputs=self.groups[g], retain_graph=i < len(groups) - 1)
+                    # backward runs on every rank even when skipping, so collective ops stay matched
+                    loss = out[g] if finite else out[g].nan_to_num(0.0, 0.0, 0.0) * 0.0
+                    acc.backward(loss, inputs=self.groups[g], retain_graph=i < len(groups) - 1)
                 if acc.sync_gradients:
                     for g in groups:
                         gn = acc.clip_grad_norm_(self.groups[g], tc.clip_grad_norm)
-                        if not torch.isfinite(gn).item():
-                            finite = False
-                            logs["nonfinite_group"] = g
-                        logs[f"grad_norm/{g}"] = float(gn)
+                        if gn is not None:
+                            logs[f"grad_norm/{g}"] = float(gn)
+                            if acc.scaler is None and not torch.isfinite(gn).item():
+                                finite = False
+                                logs["nonfinite_group"] = g
                     for g in groups:
                         if finite:
                             self.optimizers[g].step()
                             self.schedulers[g].step()
                         self.optimizers[g].zero_grad(set_to_none=True)
+                    if not finite and acc.scaler is not None:
+                        acc.scaler.update()  # clipping unscaled the grads: reset the scaler's state
                 for k, v in out.items():
                     if k.startswith("log/"):
                         logs[k[4:]] = logs.get(k[4:], 0.0) + float(v) / tc.grad_accum

@@ -28,7 +28,7 @@ def test_student_equals_teacher_at_init():
         assert (student(x, t, t) - v).abs().max() < 1e-6
         # the interval embedding is zero-initialised: also u(x, r, t) = v(x, t) at step 0
         assert (student(x, t * 0.3, t) - v).abs().max() < 1e-6
-        # once the embedding moves, r matters, but u(x, t, t) still doesn't depend on it
+        # once the embedding moves, r matters
         student.unet.class_embedding.linear_2.bias.add_(0.5)
         assert (student(x, t * 0.3, t) - v).abs().max() > 1e-3
     assert not any(p.requires_grad for p in teacher.parameters())

@@ -22,17 +22,28 @@ def losses(run_dir):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = Trainer(gmm_cfg(tmp_path, "full", 12)).fit()
-    part = Trainer(gmm_cfg(tmp_path, "part", 7)).fit()          # checkpoints at 5 and 7
+    sched = {"train.warmup_steps": 3, "train.decay_steps": 4}     # so the LR schedule must resume too
+    full = Trainer(gmm_cfg(tmp_path, "full", 12, **sched)).fit()
+    part = Trainer(gmm_cfg(tmp_path, "part", 12, **sched))
+    save = part.save_checkpoint
+
+    def save_then_crash():                                        # killed right after step 7's save
+        save()
+        if part.step == 7:
+            raise KeyboardInterrupt
+    part.save_checkpoint = save_then_crash
+    part.cfg.train.checkpoint_every = 7
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
     assert part.step == 7
-    resumed = Trainer(gmm_cfg(tmp_path, "part", 12)).fit()      # resumes from step 7
+    resumed = Trainer(gmm_cfg(tmp_path, "part", 12, **sched)).fit()  # resumes from step 7
     for (n, a), b in zip(full.student.named_parameters(), resumed.student.parameters()):
         assert torch.equal(a, b), n
     for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params):
         assert torch.equal(a, b)
     assert losses(tmp_path / "full") == losses(tmp_path / "part")  # same losses, step by step
     ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
-    assert ckpts == ["step-000007", "step-000010", "step-000012"]  # the last K are kept
+    assert ckpts == ["step-000007", "step-000010", "step-000012"]  # the last K are kept (every 5 after resume)
     assert (tmp_path / "part" / "config.yaml").is_file()
 
 
@@ -122,3 +133,15 @@ def test_missing_teacher_weights_name_the_file_and_the_option(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json.*teacher.path"):
         DigitsTeacher.from_pretrained(tmp_path / "nowhere")
+
+
+def test_lr_schedule_and_logs(tmp_path):
+    cfg = gmm_cfg(tmp_path, "lr", 10, **{"train.warmup_steps": 3, "train.decay_steps": 4})
+    t = Trainer(cfg)
+    factors = [t.lr_factor(s) for s in range(11)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[6] == 1.0
+    assert factors[7:] == [0.75, 0.5, 0.25, 0.0]
+    t.fit()
+    assert any((tmp_path / "lr" / "tb").rglob("events.out.tfevents*"))     # tensorboard scalars
+    rows = [json.loads(l) for l in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and "grad_norm/student" in rows[0]
