@@ -113,10 +113,11 @@ def markdown(report: dict) -> str:
 def save_grid(samples: dict, path: Path, n: int = 64) -> None:
     from torchvision.utils import make_grid, save_image
 
-    panels = [make_grid((samples[key][:n] + 1) / 2, nrow=8, padding=1, pad_value=1.0)
+    upscale = lambda x: torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest")  # noqa: E731
+    panels = [make_grid(upscale((samples[key][:n] + 1) / 2), nrow=8, padding=2, pad_value=1.0)
               for key in (("teacher", 50), ("teacher", 1), ("student", 1)) if key in samples]
     if panels:
-        gap = torch.ones(3, panels[0].shape[1], 6)
+        gap = torch.ones(3, panels[0].shape[1], 16)
         save_image(torch.cat([x for p in panels for x in (p, gap)][:-1], dim=2), path)
 
 
