@@ -275,7 +275,7 @@ class Trainer:
         if tc.progress and acc.is_local_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+            bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True, mininterval=2.0)
         metrics_path = self.run_dir / "metrics.jsonl"
         t0 = time.perf_counter()
         while self.step < tc.steps:
