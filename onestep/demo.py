@@ -70,23 +70,23 @@ def _row(rows, model, steps):
     return next((r for r in rows if r["model"] == model and r["steps"] == steps), None)
 
 
-def targets(rows) -> list[tuple[str, float, float, bool]]:
-    """The spine issue's goals as (what, measured ratio, goal, met)."""
+def targets(rows) -> list[tuple[str, float, str, float, bool]]:
+    """The spine issue's goals as (what, measured ratio, "<=" or ">=", goal, met)."""
+    fid = {(r["model"], r["steps"]): r["digits_fid"] for r in rows}
+    ips = {(r["model"], r["steps"]): r["images_per_s"] for r in rows}
+    goals = [
+        ("teacher 50-step FID / real FID", fid, ("teacher", 50), ("real", 0), "<=", 2.5),
+        ("student 1-step FID / teacher 50-step FID", fid, ("student", 1), ("teacher", 50), "<=", 1.75),
+        ("student 1-step FID / teacher 1-step FID", fid, ("student", 1), ("teacher", 1), "<=", 0.1),
+        ("student 2-step FID / teacher 50-step FID", fid, ("student", 2), ("teacher", 50), "<=", 1.3),
+        ("student 1-step images/s / teacher 50-step images/s", ips, ("student", 1), ("teacher", 50), ">=", 30.0),
+    ]
     out = []
-    real, t1, t50 = _row(rows, "real", 0), _row(rows, "teacher", 1), _row(rows, "teacher", 50)
-    s1, s2 = _row(rows, "student", 1), _row(rows, "student", 2)
-    if real and t50:
-        out.append(("teacher 50-step FID / real FID", t50["digits_fid"] / real["digits_fid"], 2.5))
-    if s1 and t50:
-        out.append(("student 1-step FID / teacher 50-step FID", s1["digits_fid"] / t50["digits_fid"], 1.75))
-    if s1 and t1:
-        out.append(("student 1-step FID / teacher 1-step FID", s1["digits_fid"] / t1["digits_fid"], 0.1))
-    if s2 and t50:
-        out.append(("student 2-step FID / teacher 50-step FID", s2["digits_fid"] / t50["digits_fid"], 1.3))
-    if s1 and t50:
-        speedup = s1["images_per_s"] / t50["images_per_s"]
-        out.append(("student 1-step images/s / teacher 50-step images/s", speedup, 30.0, speedup >= 30.0))
-    return [(w, v, g, met[0] if met else v <= g) for w, v, g, *met in out]
+    for what, table, num, den, op, goal in goals:
+        if num in table and den in table:
+            value = table[num] / table[den]
+            out.append((what, value, op, goal, value <= goal if op == "<=" else value >= goal))
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -98,8 +98,7 @@ def markdown(report: dict) -> str:
         ips = "–" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
         lines.append(f"| {r['model']} | {r['steps']} | {r['digits_fid']:.2f} | {ips} |")
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
-    for what, value, goal, met in targets(report["rows"]):
-        op = ">=" if "images/s" in what else "<="
+    for what, value, op, goal, met in targets(report["rows"]):
         lines.append(f"| {what} | {value:.3f} | {op} {goal} | {'yes' if met else 'NO'} |")
     p = report["protocol"]
     lines += ["", f"Protocol: {p['num_samples']} samples per row, digits-FID ({p['feature_net']}, sha256 "
@@ -133,7 +132,8 @@ def run_demo(cfg: RunConfig, resume: bool = True) -> dict:
     eval_seconds = time.perf_counter() - start
     report = {"run": cfg.name, "train_steps": trainer.step, "train_seconds": round(train_seconds, 1),
               "eval_seconds": round(eval_seconds, 1), "rows": result["rows"], "protocol": result["protocol"]}
-    report["targets"] = [{"what": w, "value": round(v, 4), "target": g, "met": bool(m)} for w, v, g, m in targets(report["rows"])]
+    report["targets"] = [{"what": w, "value": round(v, 4), "target": f"{op} {g}", "met": bool(m)}
+                         for w, v, op, g, m in targets(report["rows"])]
     run_dir = trainer.run_dir
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     report["markdown"] = markdown(report)
