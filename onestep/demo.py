@@ -66,10 +66,6 @@ def evaluate_digits(teacher, student, cfg: RunConfig, device) -> dict:
     return {"rows": rows, "protocol": protocol, "samples": samples}
 
 
-def _row(rows, model, steps):
-    return next((r for r in rows if r["model"] == model and r["steps"] == steps), None)
-
-
 def targets(rows) -> list[tuple[str, float, str, float, bool]]:
     """The spine issue's goals as (what, measured ratio, "<=" or ">=", goal, met)."""
     fid = {(r["model"], r["steps"]): r["digits_fid"] for r in rows}

@@ -36,6 +36,7 @@ TensorLike = Union[torch.Tensor, Number]
 __all__ = [
     "PREDICTION_TYPES",
     "expand_like",
+    "batch_time",
     "interpolate",
     "velocity_to_x0",
     "velocity_to_eps",
@@ -104,6 +105,12 @@ def expand_like(t: TensorLike, x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # 1. flow-time basics
+
+
+def batch_time(t: TensorLike, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample time as a [B] tensor on x's device and dtype (B = x.shape[0])."""
+    t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: TensorLike) -> torch.Tensor:

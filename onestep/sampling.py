@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from onestep.paths import batch_time
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AvgVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,10 +23,6 @@ def time_grid(steps: int, device=None, dtype=torch.float32) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
-
-
-def _per_sample(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
@@ -40,10 +38,10 @@ def solve_ode(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, solver
     x = noise
     for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         h = t_next - t_cur
-        v = velocity(x, _per_sample(t_cur, x))
+        v = velocity(x, batch_time(t_cur, x))
         x_euler = x + h * v
         if solver == "heun" and t_next > 0:
-            v_next = velocity(x_euler, _per_sample(t_next, x))
+            v_next = velocity(x_euler, batch_time(t_next, x))
             x = x + h * 0.5 * (v + v_next)
         else:
             x = x_euler
@@ -60,6 +58,6 @@ def sample_avg_velocity(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps:
     grid = time_grid(steps, noise.device, torch.float64) if times is None else torch.as_tensor(times, dtype=torch.float64)
     z = noise
     for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        u = avg_velocity(z, _per_sample(t_next, z), _per_sample(t_cur, z))
+        u = avg_velocity(z, batch_time(t_next, z), batch_time(t_cur, z))
         z = z - (t_cur - t_next) * u
     return z

@@ -34,7 +34,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, t: torch.Tensor | float, cond=None, guidance: float | None = None):
         """Flow velocity v(x_t, t | cond); with `guidance` w: v(null) + w (v(cond) - v(null))."""
-        t = self._as_batch_time(t, x)
+        t = paths.batch_time(t, x)
         if cond is None or guidance is None or guidance == 1.0:
             return self._velocity(x, t, cond)
         null = self.null_condition(x.shape[0], x.device)
@@ -43,15 +43,15 @@ class Teacher(nn.Module):
         return v_null + guidance * (v_cond - v_null)
 
     def x0(self, x, t, cond=None, guidance=None):
-        t = self._as_batch_time(t, x)
+        t = paths.batch_time(t, x)
         return paths.velocity_to_x0(x, t, self.velocity(x, t, cond, guidance))
 
     def eps(self, x, t, cond=None, guidance=None):
-        t = self._as_batch_time(t, x)
+        t = paths.batch_time(t, x)
         return paths.velocity_to_eps(x, t, self.velocity(x, t, cond, guidance))
 
     def score(self, x, t, cond=None, guidance=None):
-        t = self._as_batch_time(t, x)
+        t = paths.batch_time(t, x)
         return paths.velocity_to_score(x, t, self.velocity(x, t, cond, guidance))
 
     def null_condition(self, batch: int, device=None) -> torch.Tensor:
@@ -75,8 +75,3 @@ class Teacher(nn.Module):
     def backbone(self) -> nn.Module | None:
         """The network students and fake-score nets are initialised from (None for analytic teachers)."""
         return None
-
-    @staticmethod
-    def _as_batch_time(t, x: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
-        return t.expand(x.shape[0]) if t.ndim == 0 else t

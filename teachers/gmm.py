@@ -12,6 +12,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from onestep.paths import batch_time
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
 
@@ -110,8 +111,7 @@ class GMMTeacher(Teacher):
 
         z64 = z.detach().to(torch.float64).cpu()
         B = z64.shape[0]
-        t = self._as_batch_time(torch.as_tensor(t, dtype=torch.float64), z64).cpu()
-        r = self._as_batch_time(torch.as_tensor(r, dtype=torch.float64), z64).cpu()
+        t, r = batch_time(t, z64), batch_time(r, z64)
         span = r - t
         c = None if cond is None else cond.cpu()
 
@@ -128,8 +128,7 @@ class GMMTeacher(Teacher):
 
     def average_velocity(self, z, r, t, cond=None, **kw) -> torch.Tensor:
         """Exact u(z, r, t) = (z - Phi_{t -> r}(z)) / (t - r); u(z, t, t) = v(z, t)."""
-        t_b = self._as_batch_time(torch.as_tensor(t, dtype=z.dtype, device=z.device), z)
-        r_b = self._as_batch_time(torch.as_tensor(r, dtype=z.dtype, device=z.device), z)
+        t_b, r_b = batch_time(t, z), batch_time(r, z)
         u = self.velocity(z, t_b, cond).clone()
         moving = (t_b - r_b) > 0
         if moving.any():
