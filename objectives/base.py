@@ -84,6 +84,35 @@ def logit_normal(n: int, mu: float, sigma: float, noise: torch.Tensor) -> torch.
     return torch.sigmoid(mu + sigma * noise[:n])
 
 
+def sample_intervals(obj: Objective, n: int, *, sampler: str, mu: float, sigma: float, p_equal: float,
+                     anchors: torch.Tensor | None = None, anchor_share: float = 0.0,
+                     r_mu: float | None = None, r_sigma: float | None = None):
+    """(r, t, is_equal) for average-velocity objectives (MeanFlow, SplitMeanFlow), drawn from `obj`'s generator.
+
+    * "logit_normal": two draws from sigmoid(N(mu, sigma)), t = max, r = min (MeanFlow's sampler); with
+      `r_mu`/`r_sigma`, t ~ LN(mu, sigma) and r = min(t, LN(r_mu, r_sigma)) (MeanFlow's improved CIFAR one);
+    * "uniform": two uniform draws, t = max, r = min.
+    With probability `p_equal` a sample gets r = t (a flow-matching sample). A share `anchor_share` of the
+    others is moved onto one of `anchors` ([k, 2] rows of (r, t)), e.g. the one-step interval (0, 1).
+    """
+    if sampler == "logit_normal":
+        a = logit_normal(n, mu, sigma, obj.randn(n))
+        b = logit_normal(n, mu, sigma, obj.randn(n)) if r_mu is None else \
+            logit_normal(n, r_mu, sigma if r_sigma is None else r_sigma, obj.randn(n))
+    else:
+        a, b = obj.rand(n), obj.rand(n)
+    t, r = (torch.maximum(a, b), torch.minimum(a, b)) if r_mu is None else (a, torch.minimum(a, b))
+    is_equal = obj.rand(n) < p_equal
+    r = torch.where(is_equal, t, r)
+    if anchors is not None and anchor_share > 0:
+        # anchors replace (r, t) of interval samples only; r = t samples keep their own t
+        is_anchor = (obj.rand(n) < anchor_share) & ~is_equal
+        anchor = anchors.cpu()[torch.randint(len(anchors), (n,), generator=obj._gen())]
+        r = torch.where(is_anchor, anchor[:, 0], r)
+        t = torch.where(is_anchor, anchor[:, 1], t)
+    return r, t, is_equal
+
+
 @contextlib.contextmanager
 def frozen_eval(module: nn.Module):
     """Target passes: eval mode (no dropout) and no autocast, restored afterwards."""

@@ -23,7 +23,7 @@ import torch
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, logit_normal
+from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, sample_intervals
 from onestep.registry import OBJECTIVES
 
 
@@ -79,19 +79,9 @@ class SplitMeanFlow(Objective):
     def sample_times(self, n: int, device=None):
         """(r, t, is_boundary) per sample; r = t on boundary samples."""
         cfg = self.cfg
-        if cfg.time_sampler == "logit_normal":
-            a = logit_normal(n, cfg.mu, cfg.sigma, self.randn(n))
-            b = logit_normal(n, cfg.mu, cfg.sigma, self.randn(n))
-        else:
-            a, b = self.rand(n), self.rand(n)
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        is_boundary = self.rand(n) < cfg.flow_ratio
-        r = torch.where(is_boundary, t, r)
-        # anchors replace (r, t) of consistency samples only; boundary samples keep their own t
-        is_anchor = (self.rand(n) < cfg.anchor_share) & ~is_boundary
-        anchor = self.anchors.cpu()[torch.randint(len(self.anchors), (n,), generator=self._gen())]
-        r = torch.where(is_anchor, anchor[:, 0], r)
-        t = torch.where(is_anchor, anchor[:, 1], t)
+        r, t, is_boundary = sample_intervals(
+            self, n, sampler=cfg.time_sampler, mu=cfg.mu, sigma=cfg.sigma, p_equal=cfg.flow_ratio,
+            anchors=self.anchors, anchor_share=cfg.anchor_share)
         return r.to(device), t.to(device), is_boundary.to(device)
 
     def consistency_target(self, z_t, r, t, lam, cond=None):

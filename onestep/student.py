@@ -30,6 +30,10 @@ class AvgVelocityField(nn.Module):
         return sample_avg_velocity(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
 
 
+def _cast_to_weight_dtype(module, args):
+    return (args[0].to(module.linear_1.weight.dtype),) + tuple(args[1:])
+
+
 class AvgVelocityUNet(AvgVelocityField):
     """A diffusers `UNet2DModel` as u(z, r, t): t is the UNet's timestep (x `time_scale`), and t - r enters
     through the UNet's own `class_embed_type="timestep"` embedding, which diffusers adds to the time
@@ -41,6 +45,10 @@ class AvgVelocityUNet(AvgVelocityField):
         self.unet = unet
         self.time_scale = time_scale
         self.has_interval_embedding = unet.config.class_embed_type == "timestep"
+        if self.has_interval_embedding:
+            # diffusers casts the time embedding's sinusoids to the model dtype but not the class
+            # embedding's: without this cast a float64/bf16 (non-autocast) student fails in its Linear
+            unet.class_embedding.register_forward_pre_hook(_cast_to_weight_dtype)
 
     def forward(self, z, r, t, cond=None):
         if cond is not None:
@@ -84,11 +92,17 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class MLPAvgVelocity(AvgVelocityField):
-    """u(z, r, t) for vector data (the Gaussian-mixture toys): an MLP on [z, emb(t), emb(t - r)]."""
+    """u(z, r, t, label) for vector data (the Gaussian-mixture toys): an MLP on [z, emb(t), emb(t - r)].
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32, time_scale: float = 1000.0):
+    With `num_classes`, a label embedding is added; the label NULL_LABEL (-1) is the null condition of CFG.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32, time_scale: float = 1000.0,
+                 num_classes: int | None = None):
         super().__init__()
-        self.emb_dim, self.time_scale = emb_dim, time_scale
+        self.emb_dim, self.time_scale, self.num_classes = emb_dim, time_scale, num_classes
+        # row `num_classes` is the null label
+        self.label_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.t_embed = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.interval_embed = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         nn.init.zeros_(self.interval_embed[-1].weight)
@@ -102,7 +116,14 @@ class MLPAvgVelocity(AvgVelocityField):
     def forward(self, z, r, t, cond=None):
         e_t = sinusoidal_embedding(t * self.time_scale, self.emb_dim)
         e_d = sinusoidal_embedding((t - r) * self.time_scale, self.emb_dim)
-        return self.body(self.inp(z) + self.t_embed(e_t) + self.interval_embed(e_d))
+        h = self.inp(z) + self.t_embed(e_t) + self.interval_embed(e_d)
+        if self.label_embed is not None:
+            if cond is None:
+                raise ValueError("this student is class-conditional: pass labels (-1 for the null condition)")
+            h = h + self.label_embed(torch.where(cond < 0, self.num_classes, cond))
+        elif cond is not None:
+            raise ValueError("this student is unconditional; got a condition")
+        return self.body(h)
 
 
 def student_from_teacher(teacher) -> AvgVelocityField:
