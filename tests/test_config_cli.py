@@ -10,7 +10,7 @@ from onestep.config import ConfigError, load_config
 
 @pytest.mark.parametrize("overrides,expect", [
     (["objective.flow_rate=0.5"], "unknown key objective.flow_rate; allowed: anchor_intervals, anchor_share, boundary_target, flow_ratio"),
-    (["objective.name=nope"], "objective.name: unknown objective 'nope'; allowed: flow_matching, splitmeanflow"),
+    (["objective.name=nope"], "objective.name: unknown objective 'nope'; allowed: flow_matching, meanflow, splitmeanflow"),
     (["teacher.name=nope"], "teacher.name: unknown teacher 'nope'; allowed: digits, gmm"),
     (["train.stepz=3"], "unknown key train.stepz; allowed: checkpoint_every, clip_grad_norm"),
     (["stepz=3"], "unknown key stepz; allowed: data, eval, name, objective"),
