@@ -4,6 +4,7 @@
     onestep teacher-train [--config C] [--out DIR] [key=value ...]
     onestep distill --config C [key=value ...]
     onestep list                                         registered teachers, objectives, metrics
+    onestep export --run runs/X --out DIR [--checkpoint step-N] [--format diffusers|onestep|lora] [--steps K]
 
 Configuration problems print one line and exit with code 2.
 """
@@ -62,6 +63,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from onestep.export import ExportError, export_run
+
+    try:
+        if not args.run or not args.out:
+            raise ExportError("--run and --out are required, e.g. onestep export --run runs/demo --out exports/demo")
+        try:
+            steps = int(args.steps)
+        except ValueError:
+            raise ExportError(f"--steps must be an integer >= 1, got {args.steps!r}") from None
+        out = export_run(args.run, args.out, checkpoint=args.checkpoint, format=args.format, steps=steps,
+                         weights=args.weights)
+    except ExportError as e:
+        print(f"export error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.format} pipeline ({steps} step{'s' if steps > 1 else ''}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("distill", "train a student with any registered objective", cmd_distill, "required")
     sp = sub.add_parser("list", help="registered teachers, objectives and metrics")
     sp.set_defaults(func=cmd_list)
+    # no argparse `required`/`choices`/`type` here: export_run checks them and reports in one line
+    ex = sub.add_parser("export", help="a run's student as a diffusers pipeline folder (see onestep/export.py)")
+    ex.add_argument("--run", help="the run directory, e.g. runs/demo")
+    ex.add_argument("--out", help="the folder to write (absent, empty, or an earlier export, which is replaced)")
+    ex.add_argument("--checkpoint", help="step-N (default: the latest checkpoint)")
+    ex.add_argument("--format", default="diffusers",
+                    help="diffusers (stock pipeline, default), onestep (OneStepPipeline, any step count) or lora")
+    ex.add_argument("--steps", default="1", help="the student's number of sampling steps (default 1)")
+    ex.add_argument("--weights", default="ema", help="ema (default) or trained (the raw, non-EMA weights)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 
