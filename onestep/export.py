@@ -205,7 +205,7 @@ class NoPipelineExporter(Exporter):
 
     def check(self, cfg, format: str) -> None:
         raise ExportError(
-            "students of the gmm teacher are MLPs on 2-D points and diffusers has no pipeline for vector "
+            "students of the gmm teacher are MLPs on points (vector data) and diffusers has no pipeline for vector "
             "data, so there is nothing to export; load the weights from the checkpoint's ema.safetensors "
             "with onestep.build.build_student and sample with student.sample(noise, steps=k)")
 
@@ -431,7 +431,8 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         "",
         f"# {cfg.name}: {steps}-step student of the {teacher_name} teacher",
         "",
-        f"Exported by `onestep export --format {format} --steps {steps}` from run `{cfg.name}`, "
+        f"Exported by `onestep export --format {format} --steps {steps}"
+        f"{'' if info.weights == 'ema' else ' --weights ' + info.weights}` from run `{cfg.name}`, "
         f"checkpoint `{info.checkpoint.name}` ({weights} weights).",
         "",
         "| | |",
@@ -505,6 +506,15 @@ def _check_only_safetensors(folder: Path) -> None:
             raise ExportError(f"export would contain {f.name}: only safetensors weights, json and md are allowed")
 
 
+def _make_readable(folder: Path) -> None:
+    """safetensors writes its files with mode 0600; an export is meant to be shared: use the umask's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -556,6 +566,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
         result = exporter.write(student, teacher, info, tmp, format, steps)
         (tmp / "README.md").write_text(model_card(info, exporter, result, out, format, steps))
         _check_only_safetensors(tmp)
+        _make_readable(tmp)
         manifest = {
             "onestep_export": 1, "format": format, "steps": steps, "run": info.cfg.name,
             "checkpoint": info.checkpoint.name, "weights": weights,

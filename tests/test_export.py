@@ -233,3 +233,7 @@ def test_cli_exports(run_dir, tmp_path, capsys):
     assert "exported diffusers pipeline (2 steps)" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cli" / "onestep_export.json").read_text())
     assert manifest["steps"] == 2 and manifest["checkpoint"] == "step-000002" and manifest["weights"] == "ema"
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "raw"), "--format", "onestep",
+                 "--weights", "trained"]) == 0
+    card = (tmp_path / "raw" / "README.md").read_text()
+    assert "--weights trained" in card and "raw trained (not EMA)" in card and "Not evaluated" in card
