@@ -66,17 +66,31 @@ class Objective(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     # --- randomness from the objective's generator ------------------------------------------
+    # Per-sample draws (first dimension = this process's batch) are drawn for the *global* batch from
+    # a generator seeded alike on every process, and each process keeps its own slice: N processes with
+    # batch B then see exactly the draws of one process with batch N * B (the trainer shards data alike).
+    #: (process index, number of processes), set by the trainer
+    shard: tuple[int, int] = (0, 1)
+
     def _gen(self) -> torch.Generator:
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(0)
         return self.generator
 
+    def _per_sample(self, draw, shape, device) -> torch.Tensor:
+        rank, world = self.shard
+        n = shape[0]
+        full = draw((n * world, *shape[1:]))   # on the CPU generator, then moved: same numbers on every device
+        return full[rank * n:(rank + 1) * n].to(device)
+
     def rand(self, *shape, device=None) -> torch.Tensor:
-        # drawn on the CPU generator, then moved: the same numbers on every device
-        return torch.rand(*shape, generator=self._gen(), dtype=torch.float32).to(device)
+        return self._per_sample(lambda s: torch.rand(s, generator=self._gen(), dtype=torch.float32), shape, device)
 
     def randn(self, *shape, device=None) -> torch.Tensor:
-        return torch.randn(*shape, generator=self._gen(), dtype=torch.float32).to(device)
+        return self._per_sample(lambda s: torch.randn(s, generator=self._gen(), dtype=torch.float32), shape, device)
+
+    def randint(self, high: int, n: int, device=None) -> torch.Tensor:
+        return self._per_sample(lambda s: torch.randint(high, s, generator=self._gen()), (n,), device)
 
 
 def logit_normal(n: int, mu: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
@@ -107,7 +121,7 @@ def sample_intervals(obj: Objective, n: int, *, sampler: str, mu: float, sigma: 
     if anchors is not None and anchor_share > 0:
         # anchors replace (r, t) of interval samples only; r = t samples keep their own t
         is_anchor = (obj.rand(n) < anchor_share) & ~is_equal
-        anchor = anchors.cpu()[torch.randint(len(anchors), (n,), generator=obj._gen())]
+        anchor = anchors.cpu()[obj.randint(len(anchors), n)]
         r = torch.where(is_anchor, anchor[:, 0], r)
         t = torch.where(is_anchor, anchor[:, 1], t)
     return r, t, is_equal

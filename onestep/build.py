@@ -20,15 +20,16 @@ def build_student(cfg: RunConfig, teacher):
     if s.init == "teacher":
         if teacher is None:
             raise ValueError("student.init=teacher needs a teacher; set teacher.name or student.init=scratch")
-        return student_from_teacher(teacher)
+        return student_from_teacher(teacher, s.interval_scale)
     if s.backbone == "digits_unet":
         from onestep.teachers.digits import TIME_SCALE, new_digits_unet
 
         unet = new_digits_unet()
-        student = AvgVelocityUNet(unet, TIME_SCALE)
-        return AvgVelocityUNet.from_velocity_unet(unet, TIME_SCALE) if s.interval_embedding else student
+        if s.interval_embedding:
+            return AvgVelocityUNet.from_velocity_unet(unet, TIME_SCALE, s.interval_scale)
+        return AvgVelocityUNet(unet, TIME_SCALE)
     dim = teacher.sample_shape[0] if teacher is not None else 2
-    return MLPAvgVelocity(dim)
+    return MLPAvgVelocity(dim, interval_scale=s.interval_scale)
 
 
 def build_data(cfg: RunConfig, teacher):

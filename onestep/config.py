@@ -26,6 +26,9 @@ class StudentSection:
     init: str = "teacher"        # "teacher": copy the teacher's backbone; "scratch": a new backbone
     backbone: str = "digits_unet"  # for init=scratch: "digits_unet" or "mlp"
     interval_embedding: bool = True  # embed t - r (False: a plain velocity model, e.g. a teacher)
+    # the interval embedding sees interval_scale * (t - r); None: the backbone's time scale (1000 for the
+    # digits UNet). MeanFlow prefers 1: the JVP differentiates along t, and 1000 (t - r) makes du/dt huge
+    interval_scale: Optional[float] = None
 
 
 @dataclass

@@ -40,10 +40,11 @@ class AvgVelocityUNet(AvgVelocityField):
     embedding. A UNet without that embedding is a plain velocity model (only r = t is allowed).
     """
 
-    def __init__(self, unet, time_scale: float = 1000.0):
+    def __init__(self, unet, time_scale: float = 1000.0, interval_scale: float | None = None):
         super().__init__()
         self.unet = unet
         self.time_scale = time_scale
+        self.interval_scale = time_scale if interval_scale is None else interval_scale
         self.has_interval_embedding = unet.config.class_embed_type == "timestep"
         if self.has_interval_embedding:
             # diffusers casts the time embedding's sinusoids to the model dtype but not the class
@@ -55,7 +56,7 @@ class AvgVelocityUNet(AvgVelocityField):
             raise ValueError("AvgVelocityUNet is unconditional; got a condition")
         class_labels = None
         if self.has_interval_embedding:
-            class_labels = (t - r) * self.time_scale
+            class_labels = (t - r) * self.interval_scale
         elif r is not t and not torch.equal(r, t):
             raise ValueError("this UNet has no interval embedding: it is a velocity model, so r must equal t")
         return self.unet(z, t * self.time_scale, class_labels=class_labels).sample
@@ -70,7 +71,7 @@ class AvgVelocityUNet(AvgVelocityField):
         return solve_ode(lambda z, t: self(z, t, t, cond), noise, steps=steps, times=times)
 
     @classmethod
-    def from_velocity_unet(cls, unet, time_scale: float = 1000.0) -> "AvgVelocityUNet":
+    def from_velocity_unet(cls, unet, time_scale: float = 1000.0, interval_scale: float | None = None) -> "AvgVelocityUNet":
         """Copy a velocity UNet and add a zero-initialised embedding of t - r."""
         # `_use_default_values` would reset class_embed_type to its default: drop it
         config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
@@ -81,7 +82,7 @@ class AvgVelocityUNet(AvgVelocityField):
             raise ValueError(f"backbone mismatch: missing {missing}, unexpected {unexpected}")
         nn.init.zeros_(student.class_embedding.linear_2.weight)
         nn.init.zeros_(student.class_embedding.linear_2.bias)
-        return cls(student, time_scale)
+        return cls(student, time_scale, interval_scale)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -98,9 +99,10 @@ class MLPAvgVelocity(AvgVelocityField):
     """
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 32, time_scale: float = 1000.0,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, interval_scale: float | None = None):
         super().__init__()
         self.emb_dim, self.time_scale, self.num_classes = emb_dim, time_scale, num_classes
+        self.interval_scale = time_scale if interval_scale is None else interval_scale
         # row `num_classes` is the null label
         self.label_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.t_embed = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -115,7 +117,7 @@ class MLPAvgVelocity(AvgVelocityField):
 
     def forward(self, z, r, t, cond=None):
         e_t = sinusoidal_embedding(t * self.time_scale, self.emb_dim)
-        e_d = sinusoidal_embedding((t - r) * self.time_scale, self.emb_dim)
+        e_d = sinusoidal_embedding((t - r) * self.interval_scale, self.emb_dim)
         h = self.inp(z) + self.t_embed(e_t) + self.interval_embed(e_d)
         if self.label_embed is not None:
             if cond is None:
@@ -126,16 +128,18 @@ class MLPAvgVelocity(AvgVelocityField):
         return self.body(h)
 
 
-def student_from_teacher(teacher) -> AvgVelocityField:
+def student_from_teacher(teacher, interval_scale: float | None = None) -> AvgVelocityField:
     """The default student of a teacher: a copy of its backbone with the interval embedding added."""
     backbone = teacher.backbone()
     if backbone is None:
         raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
     if isinstance(backbone, AvgVelocityUNet):
-        return AvgVelocityUNet.from_velocity_unet(backbone.unet, backbone.time_scale)
+        return AvgVelocityUNet.from_velocity_unet(backbone.unet, backbone.time_scale, interval_scale)
     if isinstance(backbone, MLPAvgVelocity):
         student = copy.deepcopy(backbone)
         nn.init.zeros_(student.interval_embed[-1].weight)  # a trained copy need not be zero there
         nn.init.zeros_(student.interval_embed[-1].bias)
+        if interval_scale is not None:
+            student.interval_scale = interval_scale
         return student
     raise ValueError(f"don't know how to build a student from a {type(backbone).__name__} backbone")

@@ -71,9 +71,12 @@ class Trainer:
         student = build_student(cfg, self.teacher)
         self.objective = build_objective(cfg, student, self.teacher)
         self.data = build_data(cfg, self.teacher)
-        # every random draw comes from these two generators (per process), saved in checkpoints
-        self.objective.generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * acc.process_index)
-        self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * acc.process_index + 1)
+        # every random draw comes from these two generators, saved in checkpoints. They are seeded alike
+        # on every process; each draws for the global batch and keeps its slice (`shard`), so N processes
+        # with batch B train exactly like one process with batch N * B.
+        self.objective.generator = torch.Generator().manual_seed(cfg.seed * 1000)
+        self.objective.shard = (acc.process_index, acc.num_processes)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
 
         self.groups = self.objective.param_groups()
         self.optimizers, self.schedulers = {}, {}
@@ -212,6 +215,13 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------------------
+    def next_batch(self) -> dict:
+        """This process's slice of the global batch (data.batch_size per process)."""
+        acc, size = self.accelerator, self.cfg.data.batch_size
+        full = self.data.batch(size * acc.num_processes, self.data_generator)
+        part = slice(acc.process_index * size, (acc.process_index + 1) * size)
+        return {k: None if v is None else v[part].to(acc.device) for k, v in full.items()}
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step (grad_accum micro-batches) of every active group.
 
@@ -225,7 +235,7 @@ class Trainer:
         finite = True
         for _ in range(tc.grad_accum):
             with acc.accumulate(self.model):
-                batch = self.data.batch(self.cfg.data.batch_size, self.data_generator, acc.device)
+                batch = self.next_batch()
                 out = self.model(batch, self.step)
                 ok = torch.stack([torch.isfinite(out[g]).all() for g in groups]).float().min()
                 if acc.num_processes > 1:
@@ -307,8 +317,13 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save_samples()
-        acc.end_training()
+        for tracker in acc.trackers:  # the process group stays up: evaluation after training may be sharded
+            tracker.finish()
         return self
+
+    def close(self) -> None:
+        """End of the process's training: trackers and the process group (accelerate's end_training)."""
+        self.accelerator.end_training()
 
     @torch.no_grad()
     def save_samples(self, n: int = 64) -> Path | None:
