@@ -249,7 +249,7 @@ class PixelUNetExporter(Exporter):
             f"`DDPMPipeline` draws the noise, calls the UNet at timestep 1000 t and lets the scheduler "
             f"step; with `shift_terminal` = 1/k the scheduler's sigmas are exactly the uniform grid "
             f"[{grid}], and its Euler update z + (sigma_next - sigma) * output is the student's step "
-            f"z_r = z_t - (t - r) u(z_t, r, t).",
+            + ("z_r = z_t - (t - r) u(z_t, r, t)." if student.has_interval_embedding else "(an Euler step of v)."),
         ]
         if student.has_interval_embedding:
             notes.append(
@@ -400,11 +400,14 @@ def _fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
-def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Path, format: str, steps: int) -> str:
+def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Path, format: str, steps: int,
+               student_is_avg: bool = True) -> str:
     cfg = info.cfg
     teacher = dict(cfg.teacher)
     teacher_name = teacher.pop("name", None)
-    if teacher_name == "digits" and not teacher.get("path"):
+    if teacher_name in (None, "none"):
+        teacher_desc = "none (trained from data)"
+    elif teacher_name == "digits" and not teacher.get("path"):
         teacher_desc = "`digits` (the flow-matching digits UNet shipped with onestep, 1x16x16)"
     else:
         teacher_desc = f"`{teacher_name}`" + "".join(f", {k}={_fmt(v)}" for k, v in teacher.items() if v is not None)
@@ -429,7 +432,8 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         f"- {obj_name}",
         "---",
         "",
-        f"# {cfg.name}: {steps}-step student of the {teacher_name} teacher",
+        f"# {cfg.name}: {steps}-step " + (f"student of the {teacher_name} teacher"
+                                         if teacher_name not in (None, "none") else f"{obj_name} model"),
         "",
         f"Exported by `onestep export --format {format} --steps {steps}"
         f"{'' if info.weights == 'ema' else ' --weights ' + info.weights}` from run `{cfg.name}`, "
@@ -440,8 +444,9 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         f"| teacher | {teacher_desc} |",
         f"| model family | {exporter.family} |",
         f"| objective | {obj_desc} |",
-        f"| training | {info.step} steps, batch {cfg.data.batch_size}, seed {cfg.seed} |",
-        f"| steps | {steps}: z_r = z_t - (t - r) u(z_t, r, t) on the uniform grid t = 1 -> 0 |",
+        f"| training | {info.step} step{'s' if info.step != 1 else ''}, batch {cfg.data.batch_size}, seed {cfg.seed} |",
+        f"| steps | {steps}: " + ("z_r = z_t - (t - r) u(z_t, r, t)" if student_is_avg else "Euler steps of v(z, t)")
+        + " on the uniform grid t = 1 -> 0 |",
         f"| pipeline | {result.pipeline} |",
         f"| scheduler | {result.scheduler} |",
         "| guidance | none (unconditional) |",
@@ -564,7 +569,8 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
     try:
         tmp.mkdir()
         result = exporter.write(student, teacher, info, tmp, format, steps)
-        (tmp / "README.md").write_text(model_card(info, exporter, result, out, format, steps))
+        (tmp / "README.md").write_text(model_card(info, exporter, result, out, format, steps,
+                                                       getattr(student, "has_interval_embedding", True)))
         _check_only_safetensors(tmp)
         _make_readable(tmp)
         manifest = {

@@ -237,3 +237,21 @@ def test_cli_exports(run_dir, tmp_path, capsys):
                  "--weights", "trained"]) == 0
     card = (tmp_path / "raw" / "README.md").read_text()
     assert "--weights trained" in card and "raw trained (not EMA)" in card and "Not evaluated" in card
+
+
+def test_velocity_model_exports_as_euler_sampler(tmp_path):
+    """A run without interval embedding (e.g. `onestep teacher-train`) is a velocity model: Euler steps."""
+    from diffusers import DiffusionPipeline
+
+    cfg = load_config("digits_teacher", [f"output_dir={tmp_path}", "name=v", "train.steps=1", "data.batch_size=4",
+                                         "train.progress=false", "train.sample_steps=[1]"])
+    Trainer(cfg).fit()
+    out = export_run(tmp_path / "v", tmp_path / "e", steps=3)
+    assert "Euler steps of v(z, t)" in (out / "README.md").read_text()
+    velocity = load_student(load_run(tmp_path / "v"))[0]
+    assert not velocity.has_interval_embedding
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    want, _ = expected_images(velocity, 3)
+    got = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    assert (got - want).abs().max().item() < TOL
