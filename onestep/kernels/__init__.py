@@ -1,4 +1,22 @@
-"""Attention kernels with forward-mode AD (JVP) support."""
+"""Attention with forward-mode AD (JVP) support, and the diffusers attention-backend switch.
+
+    fused_attention(q, k, v, attn_mask=None, scale=None, block_size=..., impl="auto")
+    math_attention(q, k, v, attn_mask=None, scale=None)
+    set_attention_backend(model, backend)   # backend in ATTENTION_BACKENDS
+
+The diffusers part is imported lazily, so ``onestep.kernels`` does not import diffusers.
+"""
 from .attention import DEFAULT_BLOCK_SIZE, FusedAttentionFunction, fused_attention, math_attention
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "fused_attention", "math_attention"]
+__all__ = ["ATTENTION_BACKENDS", "DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "OnestepAttnProcessor",
+           "OnestepJointAttnProcessor", "fused_attention", "math_attention", "set_attention_backend"]
+
+_LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepJointAttnProcessor", "set_attention_backend")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import diffusers_attention
+
+        return getattr(diffusers_attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -315,28 +315,34 @@ def _backward(impl, *args):
     return _torch_backward(*args)
 
 
-class _TangentGuard(torch.autograd.Function):
-    """Identity whose backward raises: marks the JVP output as not differentiable.
+_JVP_NOT_DIFFERENTIABLE = (
+    "fused_attention: the JVP (tangent) output is not differentiable. Detach it (MeanFlow/sCM targets "
+    "are stop-gradient anyway), or use the 'math' attention backend if you need gradients of the JVP.")
+_TRITON_NO_DOUBLE_BACKWARD = (
+    "fused_attention: double backward through the Triton kernels is not supported; use impl='torch' "
+    "(its backward is differentiable) or the 'math' backend.")
 
-    The tangent is computed without recording an autograd graph (recording it would keep every
-    tile alive, which is what this kernel avoids). Without the guard, backprop through it would
-    silently treat it as a constant.
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Identity on t whose backward raises `message`: marks a result as not differentiable.
+
+    The JVP is computed without recording an autograd graph (recording it would keep every tile
+    alive, which is what this kernel avoids), and the Triton backward runs outside autograd. Without
+    the guard, backprop through such a result would silently treat it as a constant. The output
+    requires grad only when one of `deps` does, so the common case costs nothing.
     """
 
     @staticmethod
-    def forward(t, *deps):
+    def forward(message, t, *deps):
         return t.view_as(t)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            "fused_attention: the JVP (tangent) output is not differentiable. Detach it (MeanFlow/sCM "
-            "targets are stop-gradient anyway), or use the 'math' attention backend if you really need "
-            "gradients of the JVP.")
+        raise RuntimeError(ctx.message)
 
 
 class FusedAttentionFunction(torch.autograd.Function):
@@ -361,6 +367,9 @@ class FusedAttentionFunction(torch.autograd.Function):
         if dout is None and dlse is None:
             return (None,) * 7
         dq, dk, dv = _backward(ctx.impl, q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.block_size)
+        if ctx.impl == "triton":  # the torch path records its ops, so its backward is differentiable
+            deps = [t for t in (q, k, v, out, lse, dout, dlse) if t is not None]
+            dq, dk, dv = (_NotDifferentiable.apply(_TRITON_NO_DOUBLE_BACKWARD, g, *deps) for g in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None
 
     @staticmethod
@@ -374,7 +383,8 @@ class FusedAttentionFunction(torch.autograd.Function):
             else:
                 dout, dlse = _jvp(ctx.impl, q, k, v, out, lse, dq, dk, dv, mask, ctx.scale, ctx.block_size)
         deps = [t for t in (q, k, v, dq, dk, dv) if t is not None]
-        return _TangentGuard.apply(dout, *deps), _TangentGuard.apply(dlse, *deps)
+        return (_NotDifferentiable.apply(_JVP_NOT_DIFFERENTIABLE, dout, *deps),
+                _NotDifferentiable.apply(_JVP_NOT_DIFFERENTIABLE, dlse, *deps))
 
 
 def fused_attention(
@@ -409,7 +419,11 @@ def fused_attention(
     if k.shape[:2] != (B, H) or v.shape[:3] != (B, H, M) or k.shape[3] != D:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if attn_mask is not None:
-        if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, (B, H, N, M)) != (B, H, N, M):
+        try:
+            ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, (B, H, N, M)) == (B, H, N, M)
+        except RuntimeError:
+            ok = False
+        if not ok:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, N, M)}")
         if attn_mask.requires_grad:
             raise ValueError("fused_attention: gradients with respect to attn_mask are not supported")

@@ -14,6 +14,8 @@ variable must be set before triton is first imported in the process (the tests u
 fp32 inputs use IEEE-precision dots (no TF32), fp16/bf16 inputs use tensor-core dots with fp32
 accumulation; probabilities are cast to V's dtype before the P V products, as FlashAttention does.
 """
+import functools
+
 import torch
 
 try:
@@ -241,6 +243,30 @@ if triton is not None:
                  mask=col_ok[:, None] & dv_ok[None, :])
 
 
+def _plain(t):
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def _outside_functorch(fn):
+    """Run fn on plain tensors with functorch disabled.
+
+    torch.func.jvp/grad hand an autograd.Function's jvp/backward functorch-wrapped tensors (and
+    would wrap new allocations too), which Triton cannot read. Nothing here records autograd, so
+    unwrapping is safe; functorch lifts the plain results back to its levels.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch._C._DisableFuncTorch():
+            return fn(*(_plain(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+    return wrapper
+
+
 def _kernels():
     return {"fwd": _fwd_kernel, "jvp": _jvp_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
 
@@ -271,6 +297,7 @@ def _prep(q, k, v, mask):
     return q, k, v, mask4, strides
 
 
+@_outside_functorch
 def triton_forward(q, k, v, mask, scale):
     """Returns (out [B,H,N,Dv] in q.dtype, lse [B,H,N] fp32)."""
     q, k, v, mask4, strides = _prep(q, k, v, mask)
@@ -285,6 +312,7 @@ def triton_forward(q, k, v, mask, scale):
     return out, lse
 
 
+@_outside_functorch
 def triton_jvp(q, k, v, out, lse, dq, dk, dv, mask, scale):
     """Returns (dout [B,H,N,Dv] in out.dtype, dlse [B,H,N] fp32); None tangents count as zero."""
     q, k, v, mask4, strides = _prep(q, k, v, mask)
@@ -303,6 +331,7 @@ def triton_jvp(q, k, v, out, lse, dq, dk, dv, mask, scale):
     return dout.to(out.dtype), dlse.to(lse.dtype)
 
 
+@_outside_functorch
 def triton_backward(q, k, v, out, lse, dout, dlse, mask, scale):
     """Returns (dq, dk, dv) in the input dtypes; dout/dlse may be None (zero)."""
     q_dtype, k_dtype, v_dtype = q.dtype, k.dtype, v.dtype
