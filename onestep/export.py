@@ -60,30 +60,31 @@ class RunInfo:
     report: dict | None = None        # report.json of the run, if any
 
 
-def _finished_checkpoints(run_dir: Path) -> list[Path]:
-    ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    done = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(done, key=lambda p: int(p.name[5:]))
-
-
 def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    """`step-N` (any zero padding) or None for the latest finished checkpoint of the run."""
-    done = _finished_checkpoints(run_dir)
+    """`step-N` (any zero padding) or None for the latest finished checkpoint of the run; it must pass
+    its checksums (a truncated or altered checkpoint is refused, naming the file)."""
+    from onestep.checkpoint import checkpoint_problem, finished_checkpoints
+
+    done = finished_checkpoints(run_dir / "checkpoints")
     if not done:
         raise ExportError(f"run {run_dir} has no finished checkpoint in {run_dir / 'checkpoints'}")
     if checkpoint is None:
-        return done[-1]
-    name = str(checkpoint)
-    number = name[5:] if name.startswith("step-") else name
-    if not number.isdigit():
-        raise ExportError(f"--checkpoint must look like step-N, got {name!r}")
-    for p in done:
-        if int(p.name[5:]) == int(number):
-            return p
-    raise ExportError(f"checkpoint {name!r} not found in {run_dir / 'checkpoints'}; "
-                      f"available: {', '.join(p.name for p in done)}")
+        found = done[-1]
+    else:
+        name = str(checkpoint)
+        number = name[5:] if name.startswith("step-") else name
+        if not number.isdigit():
+            raise ExportError(f"--checkpoint must look like step-N, got {name!r}")
+        matches = [p for p in done if int(p.name[5:]) == int(number)]
+        if not matches:
+            raise ExportError(f"checkpoint {name!r} not found in {run_dir / 'checkpoints'}; "
+                              f"available: {', '.join(p.name for p in done)}")
+        found = matches[0]
+    problem = checkpoint_problem(found, ("ema.safetensors", "trainable.safetensors"))
+    if problem is not None:
+        raise ExportError(f"checkpoint {found} is corrupt: {problem}; pick another with --checkpoint "
+                          f"(available: {', '.join(p.name for p in done)})")
+    return found
 
 
 def load_run(run: str | Path, checkpoint: str | None = None, weights: str = "ema") -> RunInfo:
@@ -238,7 +239,8 @@ class PixelUNetExporter(Exporter):
     def _write_stock(self, student, out: Path, steps: int) -> ExportResult:
         from diffusers import DDPMPipeline
 
-        unet = fold_interval_embedding(student.unet, steps) if student.has_interval_embedding else student.unet
+        unet = (fold_interval_embedding(student.unet, steps, student.interval_scale)
+                if student.has_interval_embedding else student.unet)
         scheduler = stock_flow_scheduler(steps)
         pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
         diff = _self_check(student, pipe, steps)
@@ -280,7 +282,7 @@ class PixelUNetExporter(Exporter):
         from onestep.pipelines import OneStepPipeline
 
         pipe = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
-                               default_num_inference_steps=steps)
+                               default_num_inference_steps=steps, interval_scale=student.interval_scale)
         diff = _self_check(student, pipe, steps)
         pipe.save_pretrained(out, safe_serialization=True)
         return ExportResult(
@@ -292,7 +294,7 @@ class PixelUNetExporter(Exporter):
                       "passes the uniform grid as `sigmas`, so any `num_inference_steps` is exact",
             notes=[
                 "The UNet keeps its second time embedding of t - r (`class_embed_type=\"timestep\"`, class "
-                "label 1000 (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) on the uniform "
+                f"label {student.interval_scale:g} (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) on the uniform "
                 f"grid for any `num_inference_steps` (default {steps}).",
                 "Load it with `OneStepPipeline.from_pretrained`: diffusers' `DiffusionPipeline.from_pretrained` "
                 "resolves only pipeline classes defined inside diffusers (other code needs "
@@ -302,8 +304,8 @@ class PixelUNetExporter(Exporter):
             max_abs_diff=diff)
 
 
-def fold_interval_embedding(unet, steps: int):
-    """A plain `UNet2DModel` equal to `unet` with class label 1000 (t - r) fixed at t - r = 1/steps.
+def fold_interval_embedding(unet, steps: int, interval_scale: float = 1000.0):
+    """A plain `UNet2DModel` equal to `unet` with class label interval_scale (t - r) fixed at t - r = 1/steps.
 
     diffusers' UNet2DModel computes ``emb = time_embedding(time_proj(t)) + class_embedding(time_proj(label))``
     (both in the model's dtype, no scaling), and `time_embedding` ends with `linear_2` (no post-activation),
@@ -315,7 +317,7 @@ def fold_interval_embedding(unet, steps: int):
     if unet.config.class_embed_type != "timestep" or te.post_act is not None or te.cond_proj is not None:
         raise ExportError("cannot fold the interval embedding: the UNet's time embedding is not "
                           "linear_1 -> act -> linear_2 with a timestep class embedding")
-    label = _interval_label(steps, unet.device)
+    label = _interval_label(steps, unet.device, interval_scale)
     with torch.no_grad():
         # the same float32 path as the forward pass; the sum b + c is rounded once, from float64
         const = unet.class_embedding(unet.time_proj(label)).to(unet.dtype)[0]
@@ -331,8 +333,8 @@ def fold_interval_embedding(unet, steps: int):
     return plain.eval().requires_grad_(False)
 
 
-def _interval_label(steps: int, device) -> torch.Tensor:
-    """1000 (t - r) for the first step, computed as onestep's sampler does (float32 t and r).
+def _interval_label(steps: int, device, interval_scale: float = 1000.0) -> torch.Tensor:
+    """interval_scale (t - r) for the first step, computed as onestep's sampler does (float32 t and r).
 
     On the uniform grid every step has the same t - r up to float32 rounding (exactly the same for
     step counts that are powers of two).
@@ -342,7 +344,7 @@ def _interval_label(steps: int, device) -> torch.Tensor:
     grid = time_grid(steps, dtype=torch.float64)
     t = torch.tensor([grid[0].item()], dtype=torch.float32, device=device)
     r = torch.tensor([grid[1].item()], dtype=torch.float32, device=device)
-    return (t - r) * 1000.0
+    return (t - r) * interval_scale
 
 
 def stock_flow_scheduler(steps: int):

@@ -7,7 +7,7 @@ plain `UNet2DModel` for `DDPMPipeline`). This pipeline runs onestep's own k-step
     z_r = z_t - (t - r) u(z_t, r, t)     on the uniform grid 1 = t_0 > ... > t_k = 0,
 
 with the backbone as a stock `UNet2DModel` (timestep = 1000 t, and t - r through its
-`class_embed_type="timestep"` embedding as class label 1000 (t - r)) and a stock
+`class_embed_type="timestep"` embedding as class label interval_scale (t - r), 1000 by default) and a stock
 `FlowMatchEulerDiscreteScheduler`: given the grid as `sigmas`, its Euler update
 `z + (sigma_next - sigma) * model_output` *is* the average-velocity step when the model output is u.
 A UNet without the interval embedding is a plain velocity model, for which the same loop is Euler.
@@ -50,15 +50,17 @@ class OneStepPipeline(DiffusionPipeline):
             (or a plain velocity UNet, sampled with Euler steps).
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): shift 1; it receives the uniform grid as `sigmas`.
         default_num_inference_steps (`int`): the step count the student was exported for.
+        interval_scale (`float`): the interval embedding's class label is interval_scale * (t - r).
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
-                 default_num_inference_steps: int = 1):
+                 default_num_inference_steps: int = 1, interval_scale: float = 1000.0):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps,
+                                interval_scale=interval_scale)
         if self.has_interval_embedding:
             unet.class_embedding.register_forward_pre_hook(_cast_to_weight_dtype)
 
@@ -99,9 +101,9 @@ class OneStepPipeline(DiffusionPipeline):
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             class_labels = None
             if self.has_interval_embedding:
-                # same float32 arithmetic as onestep's sampler: (t - r) in float32, then x time_scale
+                # same float32 arithmetic as onestep's sampler: (t - r) in float32, then x interval_scale
                 interval = (sigmas[i] - sigmas[i + 1]).to(device=device, dtype=torch.float32)
-                class_labels = (interval * time_scale).expand(z.shape[0])
+                class_labels = (interval * self.config.interval_scale).expand(z.shape[0])
             u = self.unet(z, timestep.expand(z.shape[0]), class_labels=class_labels).sample
             z = self.scheduler.step(u, timestep, z).prev_sample
 

@@ -11,8 +11,10 @@ Checkpoint layout (runs/<name>/checkpoints/step-XXXXXX/):
     optim-<group>.pt / sched-<group>.pt   tensors only: loaded with torch.load(weights_only=True)
     rng-<rank>.safetensors   per process: the objective's and the data's generators, torch's RNGs
     state.json               step, EMA step, counters
+    checksums.json           SHA-256 of every file above
 It is written to `step-XXXXXX.tmp` and renamed, so a kill during a save never leaves a broken latest
-checkpoint.
+checkpoint; on resume a checkpoint whose files fail their checksums is skipped (with a warning) for
+the one before it (onestep/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -28,22 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from onestep.build import build_data, build_objective, build_student, build_teacher
+from onestep.checkpoint import finished_checkpoints, latest_valid_checkpoint, write_checksums
 from onestep.config import RunConfig, to_yaml
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
-    done = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(done, key=lambda p: int(p.name[5:]))
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = _checkpoints(ckpt_dir)
-    return done[-1] if done else None
 
 
 class Trainer:
@@ -161,6 +153,7 @@ class Trainer:
                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                  "num_processes": acc.num_processes}
         (tmp / "state.json").write_text(json.dumps(state))
+        write_checksums(tmp)
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -172,9 +165,15 @@ class Trainer:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        for old in _checkpoints(self.ckpt_dir)[:-self.cfg.train.keep_checkpoints]:
+        for old in finished_checkpoints(self.ckpt_dir)[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def checkpoint_files(self) -> tuple[str, ...]:
+        """Files every checkpoint of this run must hold (checked against its checksums on resume)."""
+        return ("trainable.safetensors", "ema.safetensors", "state.json",
+                f"rng-{self.accelerator.process_index}.safetensors",
+                *(f"optim-{g}.pt" for g in self.groups), *(f"sched-{g}.pt" for g in self.groups))
 
     def load_checkpoint(self, path: Path) -> None:
         obj = self.unwrapped
@@ -207,7 +206,15 @@ class Trainer:
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
     def maybe_resume(self) -> bool:
-        latest = _latest_checkpoint(self.ckpt_dir)
+        latest = latest_valid_checkpoint(self.ckpt_dir, self.checkpoint_files())
+        # corrupt checkpoints newer than the one resumed from are kept aside (renamed, never deleted),
+        # so pruning cannot prefer them to the good ones written after the resume
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for bad in finished_checkpoints(self.ckpt_dir):
+                if latest is None or int(bad.name[5:]) > int(latest.name[5:]):
+                    bad.rename(bad.with_name(f"{bad.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self.accelerator.wait_for_everyone()
         if latest is None:
             return False
         self.load_checkpoint(latest)
@@ -296,7 +303,7 @@ class Trainer:
                 if self.nonfinite_in_a_row > tc.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_in_a_row} non-finite steps in a row (group {group!r}, step {self.step}); "
-                        f"stopped; the last good checkpoint is {_latest_checkpoint(self.ckpt_dir)}")
+                        f"stopped; the last good checkpoint is {latest_valid_checkpoint(self.ckpt_dir)}")
                 continue
             self.step += 1
             if bar is not None:

@@ -2,6 +2,7 @@
 safetensors-only folders; bad input is one line and exit code 2 with nothing left behind."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from onestep.cli import main
+from onestep.checkpoint import write_checksums
 from onestep.config import load_config
 from onestep.export import ExportError, PixelUNetExporter, export_run, load_run, load_student
 from onestep.trainer import Trainer
@@ -47,6 +49,7 @@ def run_dir(tmp_path_factory):
     for k in ("unet.class_embedding.linear_2.weight", "unet.class_embedding.linear_2.bias"):
         ema[k] = torch.randn(ema[k].shape, generator=g) * 0.3
     save_file(ema, ema_file)
+    write_checksums(ema_file.parent)  # the test altered the checkpoint on purpose: re-seal it
     # what `onestep demo` writes, scoring this checkpoint (numbers made up for the card test)
     report = {"run": "tiny", "train_steps": 2, "rows": [
         {"model": "teacher", "steps": 50, "digits_fid": 9.5, "images_per_s": 10.0},
@@ -184,8 +187,13 @@ def bad_cases(run_dir, gmm_run, tmp_path):
     (tmp_path / "a_file").write_text("x")
     no_config = tmp_path / "no_config"
     no_config.mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt)
+    ema = corrupt / "checkpoints" / "step-000002" / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:-100])  # truncated after its checksum was written
     run, out = str(run_dir), str(tmp_path / "out")
     return {
+        "corrupt checkpoint": (["--run", str(corrupt), "--out", out], "ema.safetensors does not match its checksum"),
         "missing run": (["--run", str(tmp_path / "nope"), "--out", out], "not found"),
         "not a run": (["--run", str(no_config), "--out", out], "no config.yaml"),
         "missing checkpoint": (["--run", run, "--out", out, "--checkpoint", "step-99"], "step-000001, step-000002"),
