@@ -31,11 +31,24 @@ def meanflow_gradient(trainer) -> dict:
     return {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
 
 
+EVAL_NOISE = 37  # not a multiple of the processes or of the batch
+
+
+def sharded_samples(trainer) -> torch.Tensor:
+    from onestep.evaluation.generate import generate
+
+    noise = torch.randn(EVAL_NOISE, 2, generator=torch.Generator().manual_seed(7))
+    student = trainer.ema_student()
+    return generate(lambda z: student.sample(z, steps=1), noise, batch_size=5, accelerator=trainer.accelerator)[0]
+
+
 def main(out: Path, batch: int, steps: int) -> None:
     for objective in OBJECTIVES:
         t = Trainer(gmm_cfg(out / f"runs-{objective}", objective, batch, steps)).fit(resume=False)
         rank = t.accelerator.process_index
         save_file(params(t), out / f"{objective}-rank{rank}.safetensors")
+        if objective == "meanflow":
+            save_file({"samples": sharded_samples(t)}, out / f"samples-rank{rank}.safetensors")
     t = Trainer(gmm_cfg(out / "runs-grad", "meanflow", batch, 1))
     save_file(meanflow_gradient(t), out / f"meanflow-grad-rank{t.accelerator.process_index}.safetensors")
 

@@ -14,7 +14,7 @@ from onestep.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from distributed_worker import OBJECTIVES, gmm_cfg, meanflow_gradient, params  # noqa: E402
+from distributed_worker import EVAL_NOISE, OBJECTIVES, gmm_cfg, meanflow_gradient, params, sharded_samples  # noqa: E402
 
 BATCH, STEPS = 16, 50
 
@@ -52,3 +52,22 @@ def test_meanflow_gradient_matches_one_process(two_process_run, tmp_path):
     single = meanflow_gradient(Trainer(gmm_cfg(tmp_path, "meanflow", 2 * BATCH, 1)))
     assert max_diff(g0, g1) == 0.0
     assert max_diff(g0, single) <= 1e-6 * max(v.abs().max().item() for v in single.values())
+
+
+def test_evaluation_is_sharded_and_gathered_once(two_process_run, tmp_path):
+    s0 = load_file(two_process_run / "samples-rank0.safetensors")["samples"]
+    s1 = load_file(two_process_run / "samples-rank1.safetensors")["samples"]
+    assert s0.shape == (EVAL_NOISE, 2) and torch.equal(s0, s1)          # every rank holds all samples
+    single = sharded_samples(Trainer(gmm_cfg(tmp_path, "meanflow", 2 * BATCH, STEPS)).fit(resume=False))
+    assert (s0 - single).abs().max() <= 1e-5                             # in noise order, as one process makes them
+
+
+def test_shard_bounds_cover_everything_once():
+    from onestep.evaluation.generate import shard_bounds
+
+    for n in range(0, 30):
+        for world in range(1, 5):
+            spans = [shard_bounds(n, r, world) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert max(h - lo for lo, h in spans) - min(h - lo for lo, h in spans) <= 1
