@@ -31,7 +31,9 @@ def test_kills_during_steps_and_checkpoint_writes_resume_bitwise(tmp_path):
 
 @pytest.mark.slow
 def test_many_kill_points_resume_bitwise(tmp_path):
-    points = [f"{phase}:{step}" for phase in ("step", "rng", "weights", "rename") for step in (3, 10, 17, 24)]
+    # kills inside a save must hit a step that saves (every 3 steps and the last, 24)
+    points = [f"step:{s}" for s in (3, 10, 17, 24)]
+    points += [f"{phase}:{s}" for phase in ("rng", "weights", "rename") for s in (3, 9, 15, 24)]
     cases = run_worker(tmp_path, 8, points)
     check(cases)
     assert len(cases) >= 20
