@@ -26,8 +26,6 @@ PyTorch's math SDPA.
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -219,7 +217,6 @@ def _torch_backward(q, k, v, out, lse, dout, dlse, mask, scale, block_size):
                 dq_i.baddbmm_(ds, kf[g, j0:j1])
                 dk[g, j0:j1].baddbmm_(ds.transpose(1, 2), qs)                  # qs carries the scale
     dq.mul_(scale)
-    B, H = q.shape[:2]
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype))
 
 
@@ -274,21 +271,21 @@ def _torch_jvp(q, k, v, out, lse, dq, dk, dv, mask, scale, block_size):
 _IMPLS = ("auto", "torch", "triton")
 
 
-def _triton_usable(q) -> bool:
+def _triton_unavailable(q) -> Optional[str]:
     from . import triton_attention
 
-    return triton_attention.is_available(q)
+    return triton_attention.unavailable_reason(q)
 
 
 def _resolve_impl(impl: str, q) -> str:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
     if impl == "auto":
-        return "triton" if q.is_cuda and _triton_usable(q) else "torch"
-    if impl == "triton" and not _triton_usable(q):
-        raise RuntimeError(
-            "fused_attention(impl='triton') needs triton and CUDA tensors (or TRITON_INTERPRET=1 for "
-            "CPU tensors, set before triton is first imported)")
+        return "triton" if q.is_cuda and _triton_unavailable(q) is None else "torch"
+    if impl == "triton":
+        reason = _triton_unavailable(q)
+        if reason is not None:
+            raise RuntimeError(f"fused_attention(impl='triton'): {reason}")
     return impl
 
 
@@ -406,12 +403,13 @@ def fused_attention(
             Not differentiable.
         scale: defaults to D ** -0.5.
         block_size: tile (queries, keys), or one int for both.
-        impl: "auto" (Triton for CUDA tensors when triton is importable, else torch), "torch" or
-            "triton" (CPU tensors only under TRITON_INTERPRET=1; slow, for tests).
+        impl: "auto" (Triton for fp16/bf16/fp32 CUDA tensors when triton imports, else torch),
+            "torch" or "triton" (CPU tensors only under TRITON_INTERPRET=1; slow, for tests).
 
     fp16/bf16 inputs are accumulated in fp32 (float64 in float64); the output has q's dtype. The JVP
     output is not differentiable (backprop through it raises); the primal output is, also when it
-    comes out of ``torch.func.jvp``.
+    comes out of ``torch.func.jvp``. The torch path's backward is itself differentiable (double
+    backward works); the Triton backward raises on double backward.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -419,6 +417,8 @@ def fused_attention(
     M = k.shape[2]
     if k.shape[:2] != (B, H) or v.shape[:3] != (B, H, M) or k.shape[3] != D:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if attn_mask is not None:
         try:
             ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, (B, H, N, M)) == (B, H, N, M)

@@ -39,11 +39,26 @@ def interpreting() -> bool:
     return isinstance(tl.zeros, InterpretedFunction) and isinstance(_fwd_kernel, InterpretedFunction)
 
 
+def unavailable_reason(q: torch.Tensor):
+    """None when the Triton kernels can run on q's device and dtype, else why not (one line)."""
+    if triton is None:
+        return "triton is not installed"
+    if q.dtype not in _DTYPES:
+        return f"the Triton kernels support fp16, bf16 and fp32, not {q.dtype}"
+    if q.is_cuda:
+        return None
+    if q.device.type != "cpu" or not interpreting():
+        return "the Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+    if q.dtype == torch.bfloat16:
+        # triton 3.8's interpreter returns garbage from tl.dot on bf16 operands (a 16x16 bf16 dot
+        # kernel alone reproduces it), so bf16 is only supported compiled, on GPUs
+        return "Triton's CPU interpreter computes bf16 dots wrongly; use fp16/fp32 there"
+    return None
+
+
 def is_available(q: torch.Tensor) -> bool:
     """True when the Triton kernels can run on q's device and dtype."""
-    if triton is None or q.dtype not in _DTYPES:
-        return False
-    return q.is_cuda or (q.device.type == "cpu" and interpreting())
+    return unavailable_reason(q) is None
 
 
 if triton is not None:
