@@ -1,0 +1,59 @@
+"""The shipped accelerate configs (configs/accelerate/) parse the way `accelerate launch` parses them."""
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def launch_env(name: str) -> tuple[object, dict]:
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if name.startswith("deepspeed"):
+        # what `accelerate launch` does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return args, env
+
+
+def test_ddp():
+    args, env = launch_env("ddp")
+    assert args.multi_gpu and args.num_processes == 8 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env.get("ACCELERATE_USE_FSDP", "false") == "false"
+
+
+def test_fsdp_shards_the_frozen_teacher_with_the_student():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args, env = launch_env("fsdp")
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+    fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+    # syncing module states needs a GPU; everything else is what a GPU run would get
+    fsdp_env.update(FSDP_SYNC_MODULE_STATES="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false")
+    with mock.patch.dict(os.environ, fsdp_env):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.use_orig_params            # frozen teacher + trainable student in one FSDP unit
+    assert plugin.sharding_strategy.name == "FULL_SHARD"
+    assert "BasicTransformerBlock" in plugin.transformer_cls_names_to_wrap
+
+
+def test_deepspeed_zero2():
+    args, env = launch_env("deepspeed_zero2")
+    assert args.use_deepspeed and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    assert env["ACCELERATE_GRADIENT_CLIPPING"] == "1.0"
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_configs_load_as_cluster_configs(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml")
+    expected = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP, "deepspeed_zero2": DistributedType.DEEPSPEED}
+    assert cfg.distributed_type == expected[name]
