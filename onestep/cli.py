@@ -6,19 +6,89 @@
     onestep list                                         registered teachers, objectives, metrics
     onestep export --run runs/X --out DIR [--checkpoint step-N] [--format diffusers|onestep|lora] [--steps K]
 
-Configuration problems print one line and exit with code 2.
+Bad input (a config, a file, an argument) prints one line naming the problem and exits with code 2;
+nothing is written before the input has been checked, and a failed resume leaves the run untouched.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad command-line argument found after parsing; one line, exit code 2."""
+
+
+class ResumeError(ValueError):
+    """The run's latest checkpoint cannot be loaded (refused or unreadable); one line, exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints a usage block and then the error; onestep's input errors are one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _config(args, default: str | None):
     from onestep.config import load_config
 
     return load_config(args.config or default, args.overrides)
+
+
+def _refused_pickle(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first `.pt` file of a checkpoint that torch.load(weights_only=True) refuses, and why."""
+    import pickle
+
+    import torch
+
+    for f in sorted(checkpoint.glob("*.pt")):
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            text = str(e)
+            reason = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+            return f, _first_line(reason.strip().split(". ")[0], 160)
+        except Exception:  # unreadable in another way: reported by the caller as it is
+            continue
+    return None
+
+
+def start_trainer(cfg, resume: bool):
+    """The run's Trainer, resumed from its latest checkpoint unless `resume` is False.
+
+    Resuming happens before `fit` writes anything into the run directory, so a checkpoint that cannot
+    be loaded (a pickle that is more than tensors, a file altered after its checksum was written, a
+    checkpoint of a different model) is a ResumeError and leaves the run exactly as it was.
+    """
+    import pickle
+
+    from onestep.checkpoint import finished_checkpoints
+    from onestep.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if resume:
+        try:
+            trainer.maybe_resume()
+        except Exception as e:  # any failure to load a checkpoint is a problem of that input, not a crash
+            done = finished_checkpoints(trainer.ckpt_dir)
+            where = done[-1] if done else trainer.ckpt_dir
+            refused = _refused_pickle(where) if isinstance(e, pickle.UnpicklingError) and done else None
+            if refused is not None:
+                f, reason = refused
+                raise ResumeError(f"refused to load {f}: a pickle holding more than tensors ({reason}); checkpoint "
+                                  f"pickles are loaded only with torch.load(weights_only=True). If you did not write "
+                                  f"it, delete {where}, or start over with --no-resume") from None
+            raise ResumeError(f"cannot resume from {where}: {type(e).__name__}: {_first_line(e, 300)}; delete that "
+                              "checkpoint, use another name=..., or start over with --no-resume") from None
+    return trainer
 
 
 def cmd_list(args) -> int:
@@ -32,11 +102,27 @@ def cmd_list(args) -> int:
     return 0
 
 
-def cmd_teacher_train(args) -> int:
-    from onestep.trainer import Trainer
+#: what `save_pretrained` writes into a teacher folder: an --out holding only these may be replaced
+TEACHER_FILES = {"config.json", "diffusion_pytorch_model.safetensors"}
 
+
+def _check_teacher_out(out: Path) -> None:
+    """Refuse, before training, an --out that saving the teacher would fail on or clobber."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; give a new or empty folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in TEACHER_FILES)
+    if others:
+        raise UsageError(f"--out {out} holds files that are not a saved teacher (e.g. {others[0]}); give a new or "
+                         "empty folder, or one that holds only a teacher to replace")
+
+
+def cmd_teacher_train(args) -> int:
     cfg = _config(args, "digits_teacher")
-    trainer = Trainer(cfg).fit(resume=not args.no_resume)
+    if args.out:
+        _check_teacher_out(Path(args.out))
+    trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)  # resumed above (or not)
     out = Path(args.out) if args.out else trainer.run_dir / "teacher"
     if trainer.accelerator.is_main_process:
         ema = trainer.ema_student()
@@ -46,10 +132,10 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from onestep.trainer import Trainer
-
+    if not args.config:
+        raise UsageError("onestep distill: --config is required (a YAML path or a shipped config name)")
     cfg = _config(args, None)
-    trainer = Trainer(cfg).fit(resume=not args.no_resume)
+    trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)
     print(f"run saved to {trainer.run_dir}")
     return 0
 
@@ -58,7 +144,7 @@ def cmd_demo(args) -> int:
     from onestep.demo import run_demo
 
     cfg = _config(args, "demo")
-    report = run_demo(cfg, resume=not args.no_resume)
+    report = run_demo(cfg, trainer=start_trainer(cfg, resume=not args.no_resume))
     print(report["markdown"])
     return 0
 
@@ -83,7 +169,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onestep", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="onestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name, help_, func, default_hint):
@@ -113,22 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (never a bug): printed as one line, exit code 2."""
+    from onestep.config import ConfigError
+    from onestep.data import DataError
+    from onestep.registry import UnknownNameError
+    from onestep.teachers.digits import TeacherWeightsError
+
+    return (ConfigError, UnknownNameError, DataError, TeacherWeightsError, ResumeError, UsageError, FileNotFoundError)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {_first_line(message, 1000)}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2): returned, so callers get the code
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     from onestep.config import ConfigError
     from onestep.registry import UnknownNameError
 
-    args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "distill" and not args.config:
-        print("onestep distill: --config is required (a YAML path or a shipped config name)", file=sys.stderr)
-        return 2
+    format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except (ConfigError, UnknownNameError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except _input_errors() as e:
+        prefix = "config error" if isinstance(e, (ConfigError, UnknownNameError)) else "error"
+        print(f"{prefix}: {_first_line(e, 2000)}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

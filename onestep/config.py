@@ -8,12 +8,15 @@ key and the allowed values (the CLI prints it and exits with code 2).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -96,16 +99,80 @@ def _check_keys(section: str, given: dict, dc: type) -> None:
             raise ConfigError(f"unknown key {where}; allowed: {', '.join(sorted(names))}")
 
 
-def _check_run_keys(values) -> None:
+#: the sections whose value must be a mapping (the dataclass sections, and teacher/objective)
+MAPPING_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("name", "output_dir", "seed"))
+
+
+def _check_run_keys(values, source: str = "a config") -> None:
     """Unknown keys in the top level or a fixed section, with the allowed names (teacher and
     objective keys are checked later, against the Config of the entry their `name` selects)."""
     if not isinstance(values, dict):
-        raise ConfigError("a config must be a mapping of keys to values")
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values "
+                          f"(e.g. `train: {{steps: 100}}`), got {_kind(values)}")
     _check_keys("config", values, RunConfig)
     for f in dataclasses.fields(RunConfig):
-        section, factory = values.get(f.name), f.default_factory
-        if isinstance(section, dict) and dataclasses.is_dataclass(factory):
-            _check_keys(f.name, section, factory)
+        if f.name not in values or f.name not in MAPPING_SECTIONS:
+            continue
+        section = values[f.name]
+        if not isinstance(section, dict):
+            # e.g. `teacher: digits` instead of `teacher: {name: digits}`
+            hint = f"{f.name}: {{name: {section}}}" if f.name in ("teacher", "objective") and isinstance(section, str) \
+                else f"{f.name}: {{key: value, ...}}"
+            raise ConfigError(f"{f.name} must be a mapping of keys to values (e.g. `{hint}`), got {_kind(section)}")
+        if dataclasses.is_dataclass(f.default_factory):
+            _check_keys(f.name, section, f.default_factory)
+
+
+def _kind(value) -> str:
+    """How a wrong value reads in a message: its type and a short repr."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _load_yaml(path: Path):
+    """A YAML file as an omegaconf node; every way the file can be unreadable is a one-line ConfigError
+    naming the file (and the line and column, or the byte offset, of the problem)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config {path} cannot be read: {e.strerror or e}") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                          "(save it as UTF-8)") from None
+    try:
+        # omegaconf's loader is yaml's SafeLoader: tags such as !!python/object are refused, never run
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join((e.problem or e.context or "invalid YAML").split())
+        raise ConfigError(f"config {path}: YAML error{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: YAML error: {' '.join(str(e).split())}") from None
+    except OSError as e:  # omegaconf: "Invalid loaded object type: int" for a file holding one scalar
+        raise ConfigError(f"config {path}: the top level must be a mapping of keys to values, "
+                          f"not a single value ({' '.join(str(e).split())})") from None
+
+
+_DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+        key = item.split("=", 1)[0]
+        if not _DOTTED_KEY.fullmatch(key):
+            raise ConfigError(f"override {item!r}: {key!r} is not a key like train.steps "
+                              "(letters, digits and _, sections separated by single dots)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"overrides: cannot parse a value: {' '.join(str(e).split())}") from None
 
 
 def find_config(name_or_path: str) -> Path:
@@ -122,22 +189,23 @@ def find_config(name_or_path: str) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Merge defaults <- YAML file <- `key=value` overrides, then validate every section."""
+    layers = []
+    if path is not None:
+        file = find_config(str(path))
+        layers.append((f"config {file}", _load_yaml(file)))
+    if overrides:
+        layers.append(("the overrides", _parse_overrides(overrides)))
     try:
-        layers = []
-        if path is not None:
-            layers.append(OmegaConf.load(find_config(str(path))))
-        if overrides:
-            for item in overrides:
-                if "=" not in item:
-                    raise ConfigError(f"override {item!r} is not key=value")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.structured(RunConfig)
-        for layer in layers:
-            _check_run_keys(OmegaConf.to_container(layer))
+        for source, layer in layers:
+            if isinstance(layer, ListConfig):
+                raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got a list")
+            _check_run_keys(OmegaConf.to_container(layer), source)
             cfg = OmegaConf.merge(cfg, layer)
+        # interpolations (${...}) are resolved here, so their errors are config errors too
+        run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
-    run = OmegaConf.to_object(cfg)
     validate(run)
     return run
 
@@ -150,6 +218,8 @@ def section_config(section: str, values: dict, registry) -> tuple[type, Any]:
     name = values.pop("name", None)
     if name is None:
         raise ConfigError(f"{section}.name is required; allowed: {', '.join(registry.names())}")
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.name must be a name, got {_kind(name)}; allowed: {', '.join(registry.names())}")
     try:
         cls = registry.get(name)
     except UnknownNameError as e:
@@ -167,11 +237,15 @@ def validate(run: RunConfig) -> None:
     from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
     load_builtin()
-    if run.teacher.get("name") not in (None, "none"):
-        section_config("teacher", run.teacher, TEACHERS)
-    obj_cls, obj_cfg = section_config("objective", run.objective, OBJECTIVES)
     has_teacher = run.teacher.get("name") not in (None, "none")
+    if has_teacher:
+        teacher_cls, teacher_cfg = section_config("teacher", run.teacher, TEACHERS)
+        # a teacher may check its options before any weights are loaded (as objectives do)
+        if hasattr(teacher_cls, "check_config"):
+            teacher_cls.check_config(teacher_cfg)
+    obj_cls, obj_cfg = section_config("objective", run.objective, OBJECTIVES)
     obj_cls.check_config(obj_cfg, ... if has_teacher else None)
+    _check_optimizer_options(obj_cfg)
     choices = {
         "student.init": (run.student.init, ("teacher", "scratch")),
         "student.backbone": (run.student.backbone, ("digits_unet", "mlp")),
@@ -200,10 +274,24 @@ def validate(run: RunConfig) -> None:
                        "eval.student_steps": ev.student_steps}.items():
         if any(k < 1 for k in steps):
             raise ConfigError(f"{key} must list step counts >= 1, got {list(steps)}")
+    if not tr.sample_steps:
+        raise ConfigError("train.sample_steps must list at least one step count, e.g. [1, 2]")
     if not tr.clip_grad_norm > 0:
         raise ConfigError(f"train.clip_grad_norm must be > 0, got {tr.clip_grad_norm}")
     if not 0.0 <= tr.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {tr.ema_decay}")
+    # these reach AdamW, torch.manual_seed and the interval embedding, which fail far from the config
+    if tr.lr is not None and not (tr.lr > 0 and math.isfinite(tr.lr)):
+        raise ConfigError(f"train.lr must be a finite number > 0 (or null: the objective's default), got {tr.lr}")
+    if tr.weight_decay is not None and not (tr.weight_decay >= 0 and math.isfinite(tr.weight_decay)):
+        raise ConfigError(f"train.weight_decay must be a finite number >= 0 (or null), got {tr.weight_decay}")
+    for key, seed in (("seed", run.seed), ("eval.seed", ev.seed)):
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
+    scale = run.student.interval_scale
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"student.interval_scale must be a finite number > 0 (or null: the backbone's time "
+                          f"scale), got {scale}")
     # combinations
     teacher_name = run.teacher.get("name")
     if run.student.init == "teacher" and not has_teacher:
@@ -216,6 +304,22 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("student.backbone=mlp works on vector data (data.name=gmm); use student.backbone=digits_unet")
     if getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch" and not run.student.interval_embedding:
         raise ConfigError(f"objective {run.objective['name']} trains u(z, r, t): set student.interval_embedding=true")
+
+
+def _check_optimizer_options(obj_cfg) -> None:
+    """The AdamW options an objective's Config may carry (lr, betas, eps, weight_decay)."""
+    lr = getattr(obj_cfg, "lr", None)
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"objective.lr must be a finite number > 0, got {lr}")
+    betas = getattr(obj_cfg, "betas", None)
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"objective.betas must be two numbers in [0, 1), got {list(betas)}")
+    eps = getattr(obj_cfg, "eps", None)
+    if eps is not None and not eps > 0:
+        raise ConfigError(f"objective.eps must be > 0, got {eps}")
+    wd = getattr(obj_cfg, "weight_decay", None)
+    if wd is not None and not (wd >= 0 and math.isfinite(wd)):
+        raise ConfigError(f"objective.weight_decay must be a finite number >= 0, got {wd}")
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -4,10 +4,14 @@ Digits: 1797 grey 8x8 images (values 0..16). We upsample them to 16x16 (bilinear
 and split them once, stratified by class with a fixed seed, into a training split (teachers and
 students learn from it; it is also the FID reference) and a held-out split (the `real` row of every
 report: how far real, unseen digits are from the reference under the same protocol).
+
+Files from the user: `load_image_folder` (an image folder, e.g. an FID reference set) and
+`load_prompts` (a prompts file for text-to-image); what is wrong with them is a one-line DataError.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,3 +77,125 @@ class MixtureData:
     def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
         x, _ = self.mixture.sample(size, generator)
         return {"x": x.to(device), "cond": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# files from the user: image folders (e.g. FID reference sets) and prompt files (text-to-image)
+
+
+class DataError(ValueError):
+    """An unusable data file or folder; the message is one line naming the file and the problem."""
+
+
+#: the PIL modes `load_image_folder` converts to (grey or colour; alpha is dropped)
+IMAGE_MODES = {"L": 1, "RGB": 3}
+
+
+def _image_size(size) -> tuple[int, int] | None:
+    """`size` as (height, width): None, an int (square) or a (height, width) pair of ints >= 1."""
+    if size is None:
+        return None
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    hw = (size, size) if is_count(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(hw) != 2 or not all(is_count(v) for v in hw):
+        raise DataError(f"image size must be an int >= 1 or a (height, width) pair of them, got {size!r}")
+    return hw
+
+
+def load_image_folder(path, size=None, mode: str = "L") -> torch.Tensor:
+    """Every image in a folder as a uint8 tensor [N, C, H, W] (C = 1 for mode "L", 3 for "RGB").
+
+    Files are read in sorted name order; hidden files (".DS_Store") and subfolders are not read. Every
+    other file must be an image PIL can decode completely: a non-image, truncated or otherwise
+    unreadable file is a DataError naming it (a reference set silently missing images would shift
+    every score computed against it). Images of different sizes are an error naming two of them,
+    unless `size` (an int or (height, width)) is given: then each is resized to it (bicubic).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if mode not in IMAGE_MODES:
+        raise DataError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+    target = _image_size(size)
+    folder = Path(path)
+    if not folder.exists():
+        raise DataError(f"image folder {folder} not found")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder (give the folder that holds the images)")
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        subfolders = [p.name for p in entries if p.is_dir()]
+        hint = f" (it has subfolders: {', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''}; " \
+               "give one of them)" if subfolders else ""
+        raise DataError(f"image folder {folder} holds no images{hint}")
+    arrays, first = [], None
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()  # decode now: a truncated file fails here, not later as a black image
+                img = img.convert(mode)
+        except UnidentifiedImageError:
+            raise DataError(f"{f} is not an image (PIL cannot identify it); image folders must hold only images") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"{f} is an unreadable image ({detail}): truncated or corrupt?") from None
+        hw = (img.height, img.width)
+        if target is not None and hw != target:
+            img = img.resize((target[1], target[0]), Image.BICUBIC)
+        elif target is None:
+            if first is None:
+                first = (f, hw)
+            elif hw != first[1]:
+                (f0, (h0, w0)), (h1, w1) = first, hw
+                raise DataError(f"images differ in size: {f0} is {w0}x{h0}, {f} is {w1}x{h1} (width x height); "
+                                "pass size=... to resize them all")
+        arrays.append(np.asarray(img, dtype=np.uint8).reshape(img.height, img.width, IMAGE_MODES[mode]))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_prompts(path) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines and lines starting with # skipped),
+    or from a `.jsonl` file with one {"prompt": "..."} object per line (blank lines skipped).
+
+    A file that is not UTF-8 is a DataError naming the byte offset (and line) of the first bad byte;
+    a bad JSON line is one naming its line number. A UTF-8 byte-order mark is accepted.
+    """
+    import json
+
+    f = Path(path)
+    if not f.is_file():
+        raise DataError(f"prompts file {f} not found" if not f.exists() else f"prompts file {f} is not a file")
+    raw = f.read_bytes()
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if bom else 0)
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"{f} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} (line {line}); "
+                        "save it as UTF-8") from None
+    if "\x00" in text:
+        offset = raw.index(b"\x00")
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"{f} holds a NUL byte at offset {offset} (line {line}): "
+                        "a binary file, or UTF-16? save it as UTF-8 text")
+    # split on \n only: str.splitlines would also split inside a prompt at \x0b, \x1c, \u2028, ...
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    prompts = []
+    if f.suffix.lower() == ".jsonl":
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DataError(f'{f}, line {number}: expected an object with a string "prompt", '
+                                f"got {line.strip()[:60]!r}")
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DataError(f"prompts file {f} holds no prompts")
+    return prompts

@@ -116,12 +116,16 @@ def save_grid(samples: dict, path: Path, n: int = 64) -> None:
         save_image(torch.cat([x for p in panels for x in (p, gap)][:-1], dim=2), path)
 
 
-def run_demo(cfg: RunConfig, resume: bool = True) -> dict:
+def run_demo(cfg: RunConfig, resume: bool = True, trainer=None) -> dict:
+    """Train (or finish training) the demo run and write its report. `trainer`: one already built and,
+    where wanted, resumed (the CLI resumes before anything is written, see `onestep.cli.start_trainer`)."""
     from onestep.trainer import Trainer
 
-    trainer = Trainer(cfg)
     start = time.perf_counter()
-    trainer.fit(resume=resume)
+    if trainer is None:
+        trainer = Trainer(cfg).fit(resume=resume)
+    else:
+        trainer.fit(resume=False)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = evaluate_digits(trainer.teacher, trainer.ema_student(), cfg, trainer.accelerator.device)

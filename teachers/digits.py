@@ -41,6 +41,53 @@ def new_digits_unet():
     return UNet2DModel(**DIGITS_UNET_CONFIG)
 
 
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+#: weight files that are pickles: never loaded (torch.load without weights_only runs arbitrary code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class TeacherWeightsError(ValueError):
+    """A teacher folder whose files exist but cannot be used; the message is one line naming the file."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_unet_config(config_file: Path) -> None:
+    """config.json must be a UTF-8 JSON object (diffusers' own errors here are vague or multi-line)."""
+    import json
+
+    raw = config_file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TeacherWeightsError(f"{config_file} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                                  "check teacher.path") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TeacherWeightsError(f"{config_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                  "check teacher.path") from None
+    if not isinstance(values, dict):
+        raise TeacherWeightsError(f"{config_file} must hold a JSON object (a UNet2DModel config), "
+                                  f"got a {type(values).__name__}; check teacher.path")
+
+
+def _check_safetensors(weights: Path) -> None:
+    """Open the header: a truncated, empty or non-safetensors file is refused naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TeacherWeightsError(f"{weights} is not a readable safetensors file ({_first_line(e)}): "
+                                  "truncated or corrupt? check teacher.path") from None
+
+
 @dataclass
 class DigitsTeacherConfig:
     path: Optional[str] = None  # folder written by `onestep teacher-train`; None: the shipped weights
@@ -68,18 +115,36 @@ class DigitsTeacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> "DigitsTeacher":
-        """Load a digits teacher saved with `save_pretrained` (default: the weights shipped with onestep)."""
+        """Load a digits teacher saved with `save_pretrained` (default: the weights shipped with onestep).
+
+        Only safetensors weights are read: a pickled `.bin`/`.pt` beside them is never opened, since
+        unpickling can run code. A missing file raises FileNotFoundError; a file that is there but
+        unusable (config.json that is not a JSON object, a truncated or foreign safetensors file, or
+        weights that do not fit config.json) raises TeacherWeightsError. Both messages are one line
+        naming the file and `teacher.path`.
+        """
         from diffusers import UNet2DModel
 
         path = Path(path) if path is not None else shipped_weights_dir()
-        weights = path / "diffusion_pytorch_model.safetensors"
-        for f in (path / "config.json", weights):
+        config_file, weights = path / "config.json", path / WEIGHTS_NAME
+        for f in (config_file, weights):
             if not f.is_file():
+                pickled = [p.name for p in sorted(path.glob("*")) if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
+                note = (f" (found {', '.join(pickled)}: pickle files, which onestep never loads; convert the "
+                        "weights to safetensors)") if pickled and f == weights else ""
                 raise FileNotFoundError(
-                    f"digits teacher file missing: {f}; set teacher.path to a folder written by "
+                    f"digits teacher file missing: {f}{note}; set teacher.path to a folder written by "
                     "`onestep teacher-train`, or run `onestep teacher-train` to make one"
                 )
-        unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+        _check_unet_config(config_file)
+        _check_safetensors(weights)
+        try:
+            unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+            # e.g. config.json describes another architecture than the weights (shape mismatches)
+            reason = _first_line(e).split(". ")[0].replace("Cannot load  because ", "")  # diffusers: one sentence is enough
+            raise TeacherWeightsError(f"digits teacher in {path} cannot be loaded: {reason} (config.json and "
+                                      f"{WEIGHTS_NAME} do not fit together?); check teacher.path") from None
         if dtype is not None or device is not None:
             unet = unet.to(device=device, dtype=dtype)
         return cls(AvgVelocityUNet(unet, TIME_SCALE))

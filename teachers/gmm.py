@@ -86,6 +86,32 @@ class GMMTeacher(Teacher):
         self.num_classes = mixture.num_classes
         self.sample_shape = (mixture.dim,)
 
+    @staticmethod
+    def check_config(cfg: GMMTeacherConfig) -> None:
+        """Raise ConfigError for a mixture that cannot be built (called when the config is loaded)."""
+        from onestep.config import ConfigError
+
+        if cfg.means is None:
+            extra = [k for k in ("stds", "weights", "labels") if getattr(cfg, k) is not None]
+            if extra:
+                raise ConfigError(f"teacher.{extra[0]} needs teacher.means (without means the built-in mixture is used)")
+            return
+        means = cfg.means
+        if not means or not means[0] or any(len(m) != len(means[0]) for m in means):
+            raise ConfigError(f"teacher.means must be a non-empty list of equally long, non-empty vectors, got {means}")
+        if not all(math.isfinite(v) for m in means for v in m):
+            raise ConfigError(f"teacher.means must be finite, got {means}")
+        k = len(means)
+        if cfg.stds is None:
+            raise ConfigError("teacher.stds is required with teacher.means (one std per component, or one for all)")
+        if len(cfg.stds) not in (1, k) or not all(s > 0 and math.isfinite(s) for s in cfg.stds):
+            raise ConfigError(f"teacher.stds must be 1 or {k} finite numbers > 0, got {cfg.stds}")
+        if cfg.weights is not None and (len(cfg.weights) != k or not all(w >= 0 and math.isfinite(w) for w in cfg.weights)
+                                        or not sum(cfg.weights) > 0):
+            raise ConfigError(f"teacher.weights must be {k} finite numbers >= 0 with a positive sum, got {cfg.weights}")
+        if cfg.labels is not None and (len(cfg.labels) != k or any(c < 0 for c in cfg.labels)):
+            raise ConfigError(f"teacher.labels must be {k} class indices >= 0, got {cfg.labels}")
+
     @classmethod
     def from_config(cls, cfg: GMMTeacherConfig) -> "GMMTeacher":
         if cfg.means is None:
