@@ -29,6 +29,8 @@ test-slow: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/objectives.py
+	$(PY) benchmarks/step_cost.py
+	$(PY) benchmarks/attention.py
 
 # Re-train the shipped digits teacher (about 40 min on 2 CPU cores).
 teacher: $(STAMP)

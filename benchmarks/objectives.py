@@ -58,6 +58,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['objective']} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
               f"{r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {r['train_steps']} | {r['train_seconds']:.0f} |")
+    # rows of objectives not run this time (--only) are kept from the previous results
+    if args.out.is_file():
+        ran = {r["objective"] for r in rows}
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["objective"] not in ran]
+        rows = sorted(kept + rows, key=lambda r: r["objective"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=2) + "\n")
     print(f"wrote {args.out}")
