@@ -263,3 +263,39 @@ def test_velocity_model_exports_as_euler_sampler(tmp_path):
     want, _ = expected_images(velocity, 3)
     got = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
     assert (got - want).abs().max().item() < TOL
+
+
+def test_interval_scale_is_honoured_by_the_fold_and_the_pipeline(tmp_path):
+    """A student whose interval embedding sees 1 * (t - r) (MeanFlow's choice) exports exactly too."""
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+    from onestep.export import fold_interval_embedding, stock_flow_scheduler
+    from onestep.pipelines import OneStepPipeline
+    from onestep.student import AvgVelocityUNet
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, add_attention=False)
+    student = AvgVelocityUNet.from_velocity_unet(unet, 1000.0, interval_scale=1.0).eval()
+    with torch.no_grad():
+        student.unet.class_embedding.linear_2.weight.normal_(0, 0.3)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2):
+        want = (student.sample(noise, steps=k).clamp(-1, 1) + 1) / 2
+        stock = DDPMPipeline(unet=fold_interval_embedding(student.unet, k, student.interval_scale),
+                             scheduler=stock_flow_scheduler(k))
+        ours = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+                               default_num_inference_steps=k, interval_scale=1.0)
+        for pipe in (stock, ours):
+            pipe.set_progress_bar_config(disable=True)
+        stock_images = stock(batch_size=3, num_inference_steps=k, output_type="np",
+                             generator=torch.Generator().manual_seed(0)).images
+        assert abs(torch.from_numpy(stock_images).permute(0, 3, 1, 2) - want).max() < 1e-4
+        assert (ours(latents=noise, num_inference_steps=k, output_type="pt").images - want).abs().max() < 1e-4
+        # the default scale (1000) would be a different model: the test can fail
+        wrong = DDPMPipeline(unet=fold_interval_embedding(student.unet, k, 1000.0), scheduler=stock_flow_scheduler(k))
+        wrong.set_progress_bar_config(disable=True)
+        wrong_images = wrong(batch_size=3, num_inference_steps=k, output_type="np",
+                             generator=torch.Generator().manual_seed(0)).images
+        assert abs(torch.from_numpy(wrong_images).permute(0, 3, 1, 2) - want).max() > 1e-3
