@@ -259,3 +259,19 @@ def test_bad_options_are_config_errors(gmm_teacher, bad):
         MeanFlow(random_mlp(), gmm_teacher, MeanFlowConfig(**bad))
     with pytest.raises(ConfigError):
         MeanFlow(random_mlp(), None, MeanFlowConfig())   # distillation without a teacher
+
+
+def test_finite_difference_mode_approximates_the_jvp_on_a_smooth_field(gmm_teacher):
+    torch.manual_seed(0)
+    net = MLPAvgVelocity(2, time_scale=1.0).double()
+    with torch.no_grad():
+        net.interval_embed[-1].weight.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(16, 2, dtype=torch.float64, generator=g), torch.randn(16, 2, dtype=torch.float64, generator=g)
+    t = torch.rand(16, dtype=torch.float64, generator=g) * 0.8 + 0.2
+    r = t * torch.rand(16, dtype=torch.float64, generator=g)
+    exact = MeanFlow(net, gmm_teacher, MeanFlowConfig(jvp="single")).average_velocity_and_time_derivative(z, r, t, v, None)[1]
+    fd_obj = MeanFlow(net, gmm_teacher, MeanFlowConfig(jvp="finite_difference", fd_step=1e-3))
+    u, fd = fd_obj.average_velocity_and_time_derivative(z, r, t, v, None)
+    assert (fd - exact).abs().max() < 1e-5 * (1 + exact.abs().max())
+    assert u.requires_grad and not fd.requires_grad
