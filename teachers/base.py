@@ -6,6 +6,8 @@ score views and the teacher's own multi-step sampler.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -75,3 +77,37 @@ class Teacher(nn.Module):
     def backbone(self) -> nn.Module | None:
         """The network students and fake-score nets are initialised from (None for analytic teachers)."""
         return None
+
+    #: the backbone's submodules whose outputs `features` returns by default (discriminator inputs)
+    default_feature_layers: tuple[str, ...] = ()
+
+    def features(self, x_t: torch.Tensor, t, cond=None, layers: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Outputs of the backbone's submodules named in `layers` while it computes v(x_t, t | cond).
+
+        For discriminators on the frozen teacher (LADD, f-distill, SDXL-Lightning): not under no_grad, so
+        a generator's gradient flows through the teacher into x_t. Forward hooks, always removed.
+        """
+        net = self.backbone()
+        if net is None:
+            raise NotImplementedError(f"{type(self).__name__} has no backbone to take features from")
+        layers = list(self.default_feature_layers if layers is None else layers)
+        modules = dict(net.named_modules())
+        unknown = [name for name in layers if name not in modules]
+        if unknown or not layers:
+            top = sorted({n.split(".")[0] for n in modules if n})
+            raise ValueError(f"feature layers {unknown or layers} not in {type(net).__name__}; "
+                             f"pick submodule names such as {', '.join(top)} (dotted paths allowed)")
+        found: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(module, args, output):
+                found[name] = output[0] if isinstance(output, (tuple, list)) else output
+            return hook
+
+        handles = [modules[name].register_forward_hook(keep(name)) for name in layers]
+        try:
+            self._velocity(x_t, paths.batch_time(t, x_t), cond)
+        finally:
+            for h in handles:
+                h.remove()
+        return [found[name] for name in layers]

@@ -76,13 +76,14 @@ def _check_unet_config(config_file: Path) -> None:
                                   f"got a {type(values).__name__}; check teacher.path")
 
 
-def _check_safetensors(weights: Path) -> None:
-    """Open the header: a truncated, empty or non-safetensors file is refused naming the file."""
+def _check_safetensors(weights: Path) -> set[str]:
+    """The tensor names in a safetensors file; a truncated, empty or non-safetensors file is refused
+    naming the file (safetensors checks that the header covers the whole file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(weights), framework="pt") as f:
-            f.keys()
+            return set(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
         raise TeacherWeightsError(f"{weights} is not a readable safetensors file ({_first_line(e)}): "
                                   "truncated or corrupt? check teacher.path") from None
@@ -99,6 +100,7 @@ class DigitsTeacher(Teacher):
 
     Config = DigitsTeacherConfig
     sample_shape = (1, 16, 16)
+    default_feature_layers = ("unet.down_blocks.1", "unet.down_blocks.2", "unet.mid_block")
 
     def __init__(self, model: AvgVelocityUNet):
         super().__init__()
@@ -137,7 +139,7 @@ class DigitsTeacher(Teacher):
                     "`onestep teacher-train`, or run `onestep teacher-train` to make one"
                 )
         _check_unet_config(config_file)
-        _check_safetensors(weights)
+        stored = _check_safetensors(weights)
         try:
             unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
@@ -145,6 +147,13 @@ class DigitsTeacher(Teacher):
             reason = _first_line(e).split(". ")[0].replace("Cannot load  because ", "")  # diffusers: one sentence is enough
             raise TeacherWeightsError(f"digits teacher in {path} cannot be loaded: {reason} (config.json and "
                                       f"{WEIGHTS_NAME} do not fit together?); check teacher.path") from None
+        # diffusers leaves parameters the file lacks uninitialised (on the meta device) and only warns
+        expected = set(unet.state_dict())
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        if missing or unexpected:
+            example = (missing + unexpected)[0]
+            raise TeacherWeightsError(f"{weights} does not hold the weights config.json describes: {len(missing)} "
+                                      f"missing, {len(unexpected)} unexpected (e.g. {example}); check teacher.path")
         if dtype is not None or device is not None:
             unet = unet.to(device=device, dtype=dtype)
         return cls(AvgVelocityUNet(unet, TIME_SCALE))

@@ -127,6 +127,10 @@ class GMMTeacher(Teacher):
         return eps - x0
 
     # exact flow map and average velocity (references for tests and toy metrics)
+    def features(self, x_t, t, cond=None, layers=None) -> list[torch.Tensor]:
+        """No network to tap: the noisy point and the exact velocity there (differentiable in x_t)."""
+        return [x_t, self._velocity(x_t, batch_time(t, x_t), cond)]
+
     def flow_map(self, z: torch.Tensor, t, r, cond=None, rtol: float = 1e-10, atol: float = 1e-12) -> torch.Tensor:
         """Phi_{t -> r}(z), per sample, by scipy `solve_ivp` (DOP853) in float64.
 

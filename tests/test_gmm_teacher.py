@@ -87,3 +87,11 @@ def test_samples_have_mixture_moments():
     mean = (mix.weights[:, None] * mix.means).sum(0)
     assert torch.allclose(x.mean(0), mean, atol=2e-2)
     assert set(labels.unique().tolist()) == {0, 1}
+
+
+def test_features_are_differentiable_in_x(gmm_teacher):
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    feats = gmm_teacher.features(x, 0.5)
+    assert torch.equal(feats[0], x) and torch.allclose(feats[1], gmm_teacher.velocity(x.detach(), 0.5))
+    feats[1].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

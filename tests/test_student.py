@@ -57,3 +57,21 @@ def test_sampler_with_exact_field_reproduces_flow_map(exact_field, gmm_teacher, 
     # a non-uniform grid too
     out = sample_avg_velocity(exact_field, z, times=[1.0, 0.8, 0.15, 0.0])
     assert (out - exact).abs().max() < 1e-8
+
+
+def test_digits_teacher_features_by_layer_name_and_hooks_removed():
+    import pytest
+
+    from onestep.teachers.digits import DigitsTeacher
+
+    teacher = DigitsTeacher.from_pretrained()
+    x = torch.randn(2, 1, 16, 16, requires_grad=True)
+    feats = teacher.features(x, 0.5)
+    assert [f.shape[1] for f in feats] == [64, 64, 64] and feats[-1].shape[-1] == 4
+    feats[-1].pow(2).sum().backward()                       # gradients reach the input
+    assert x.grad.abs().sum() > 0
+    unet = teacher.backbone().unet
+    assert all(not m._forward_hooks for m in unet.modules())  # every hook removed
+    with pytest.raises(ValueError, match="not in AvgVelocityUNet"):
+        teacher.features(x, 0.5, layers=["unet.nope"])
+    assert all(not m._forward_hooks for m in unet.modules())
