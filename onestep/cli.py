@@ -53,12 +53,20 @@ def _refused_pickle(checkpoint: Path) -> tuple[Path, str] | None:
         try:
             torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            text = str(e)
-            reason = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
-            return f, _first_line(reason.strip().split(". ")[0], 160)
+            return f, _unpickling_reason(str(e))
         except Exception:  # unreadable in another way: reported by the caller as it is
             continue
     return None
+
+
+def _unpickling_reason(text: str) -> str:
+    """The part of torch's long weights_only message that says what was refused (e.g. "unsupported
+    GLOBAL posix.system"); its wording differs between torch versions."""
+    text = text.replace("WeightsUnpickler error:", "\n\n")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    specific = [p for p in paragraphs if "global" in p.lower() or "unsupported" in p.lower()]
+    reason = (specific or paragraphs or ["refused by the weights-only unpickler"])[0]
+    return _first_line(reason.split(". ")[0].rstrip("."), 160)
 
 
 def start_trainer(cfg, resume: bool):
@@ -133,7 +141,7 @@ def cmd_teacher_train(args) -> int:
 
 def cmd_distill(args) -> int:
     if not args.config:
-        raise UsageError("onestep distill: --config is required (a YAML path or a shipped config name)")
+        raise UsageError("onestep distill needs --config (a YAML path or a shipped config name, see onestep list)")
     cfg = _config(args, None)
     trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)
     print(f"run saved to {trainer.run_dir}")

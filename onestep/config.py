@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -85,18 +85,43 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+#: omegaconf's type errors, reworded as what the key needs ({v}: the value given, as _kind shows it)
+_TYPE_ERRORS = [
+    (re.compile(r"Value '.*' of type '\w+' could not be converted to Integer"), "must be an integer, got {v}"),
+    (re.compile(r"Value '.*' of type '\w+' could not be converted to Float"), "must be a number, got {v}"),
+    (re.compile(r"Value '.*' is not a valid bool"), "must be true or false, got {v}"),
+    (re.compile(r"Cannot convert '\w+' to string"), "must be a string, got {v}"),
+    (re.compile(r"Invalid value assigned: AnyNode is not a ListConfig"), "must be a list, got {v}"),
+    (re.compile(r"Incompatible value 'None' for field of type '(\w+)'"), "must be {t}, got null"),
+]
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     msg = str(err).splitlines()[0]
     key = getattr(err, "full_key", None)
+    if key and hasattr(err, "value"):
+        for pattern, wording in _TYPE_ERRORS:
+            m = pattern.search(msg)
+            if m:
+                value = err.value
+                if OmegaConf.is_config(value):
+                    value = OmegaConf.to_container(value)
+                elif isinstance(value, Node):  # a scalar still wrapped in omegaconf's node
+                    value = value._value()
+                wanted = _TYPE_WORDS.get(m.groups()[0], "set") if m.groups() else ""
+                return f"{key} {wording.format(v=_kind(value), t=wanted)}"
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def _check_keys(section: str, given: dict, dc: type) -> None:
+def _check_keys(section: str, given: dict, dc: type, entry: str | None = None) -> None:
     names = {f.name for f in dataclasses.fields(dc)}
     for key in given:
         if key not in names:
             where = key if section == "config" else f"{section}.{key}"
-            raise ConfigError(f"unknown key {where}; allowed: {', '.join(sorted(names))}")
+            # the entry matters: options of one objective are unknown keys to another
+            of = f" (the options of {section} {entry})" if entry is not None else ""
+            raise ConfigError(f"unknown key {where}; allowed: {', '.join(sorted(names))}{of}")
 
 
 #: the sections whose value must be a mapping (the dataclass sections, and teacher/objective)
@@ -144,7 +169,13 @@ def _load_yaml(path: Path):
         raise ConfigError(f"config {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
                           "(save it as UTF-8)") from None
     try:
-        # omegaconf's loader is yaml's SafeLoader: tags such as !!python/object are refused, never run
+        # safe_load first: omegaconf reads a file holding one word as {word: None}; its own loader
+        # (yaml's SafeLoader, so tags such as !!python/object are refused, never run) then adds its
+        # checks, e.g. duplicate keys
+        top = yaml.safe_load(raw)
+        if top is not None and not isinstance(top, (dict, list)):
+            raise ConfigError(f"config {path}: the top level must be a mapping of keys to values, "
+                              f"got a single value ({_kind(top)})")
         return OmegaConf.load(path)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -153,9 +184,8 @@ def _load_yaml(path: Path):
         raise ConfigError(f"config {path}: YAML error{where}: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path}: YAML error: {' '.join(str(e).split())}") from None
-    except OSError as e:  # omegaconf: "Invalid loaded object type: int" for a file holding one scalar
-        raise ConfigError(f"config {path}: the top level must be a mapping of keys to values, "
-                          f"not a single value ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise ConfigError(f"config {path} cannot be read: {' '.join(str(e).split())}") from None
 
 
 _DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -171,8 +201,14 @@ def _parse_overrides(overrides: list[str]):
                               "(letters, digits and _, sections separated by single dots)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"overrides: cannot parse a value: {' '.join(str(e).split())}") from None
+    except yaml.YAMLError:
+        for item in overrides:  # which one
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or " ".join(str(e).split())
+                raise ConfigError(f"override {item!r}: cannot parse the value ({problem})") from None
+        raise
 
 
 def find_config(name_or_path: str) -> Path:
@@ -200,14 +236,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for source, layer in layers:
             if isinstance(layer, ListConfig):
                 raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got a list")
-            _check_run_keys(OmegaConf.to_container(layer), source)
-            cfg = OmegaConf.merge(cfg, layer)
+            values = OmegaConf.to_container(layer)
+            _check_run_keys(values, source)
+            cfg = _merge(cfg, values)
         # interpolations (${...}) are resolved here, so their errors are config errors too
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     validate(run)
     return run
+
+
+def _merge(cfg, values: dict, prefix: str = ""):
+    """OmegaConf.merge(cfg, values) where every failure is a ConfigError naming the key. omegaconf
+    raises a plain TypeError (no key) for a mapping given where a list is expected, and vice versa."""
+    try:
+        return OmegaConf.merge(cfg, values)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{prefix}{_one_line(e)}") from None
+    except (TypeError, ValueError):
+        key, node, value = _mismatched_key(cfg, values)
+        expected = "a list" if isinstance(node, ListConfig) else "a mapping" if isinstance(node, DictConfig) else "a value"
+        raise ConfigError(f"{prefix}{key} must be {expected}, got {_kind(value)}") from None
+
+
+def _mismatched_key(cfg, values: dict, path: tuple = ()):
+    """(dotted key, node, given value) of the first key whose value cannot be merged into cfg."""
+    for key, value in values.items():
+        try:
+            OmegaConf.merge(cfg, {key: value})
+        except OmegaConfBaseException:
+            continue
+        except (TypeError, ValueError):
+            node = cfg._get_node(key) if isinstance(cfg, DictConfig) and key in cfg else None
+            if isinstance(value, dict) and isinstance(node, DictConfig):
+                return _mismatched_key(node, value, path + (key,))
+            return ".".join(map(str, path + (key,))), node, value
+    return ".".join(map(str, path)) or "config", cfg, values
 
 
 def section_config(section: str, values: dict, registry) -> tuple[type, Any]:
@@ -225,12 +290,12 @@ def section_config(section: str, values: dict, registry) -> tuple[type, Any]:
     except UnknownNameError as e:
         raise ConfigError(f"{section}.name: {e}") from None
     dc = cls.Config
-    _check_keys(section, values, dc)
+    _check_keys(section, values, dc, entry=name)
+    merged = _merge(OmegaConf.structured(dc), values, prefix=f"{section}.")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(dc), values)
+        return cls, OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{section}.{_one_line(e)}") from None
-    return cls, OmegaConf.to_object(merged)
 
 
 def validate(run: RunConfig) -> None:

@@ -104,13 +104,14 @@ class GMMTeacher(Teacher):
         k = len(means)
         if cfg.stds is None:
             raise ConfigError("teacher.stds is required with teacher.means (one std per component, or one for all)")
+        per = f"one number per component ({k})" if k > 1 else "one number"
         if len(cfg.stds) not in (1, k) or not all(s > 0 and math.isfinite(s) for s in cfg.stds):
-            raise ConfigError(f"teacher.stds must be 1 or {k} finite numbers > 0, got {cfg.stds}")
+            raise ConfigError(f"teacher.stds must be one number or {per}, all finite and > 0, got {cfg.stds}")
         if cfg.weights is not None and (len(cfg.weights) != k or not all(w >= 0 and math.isfinite(w) for w in cfg.weights)
                                         or not sum(cfg.weights) > 0):
-            raise ConfigError(f"teacher.weights must be {k} finite numbers >= 0 with a positive sum, got {cfg.weights}")
+            raise ConfigError(f"teacher.weights must be {per}, finite, >= 0, with a positive sum, got {cfg.weights}")
         if cfg.labels is not None and (len(cfg.labels) != k or any(c < 0 for c in cfg.labels)):
-            raise ConfigError(f"teacher.labels must be {k} class indices >= 0, got {cfg.labels}")
+            raise ConfigError(f"teacher.labels must be one class index >= 0 per component ({k}), got {cfg.labels}")
 
     @classmethod
     def from_config(cls, cfg: GMMTeacherConfig) -> "GMMTeacher":
