@@ -98,6 +98,18 @@ def logit_normal(n: int, mu: float, sigma: float, noise: torch.Tensor) -> torch.
     return torch.sigmoid(mu + sigma * noise[:n])
 
 
+def anchor_tensor(cfg) -> torch.Tensor:
+    """`cfg.anchor_intervals` as a [k, 2] tensor of (r, t) rows, after checking them (ConfigError)."""
+    from onestep.config import ConfigError
+
+    if not 0.0 <= cfg.anchor_share <= 1.0:
+        raise ConfigError(f"objective.anchor_share must be in [0, 1], got {cfg.anchor_share}")
+    pairs = cfg.anchor_intervals
+    if not pairs or any(len(p) != 2 or not 0 <= p[0] < p[1] <= 1 for p in pairs):
+        raise ConfigError(f"objective.anchor_intervals must be [r, t] pairs with 0 <= r < t <= 1, got {pairs}")
+    return torch.tensor(pairs, dtype=torch.float32).reshape(-1, 2)
+
+
 def sample_intervals(obj: Objective, n: int, *, sampler: str, mu: float, sigma: float, p_equal: float,
                      anchors: torch.Tensor | None = None, anchor_share: float = 0.0,
                      r_mu: float | None = None, r_sigma: float | None = None):

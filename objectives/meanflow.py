@@ -30,7 +30,7 @@ import torch
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, sample_intervals
+from onestep.objectives.base import Objective, OptimDefaults, anchor_tensor, frozen_eval, sample_intervals
 from onestep.registry import OBJECTIVES
 from onestep.teachers.base import NULL_LABEL
 
@@ -71,8 +71,7 @@ class MeanFlow(Objective):
     def __init__(self, student, teacher, cfg: MeanFlowConfig):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
-        anchors = torch.tensor(cfg.anchor_intervals, dtype=torch.float32).reshape(-1, 2)
-        self.register_buffer("anchors", anchors, persistent=False)
+        self.register_buffer("anchors", anchor_tensor(cfg), persistent=False)
 
     @staticmethod
     def check_config(cfg: MeanFlowConfig, teacher=...) -> None:
@@ -86,14 +85,12 @@ class MeanFlow(Objective):
             raise ConfigError(f"objective.fd_step must be in (0, 0.5), got {cfg.fd_step}")
         if cfg.time_sampler not in ("logit_normal", "uniform"):
             raise ConfigError(f"objective.time_sampler must be 'logit_normal' or 'uniform', got {cfg.time_sampler!r}")
-        for name in ("interval_ratio", "anchor_share", "class_dropout"):
+        for name in ("interval_ratio", "class_dropout"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ConfigError(f"objective.{name} must be in [0, 1], got {getattr(cfg, name)}")
         if cfg.adaptive_p < 0 or cfg.adaptive_c <= 0:
             raise ConfigError(f"objective.adaptive_p must be >= 0 and adaptive_c > 0, got {cfg.adaptive_p}, {cfg.adaptive_c}")
-        pairs = cfg.anchor_intervals
-        if cfg.anchor_share > 0 and (not pairs or any(len(p) != 2 or not 0 <= p[0] < p[1] <= 1 for p in pairs)):
-            raise ConfigError(f"objective.anchor_intervals must be [r, t] pairs with 0 <= r < t <= 1, got {pairs}")
+        anchor_tensor(cfg)
         lo_hi = cfg.cfg_interval
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"objective.cfg_interval must be [t_lo, t_hi] in [0, 1], got {lo_hi}")

@@ -23,7 +23,7 @@ import torch
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, sample_intervals
+from onestep.objectives.base import Objective, OptimDefaults, anchor_tensor, frozen_eval, sample_intervals
 from onestep.registry import OBJECTIVES
 
 
@@ -53,8 +53,7 @@ class SplitMeanFlow(Objective):
     def __init__(self, student, teacher, cfg: SplitMeanFlowConfig):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
-        anchors = torch.tensor(cfg.anchor_intervals, dtype=torch.float32).reshape(-1, 2)
-        self.register_buffer("anchors", anchors, persistent=False)
+        self.register_buffer("anchors", anchor_tensor(cfg), persistent=False)
 
     @staticmethod
     def check_config(cfg: SplitMeanFlowConfig, teacher=...) -> None:
@@ -67,11 +66,7 @@ class SplitMeanFlow(Objective):
             raise ConfigError("objective.boundary_target=teacher needs a teacher (teacher.name)")
         if cfg.time_sampler not in ("logit_normal", "uniform"):
             raise ConfigError(f"objective.time_sampler must be 'logit_normal' or 'uniform', got {cfg.time_sampler!r}")
-        if not 0.0 <= cfg.anchor_share <= 1.0:
-            raise ConfigError(f"objective.anchor_share must be in [0, 1], got {cfg.anchor_share}")
-        pairs = cfg.anchor_intervals
-        if cfg.anchor_share > 0 and (not pairs or any(len(p) != 2 or not 0 <= p[0] < p[1] <= 1 for p in pairs)):
-            raise ConfigError(f"objective.anchor_intervals must be [r, t] pairs with 0 <= r < t <= 1, got {pairs}")
+        anchor_tensor(cfg)
 
     def default_optim(self, group):
         return OptimDefaults(lr=self.cfg.lr)

@@ -21,7 +21,7 @@ def finished_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -30,7 +30,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    sums = {f.name: _sha256(f) for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    sums = {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != CHECKSUMS}
     (Path(folder) / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -51,7 +51,7 @@ def checkpoint_problem(folder: Path, required: tuple[str, ...] = ()) -> str | No
         f = folder / name
         if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} does not match its checksum (truncated or altered)"
     return None
 

@@ -24,7 +24,6 @@ folder again gives the same files. ``out`` must be absent, empty, or an earlier 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from onestep.checkpoint import sha256_file
 
 FORMATS = ("diffusers", "onestep", "lora")
 WEIGHTS = ("ema", "trained")
@@ -522,14 +523,6 @@ def _make_readable(folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _publish(tmp: Path, out: Path) -> None:
     """Put the finished `tmp` at `out`, replacing an earlier export (never leaving a half-written one)."""
     if out.is_dir() and not any(out.iterdir()):
@@ -578,7 +571,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
         manifest = {
             "onestep_export": 1, "format": format, "steps": steps, "run": info.cfg.name,
             "checkpoint": info.checkpoint.name, "weights": weights,
-            "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+            "files": {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _check_out(out)  # still ours to replace (nothing appeared there meanwhile)
