@@ -743,6 +743,30 @@ def test_unloadable_checkpoint_with_valid_checksums(how, trained_run, tmp_path, 
                      tmp_path)
 
 
+def test_existing_run_of_another_model_is_not_resumed(trained_run, tmp_path, monkeypatch):
+    """`name=` points at a run whose checkpoints hold a different model (3-D data, not 2-D): refused, untouched."""
+    monkeypatch.chdir(tmp_path)
+    runs, ckpt = copy_run(trained_run, tmp_path)
+    argv = ["distill", "--config", runs / "run" / "config.yaml", f"output_dir={runs}", "name=run",
+            "teacher.means=[[0,0,0],[1,1,1]]", "teacher.stds=[0.5]"]
+    assert_clean_cli("checkpoint: of another model", argv, ["cannot resume from", str(ckpt), "size mismatch"], tmp_path)
+
+
+def test_export_of_a_run_whose_teacher_folder_is_corrupt(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs, _ = copy_run(trained_run, tmp_path)
+    teacher = teacher_copy(tmp_path, "teacher")
+    break_teacher(teacher, "config.json not JSON")
+    # the run's config now names a digits teacher (its checkpoint is never reached: the teacher comes first)
+    cfg = load_config("demo", [f"teacher.path={teacher}", "name=run", f"output_dir={runs}"])
+    from onestep.config import to_yaml
+
+    (runs / "run" / "config.yaml").write_text(to_yaml(cfg))
+    assert_clean_cli("export: the run's teacher folder is corrupt", ["export", "--run", runs / "run", "--out",
+                                                                    tmp_path / "out"],
+                     [str(teacher / "config.json"), "not valid JSON"], tmp_path)
+
+
 def test_corrupt_checkpoint_refused_by_export(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs, ckpt = copy_run(trained_run, tmp_path)
@@ -799,6 +823,9 @@ def test_only_safe_loaders_in_the_package():
                 problems.append(f"{where}: torch.load without weights_only=True")
         if name in ("pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load", "dill.load"):
             problems.append(f"{where}: {name}")
+        value = kw.get("allow_pickle")
+        if name == "np.load" and isinstance(value, ast.Constant) and value.value:
+            problems.append(f"{where}: np.load(allow_pickle=True)")
         value = kw.get("trust_remote_code")
         if isinstance(value, ast.Constant) and value.value is not False:
             problems.append(f"{where}: trust_remote_code={value.value!r}")
