@@ -3,7 +3,10 @@
 Sections `teacher` and `objective` are open dicts at the top level; each is then validated against
 the `Config` dataclass of the teacher or objective its `name` selects, so every key is checked.
 An unknown key, a wrong type or an unknown name is a `ConfigError` whose one-line message names the
-key and the allowed values (the CLI prints it and exits with code 2).
+key and the allowed values (the CLI prints it and exits with code 2). So is a YAML file that cannot be
+used (not UTF-8, a syntax error, a top level or a section that is not a mapping), named with the line
+and column, and a malformed `key=value` override. YAML is read with yaml's SafeLoader: tags such as
+`!!python/object` are refused, never constructed.
 """
 from __future__ import annotations
 
