@@ -282,11 +282,11 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> "Trainer":
         acc, tc = self.accelerator, self.cfg.train
+        if resume:  # before anything is written: a checkpoint that fails to load leaves the run as it was
+            self.maybe_resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        if resume:
-            self.maybe_resume()
         acc.init_trackers("tb")
         bar = None
         if tc.progress and acc.is_local_main_process:
