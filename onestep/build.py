@@ -14,6 +14,19 @@ def build_teacher(cfg: RunConfig):
 
 
 def build_student(cfg: RunConfig, teacher):
+    student = _build_student(cfg, teacher)
+    if cfg.student.attention is not None:
+        from onestep.config import ConfigError
+        from onestep.kernels import set_attention_backend
+
+        try:
+            set_attention_backend(student, cfg.student.attention)
+        except (RuntimeError, ValueError) as e:  # e.g. xformers missing or on CPU: the config's problem
+            raise ConfigError(f"student.attention={cfg.student.attention}: {e}") from None
+    return student
+
+
+def _build_student(cfg: RunConfig, teacher):
     from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
 
     s = cfg.student

@@ -35,6 +35,9 @@ class StudentSection:
     # the interval embedding sees interval_scale * (t - r); None: the backbone's time scale (1000 for the
     # digits UNet). MeanFlow prefers 1: the JVP differentiates along t, and 1000 (t - r) makes du/dt huge
     interval_scale: Optional[float] = None
+    # the student's attention: sdpa | xformers | math | fused (null: the backbone's own). JVPs (MeanFlow)
+    # need math or fused; fused is onestep's blockwise kernel with forward-mode AD (onestep.kernels)
+    attention: Optional[str] = None
 
 
 @dataclass
@@ -317,6 +320,7 @@ def validate(run: RunConfig) -> None:
     choices = {
         "student.init": (run.student.init, ("teacher", "scratch")),
         "student.backbone": (run.student.backbone, ("digits_unet", "mlp")),
+        "student.attention": (run.student.attention or "sdpa", ("sdpa", "xformers", "math", "fused")),
         "data.name": (run.data.name, ("digits", "gmm")),
         "train.mixed_precision": (run.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (run.train.device, ("auto", "cpu")),

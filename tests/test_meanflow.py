@@ -275,3 +275,31 @@ def test_finite_difference_mode_approximates_the_jvp_on_a_smooth_field(gmm_teach
     u, fd = fd_obj.average_velocity_and_time_derivative(z, r, t, v, None)
     assert (fd - exact).abs().max() < 1e-5 * (1 + exact.abs().max())
     assert u.requires_grad and not fd.requires_grad
+
+
+def test_attention_backend_from_the_config_reaches_the_student(tmp_path):
+    from diffusers import UNet2DModel
+
+    from onestep.build import build_student
+    from onestep.config import load_config
+    from onestep.kernels.diffusers_attention import OnestepAttnProcessor
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "teacher")
+    cfg = load_config("digits_meanflow", [f"teacher.path={tmp_path / 'teacher'}", "student.attention=fused"])
+    from onestep.build import build_teacher
+
+    teacher = build_teacher(cfg)
+    student = build_student(cfg, teacher)
+    procs = [m.processor for m in student.modules() if hasattr(m, "processor")]
+    assert procs and all(isinstance(p, OnestepAttnProcessor) for p in procs)
+    # and MeanFlow's JVP runs through it
+    obj = MeanFlow(student, teacher, MeanFlowConfig(interval_ratio=1.0))
+    out = obj.loss({"x": torch.randn(2, 1, 8, 8), "cond": None}, 0)
+    out["student"].backward()
+    assert torch.isfinite(out["student"])
+    with pytest.raises(ConfigError, match="student.attention=xformers"):
+        build_student(load_config("digits_meanflow", [f"teacher.path={tmp_path / 'teacher'}",
+                                                      "student.attention=xformers"]), teacher)
