@@ -1,7 +1,9 @@
 """Training objectives, registered by name in `onestep.registry.OBJECTIVES`."""
 from onestep.objectives.base import Objective
+from onestep.objectives.fdistill import FDistill
 from onestep.objectives.flow_matching import FlowMatching
 from onestep.objectives.meanflow import MeanFlow
+from onestep.objectives.smt import SMD, SMT
 from onestep.objectives.splitmeanflow import SplitMeanFlow
 
-__all__ = ["Objective", "FlowMatching", "MeanFlow", "SplitMeanFlow"]
+__all__ = ["Objective", "FDistill", "FlowMatching", "MeanFlow", "SMD", "SMT", "SplitMeanFlow"]

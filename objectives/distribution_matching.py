@@ -1,0 +1,147 @@
+"""What the distribution-matching objectives (f-distill §5, SMT/SMD §6) share.
+
+* The one-step generator is the student used at (r, t) = (0, 1): G(z) = z - u(z, 0, 1).
+* Noise levels: "uniform" flow time in [lo, hi], or the EDM Karras grid (rho = 7, sigma in
+  [0.002, 80], 1000 levels) with the level index uniform in [lo, hi] of the grid (DMD2's 2 %..98 %),
+  mapped to flow time t = sigma / (1 + sigma). Both return the sampled coordinate in [0, 1] (t itself,
+  or the grid position), which is what f-distill's noise-level bins cut into equal parts.
+* Everything is computed in x0 space, which needs no time convention: the denoiser E[x0 | x_t] of a
+  flow-time velocity net is x_t - t v, and it is the same function as the EDM denoiser D(x, sigma)
+  at sigma = t / (1 - t). Score differences follow: s_p - s_q = (1 - t) (D_p - D_q) / t^2.
+* Generator losses use the pseudo-target form 1/2 mean ||x - sg[x - g]||^2, whose gradient with
+  respect to x is g / (number of elements).
+* Global statistics (f-distill's mean of h, its per-bin ratio means) are sums over *all* processes'
+  samples. `global_sum` all-reduces through torch.distributed, which accelerate initialises for every
+  multi-process backend it launches (DDP, FSDP, DeepSpeed on CPU/GPU); the trainer's `shard`
+  (process index, number of processes) says whether there is anything to reduce. Every process must
+  make the same calls in the same order, so the number of reductions never depends on the data.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from onestep import paths
+
+
+def one_step_generate(student: nn.Module, z: torch.Tensor, cond=None) -> torch.Tensor:
+    """G(z) = z - u(z, 0, 1): the student's one-step sampler, with gradient."""
+    n = z.shape[0]
+    r = torch.zeros(n, device=z.device, dtype=z.dtype)
+    t = torch.ones(n, device=z.device, dtype=z.dtype)
+    return z - student(z, r, t, cond)
+
+
+def velocity_net_x0(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    """E[x0 | x_t] of a velocity network net(x, r, t) used at r = t."""
+    return paths.velocity_to_x0(x_t, t, net(x_t, t, t, cond).to(x_t.dtype))
+
+
+def karras_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """The EDM grid, ascending: sigma_i = (smin^(1/rho) + i/(L-1) (smax^(1/rho) - smin^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, levels, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + ramp * (hi - lo)) ** rho
+
+
+def sample_noise_levels(obj, n: int, sampler: str, span: Sequence[float], grid: torch.Tensor | None = None,
+                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, coordinate) per sample, one uniform draw from `obj`'s generator each.
+
+    "uniform": t ~ U(lo, hi) and the coordinate is t. "karras": the level index is uniform on the
+    integers in [lo L, hi L] (clipped to the grid), t = sigma / (1 + sigma), coordinate = index / (L - 1).
+    """
+    lo, hi = float(span[0]), float(span[1])
+    u = obj.rand(n)
+    if sampler == "uniform":
+        t = lo + (hi - lo) * u
+        return t.to(device), t.to(device)
+    levels = grid.shape[0]
+    first, last = int(lo * levels), min(int(hi * levels), levels - 1)
+    index = (first + (u * (last - first + 1)).floor().long()).clamp(first, last)
+    sigma = grid[index]
+    t = (sigma / (1 + sigma)).to(torch.float32)
+    return t.to(device), (index.float() / (levels - 1)).to(device)
+
+
+def pseudo_target_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """1/2 mean ||x - sg[x - g]||^2: its gradient with respect to x is g / x.numel()."""
+    x = x.to(g.dtype)
+    return 0.5 * (x - (x - g).detach()).pow(2).mean()
+
+
+# --- across processes --------------------------------------------------------------------------
+
+def _distributed(obj) -> bool:
+    if obj.shard[1] <= 1:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"{type(obj).__name__} runs as process {obj.shard[0]} of {obj.shard[1]} but "
+                           "torch.distributed is not initialised: launch through accelerate")
+    return True
+
+
+def global_sum(obj, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over all processes (one all-reduce for all of them); unchanged in one process.
+    No gradient flows through the result (it is only used for detached statistics)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    if _distributed(obj):
+        flat = flat.clone()
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].view_as(t).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def global_mean(obj, values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the global batch (all processes' samples)."""
+    total, count = global_sum(obj, values.sum(), torch.tensor(float(values.numel()), device=values.device))
+    return total / count
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+def trainable_copy_of_backbone(teacher, student: nn.Module) -> nn.Module:
+    """A trainable velocity network initialised from the teacher's backbone (an exact copy, so the fake
+    score starts equal to the teacher); for analytic teachers without one, a copy of the student's
+    architecture and weights (used at r = t only)."""
+    backbone = teacher.backbone() if teacher is not None else None
+    net = copy.deepcopy(backbone if backbone is not None else student)
+    net.requires_grad_(True)
+    return net.train()
+
+
+def call_with_frozen_parameters(module: nn.Module, *args, **kwargs):
+    """module(*args) with its parameters detached: gradients reach the inputs, never the parameters.
+
+    Used for critics inside a generator step (spec §1: critics frozen during the student phase). The
+    parameters are then not in the autograd graph at all, so DDP counts them as unused in that step
+    instead of waiting for gradients that the trainer's backward(inputs=...) never computes.
+    """
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, args, kwargs)
+
+
+def sample_shape_of(teacher, student: nn.Module) -> tuple[int, ...]:
+    """The shape of one sample: the teacher's, or (no teacher) what the student's backbone takes."""
+    from onestep.student import AvgVelocityUNet, MLPAvgVelocity
+
+    if teacher is not None:
+        return tuple(teacher.sample_shape)
+    if isinstance(student, AvgVelocityUNet):
+        size = student.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (student.unet.config.in_channels, *size)
+    if isinstance(student, MLPAvgVelocity):
+        return (student.inp.in_features,)
+    raise ValueError(f"cannot tell the sample shape of a {type(student).__name__} student without a teacher")
+
+
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)

@@ -1,0 +1,371 @@
+"""Score-of-Mixture Training and Distillation (spec §6, Jayashankar, Ryu, Wornell 2025).
+
+A one-step generator g(z) (the student at (r, t) = (0, 1)) with marginal q is trained on the alpha-skew
+Jensen-Shannon divergence between q and the data p, through the scores of the mixtures
+m_alpha = alpha p + (1 - alpha) q (alpha = weight on *real*): alpha -> 0 is forward KL, 1/2 JSD,
+1 reverse KL (DMD). One network, the *mixture-score* net f(x_t; alpha, t), learns every mixture's
+denoiser E_{m_alpha}[x | x_t] at once (SMT: amortised score):
+
+    mixture denoising (score step, every step):
+        L_score = w(t) [ alpha ||f(x_real,t; alpha) - x_real||^2 + (1 - alpha) ||f(sg[x_fake],t; alpha) - x_fake||^2 ]
+        same t and alpha for the real and the fake term of a pair, independent noise; the minimiser is
+        the mixture's denoiser. Computed as a velocity loss (f = x_t - t v, so ||f - x||^2 = t^2 ||v - (eps - x)||^2):
+        score_weighting "velocity" is w(t) t^2 = 1 (how flow teachers are trained), "edm" is EDM's
+        lambda(sigma) = 1/sigma^2 + 1/sigma_d^2 at sigma = t / (1 - t), i.e. (1 - t)^2 + t^2 / sigma_d^2.
+    generator gradient (every `score_steps`-th step, eqs. 9-10), per sample and without gradient:
+        P_a = x - f(x_t; a)  for a in {0, alpha, 1};  x = g(z), x_t = (1 - t) x + t eps
+        "adaptive": wf = mean|P_1| RMS(P_alpha - P_0) / RMS(P_1 - P_0);  G = (P_alpha - P_0) / wf
+        "dmd":      G = (P_alpha - P_0) / (alpha mean|P_1|)   (Prop. 3.1's (1/alpha)(s_0 - s_alpha), DMD normaliser)
+        "none":     G = (P_alpha - P_0) / alpha
+        L_G = 1/2 mean ||x - sg[x - G]||^2 (+ the GAN term)
+    Gradient descent moves x along s_alpha - s_0 (towards the more real mixture). With exact scores
+    (1/alpha)(s_0 - s_alpha) = -(r / (alpha r + 1 - alpha)) (s_p - s_q), h_alpha(r) = r / (alpha r + 1 - alpha)
+    times DMD's direction; alpha = 1 is DMD. Note that the adaptive weight then cancels h_alpha exactly:
+    with exact scores "adaptive" *is* DMD's gradient for every alpha (tests/test_smt.py shows it).
+    GAN regulariser: a conv head on the score net's bottleneck evaluated at alpha = 1/2, at a fresh
+        noise level; critic (score step): critic_gan_weight [(1 - alpha) softplus(l(fake)) + alpha softplus(-l(real))]
+        with alpha from the generator's sampler; generator: gan_weight softplus(-l(x_t fake)).
+
+alpha sampling: the generator draws uniformly from {1/L, ..., 1}; the score net from {0, 1/L, ..., 1},
+each draw replaced with probability `point_mass_prob` by a uniform draw from {0, 1/2, 1} (alpha = 0 is the
+fake score every generator update uses; alpha = 1 the real one).
+
+SMD (`smd`, distillation): generator and mixture net start from the teacher, and the real branch's target
+x_real is replaced by the teacher's denoiser at the same noisy point (the public code's SMD; the paper's
+explicit D s_p + (1 - D) s_fake parameterisation is not implemented).
+
+Schedule: the score net trains every step; the student also trains every `score_steps`-th step (the
+last of each cycle). Both losses of such a step come from one forward, so that step's score update uses
+the generator samples from before the generator update (the reference steps the generator first: a
+one-step lag on one step in `score_steps`).
+
+The mixture net is a student-type network u(x, r, t) whose *interval* embedding carries alpha: it is
+called at r = t - alpha with interval_scale = alpha_scale, so the zero-initialised second embedding that
+a teacher copy gets sees alpha * alpha_scale (sinusoidal: sensitive to alpha, as the spec's Fourier
+features of scale 16 are) and at step 0 every mixture equals the teacher (SMD).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from onestep import paths
+from onestep.config import ConfigError
+from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.discriminators import FeatureDiscriminator, module_features
+from onestep.objectives.distribution_matching import (
+    call_with_frozen_parameters, karras_sigmas, module_device_dtype, one_step_generate, pseudo_target_loss,
+    sample_noise_levels, sample_shape_of,
+)
+from onestep.objectives.fdistill import check_time_options
+from onestep.registry import OBJECTIVES
+
+GENERATOR_WEIGHTS = ("adaptive", "dmd", "none")
+SCORE_WEIGHTINGS = ("velocity", "edm")
+
+
+class MixtureScore(nn.Module):
+    """v(x_t, t; alpha): the velocity of the mixture alpha p + (1 - alpha) q, from a student-type network
+    whose interval embedding carries alpha (see the module docstring)."""
+
+    def __init__(self, net: nn.Module, alpha_scale: float = 1000.0):
+        super().__init__()
+        if not hasattr(net, "interval_scale"):
+            raise ValueError(f"a mixture-score net needs a second embedding (interval_scale); got {type(net).__name__}")
+        self.net = net
+        net.interval_scale = alpha_scale
+
+    def forward(self, x_t, t, alpha, cond=None):
+        t = paths.batch_time(t, x_t)
+        alpha = paths.batch_time(alpha, x_t)
+        return self.net(x_t, t - alpha, t, cond)
+
+    def x0(self, x_t, t, alpha, cond=None):
+        t = paths.batch_time(t, x_t)
+        return paths.velocity_to_x0(x_t, t, self(x_t, t, alpha, cond).to(x_t.dtype))
+
+    def default_bottleneck(self) -> list[str]:
+        """The layer the GAN head reads: a UNet's mid block, an MLP's last hidden activation."""
+        from onestep.student import AvgVelocityUNet, MLPAvgVelocity
+
+        if isinstance(self.net, AvgVelocityUNet):
+            return ["net.unet.mid_block"]
+        if isinstance(self.net, MLPAvgVelocity):
+            return [f"net.body.{len(self.net.body) - 2}"]
+        raise ValueError(f"no default bottleneck for {type(self.net).__name__}: set objective.gan_layers")
+
+
+@dataclass
+class SMTConfig:
+    score_steps: int = 5                 # score updates per generator update
+    point_mass_prob: float = 0.5         # p_pm: share of score-net alphas drawn from {0, 1/2, 1}
+    alpha_levels: int = 1000             # alphas live on the grid {k / alpha_levels}
+    alpha_scale: float = 1000.0          # the alpha embedding sees alpha * alpha_scale
+    time_sampler: str = "uniform"        # "uniform" flow time or "karras" (EDM sigma grid)
+    time_range: List[float] = field(default_factory=lambda: [0.02, 0.98])        # generator
+    score_time_range: List[float] = field(default_factory=lambda: [0.0, 1.0])    # score net and GAN head
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    levels: int = 1000
+    score_weighting: str = "velocity"    # "velocity" or "edm" (lambda(sigma) = 1/sigma^2 + 1/sigma_d^2)
+    sigma_data: float = 0.5
+    generator_weight: str = "adaptive"   # "adaptive" (eqs. 9-10), "dmd" or "none"
+    gan_weight: float = 3e-3             # generator GAN term (0: no GAN head)
+    critic_gan_weight: float = 1e-2      # GAN critic term in the score loss
+    gan_layers: Optional[List[str]] = None  # mixture-net layers the GAN head reads (None: its bottleneck)
+    head_hidden: int = 64
+    guidance: Optional[float] = None     # SMD: the teacher's CFG scale for the real branch
+    lr: float = 1e-4                     # generator
+    score_lr: float = 5e-4               # mixture net (+ GAN head)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+
+
+@OBJECTIVES.register("smt")
+class SMT(Objective):
+    """Score-of-Mixture Training from data (no teacher)."""
+
+    Config = SMTConfig
+    distillation = False
+    needs_interval = True  # the generator is u(z, 0, 1)
+
+    def __init__(self, student, teacher, cfg: SMTConfig, score_net: Optional[nn.Module] = None):
+        """`score_net`: a module called as net(x_t, t, alpha, cond) -> velocity (default: a MixtureScore
+        around a copy of the teacher's backbone with a fresh alpha embedding, or of the student without one)."""
+        super().__init__(student, teacher, cfg)
+        self.check_config(cfg, teacher)
+        self.score_net = score_net if score_net is not None else self.default_score_net(student, teacher)
+        self.score_net.requires_grad_(True)
+        self.gan_head = None
+        if cfg.gan_weight > 0 or cfg.critic_gan_weight > 0:
+            self.gan_layers = list(cfg.gan_layers) if cfg.gan_layers else self.score_net.default_bottleneck()
+            self.gan_head = FeatureDiscriminator(self._example_bottleneck(student), hidden=cfg.head_hidden)
+        self.register_buffer("sigma_grid", karras_sigmas(cfg.levels, cfg.sigma_min, cfg.sigma_max, cfg.rho),
+                             persistent=False)
+
+    def default_score_net(self, student, teacher) -> MixtureScore:
+        from onestep.student import student_from_teacher
+
+        if self.uses_teacher_init(teacher):
+            return MixtureScore(student_from_teacher(teacher, self.cfg.alpha_scale), self.cfg.alpha_scale)
+        return MixtureScore(copy.deepcopy(student), self.cfg.alpha_scale)
+
+    def uses_teacher_init(self, teacher) -> bool:
+        return False  # SMT learns from data; SMD starts from the teacher
+
+    @staticmethod
+    def check_config(cfg: SMTConfig, teacher=...) -> None:
+        if cfg.score_steps < 1:
+            raise ConfigError(f"objective.score_steps must be >= 1 (score updates per generator update), got {cfg.score_steps}")
+        if not 0.0 <= cfg.point_mass_prob <= 1.0:
+            raise ConfigError(f"objective.point_mass_prob must be in [0, 1], got {cfg.point_mass_prob}")
+        if cfg.alpha_levels < 2 or not cfg.alpha_scale > 0:
+            raise ConfigError(f"objective.alpha_levels must be >= 2 and alpha_scale > 0, got {cfg.alpha_levels}, {cfg.alpha_scale}")
+        check_time_options(cfg, ("time_range", "score_time_range"))
+        if cfg.score_weighting not in SCORE_WEIGHTINGS:
+            raise ConfigError(f"objective.score_weighting must be one of {', '.join(SCORE_WEIGHTINGS)}, got {cfg.score_weighting!r}")
+        if cfg.generator_weight not in GENERATOR_WEIGHTS:
+            raise ConfigError(f"objective.generator_weight must be one of {', '.join(GENERATOR_WEIGHTS)}, "
+                              f"got {cfg.generator_weight!r}")
+        if cfg.sigma_data <= 0 or cfg.gan_weight < 0 or cfg.critic_gan_weight < 0 or cfg.head_hidden < 1:
+            raise ConfigError("objective.sigma_data must be > 0, gan_weight and critic_gan_weight >= 0, head_hidden >= 1")
+        if not (cfg.score_lr > 0 and math.isfinite(cfg.score_lr)):
+            raise ConfigError(f"objective.score_lr must be a finite number > 0, got {cfg.score_lr}")
+
+    # --- contract ----------------------------------------------------------------------------------
+    def param_groups(self):
+        score = [p for p in self.score_net.parameters() if p.requires_grad]
+        if self.gan_head is not None:
+            score += [p for p in self.gan_head.parameters() if p.requires_grad]
+        return {"student": [p for p in self.student.parameters() if p.requires_grad], "score": score}
+
+    def default_optim(self, group):
+        lr = self.cfg.lr if group == "student" else self.cfg.score_lr
+        return OptimDefaults(lr=lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay)
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.cfg.score_steps == self.cfg.score_steps - 1
+
+    def active_groups(self, step):
+        return ["student", "score"] if self.is_generator_step(step) else ["score"]
+
+    def loss(self, batch, step):
+        x_real, cond = batch["x"], batch.get("cond")
+        z = self.randn(*x_real.shape, device=x_real.device).to(x_real.dtype)
+        out = {}
+        if self.is_generator_step(step):
+            x = one_step_generate(self.student, z, cond)
+            out.update(self.generator_loss(x, cond))
+            x_fake = x.detach()
+        else:
+            with torch.no_grad():
+                x_fake = one_step_generate(self.student, z, cond)
+        out.update(self.score_loss(x_real, x_fake, cond))
+        out["log/loss"] = sum(out[g].detach() for g in self.active_groups(step))
+        return out
+
+    # --- randomness ----------------------------------------------------------------------------------
+    def sample_times(self, n: int, span, device=None):
+        return sample_noise_levels(self, n, self.cfg.time_sampler, span, self.sigma_grid, device)
+
+    def generator_alpha(self, n: int, device=None) -> torch.Tensor:
+        """Uniform on {1/L, ..., 1}."""
+        levels = self.cfg.alpha_levels
+        return ((self.randint(levels, n) + 1).float() / levels).to(device)
+
+    def score_alpha(self, n: int, device=None) -> torch.Tensor:
+        """Uniform on {0, 1/L, ..., 1}, replaced with probability p_pm by a uniform draw from {0, 1/2, 1}."""
+        levels = self.cfg.alpha_levels
+        grid = self.randint(levels + 1, n).float() / levels
+        point_mass = self.randint(3, n).float() / 2
+        use_point_mass = self.rand(n) < self.cfg.point_mass_prob
+        return torch.where(use_point_mass, point_mass, grid).to(device)
+
+    # --- the mixture net ----------------------------------------------------------------------------------
+    def mixture_x0(self, x_t, t, alphas: list[torch.Tensor], cond=None) -> list[torch.Tensor]:
+        """Denoisers of several mixtures at the same x_t, in one batched no-grad call."""
+        k = len(alphas)
+        rep = lambda v: None if v is None else torch.cat([v] * k)  # noqa: E731
+        with frozen_eval(self.score_net):
+            x0 = self.score_net.x0(rep(x_t), rep(t), torch.cat(alphas), rep(cond))
+        return list(x0.chunk(k))
+
+    def bottleneck_logits(self, x_t, t, cond=None, frozen: bool = False) -> torch.Tensor:
+        """GAN logits [B, K]: the head on the mixture net's bottleneck at alpha = 1/2. `frozen`: neither the
+        net's nor the head's parameters get a gradient (generator phase); x_t still does."""
+        half = torch.full_like(paths.batch_time(t, x_t), 0.5)
+        if frozen:
+            run = lambda: call_with_frozen_parameters(self.score_net, x_t, t, half, cond)  # noqa: E731
+            feats = module_features(self.score_net, self.gan_layers, run)
+            return call_with_frozen_parameters(self.gan_head, feats, t)
+        feats = module_features(self.score_net, self.gan_layers, lambda: self.score_net(x_t, t, half, cond))
+        return self.gan_head(feats, t)
+
+    def _example_bottleneck(self, student):
+        device, dtype = module_device_dtype(self.score_net)
+        x = torch.zeros(2, *sample_shape_of(self.teacher, student), device=device, dtype=dtype)
+        t = torch.full((2,), 0.5, device=device, dtype=dtype)
+        with torch.no_grad():
+            return module_features(self.score_net, self.gan_layers, lambda: self.score_net(x, t, t))
+
+    # --- the two losses ------------------------------------------------------------------------------
+    def real_velocity_target(self, x_real, eps, x_t, t, cond):
+        """SMT: the conditional velocity eps - x_real (denoising target x_real)."""
+        return eps - x_real
+
+    def generator_loss(self, x, cond):
+        cfg = self.cfg
+        n, dev, dt = x.shape[0], x.device, x.dtype
+        acc = torch.promote_types(dt, torch.float32)
+        t, _ = self.sample_times(n, cfg.time_range, dev)
+        t = t.to(dt)
+        eps = self.randn(*x.shape, device=dev).to(dt)
+        alpha = self.generator_alpha(n, dev).to(dt)
+        x_t = paths.interpolate(x.detach(), eps, t)
+        f0, fa, f1 = self.mixture_x0(x_t, t, [torch.zeros_like(alpha), alpha, torch.ones_like(alpha)], cond)
+        with torch.no_grad():
+            x_acc = x.detach().to(acc)
+            p0, pa, p1 = x_acc - f0.to(acc), x_acc - fa.to(acc), x_acc - f1.to(acc)
+            diff = pa - p0                       # = f_0 - f_alpha, prop. to s_0 - s_alpha
+            per = lambda v: v.flatten(1)          # noqa: E731
+            dmd_norm = per(p1).abs().mean(1) + 1e-6
+            if cfg.generator_weight == "adaptive":
+                rms = lambda v: per(v).pow(2).mean(1).sqrt()  # noqa: E731
+                wf = dmd_norm * rms(diff) / (rms(p1 - p0) + 1e-6)
+            elif cfg.generator_weight == "dmd":
+                wf = alpha.to(acc) * dmd_norm
+            else:
+                wf = alpha.to(acc)
+            g = torch.nan_to_num(diff / paths.expand_like(wf, diff))
+        loss_dm = pseudo_target_loss(x, g)
+        loss = loss_dm
+        logs = {"log/loss_dm": loss_dm.detach()}
+        if self.gan_head is not None and cfg.gan_weight > 0:
+            t_gan, _ = self.sample_times(n, cfg.score_time_range, dev)
+            t_gan = t_gan.to(dt)
+            eps_gan = self.randn(*x.shape, device=dev).to(dt)
+            logits = self.bottleneck_logits(paths.interpolate(x, eps_gan, t_gan), t_gan, cond, frozen=True)
+            loss_gan = F.softplus(-logits).mean()
+            loss = loss + cfg.gan_weight * loss_gan
+            logs["log/loss_gan"] = loss_gan.detach()
+        return {"student": loss, **logs}
+
+    def score_loss(self, x_real, x_fake, cond):
+        cfg = self.cfg
+        n, dev, dt = x_real.shape[0], x_real.device, x_real.dtype
+        acc = torch.promote_types(dt, torch.float32)
+        t, _ = self.sample_times(n, cfg.score_time_range, dev)
+        t = t.to(dt)
+        alpha = self.score_alpha(n, dev).to(dt)
+        eps_real = self.randn(*x_real.shape, device=dev).to(dt)
+        eps_fake = self.randn(*x_real.shape, device=dev).to(dt)
+        xt_real = paths.interpolate(x_real, eps_real, t)
+        xt_fake = paths.interpolate(x_fake, eps_fake, t)
+        with torch.no_grad():
+            target_real = self.real_velocity_target(x_real, eps_real, xt_real, t, cond).to(acc)
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        v = self.score_net(torch.cat([xt_real, xt_fake]), torch.cat([t, t]), torch.cat([alpha, alpha]),
+                           both(cond, cond)).to(acc)
+        v_real, v_fake = v.chunk(2)
+        err_real = (v_real - target_real).pow(2).flatten(1).mean(1)
+        err_fake = (v_fake - (eps_fake - x_fake).to(acc)).pow(2).flatten(1).mean(1)
+        tf = t.to(acc)
+        weight = torch.ones_like(tf) if cfg.score_weighting == "velocity" else (1 - tf) ** 2 + tf ** 2 / cfg.sigma_data ** 2
+        a = alpha.to(acc)
+        loss_score = (weight * (a * err_real + (1 - a) * err_fake)).mean()
+        loss = loss_score
+        logs = {"log/loss_score": loss_score.detach()}
+        if self.gan_head is not None and cfg.critic_gan_weight > 0:
+            loss_critic = self.gan_critic_loss(x_real, x_fake, cond)
+            loss = loss + cfg.critic_gan_weight * loss_critic
+            logs["log/loss_gan_critic"] = loss_critic.detach()
+        return {"score": loss, **logs}
+
+    def gan_critic_loss(self, x_real, x_fake, cond):
+        n, dev, dt = x_real.shape[0], x_real.device, x_real.dtype
+        alpha = self.generator_alpha(n, dev).to(torch.promote_types(dt, torch.float32))
+        t_fake, _ = self.sample_times(n, self.cfg.score_time_range, dev)
+        t_real, _ = self.sample_times(n, self.cfg.score_time_range, dev)
+        t_fake, t_real = t_fake.to(dt), t_real.to(dt)
+        xt_fake = paths.interpolate(x_fake, self.randn(*x_real.shape, device=dev).to(dt), t_fake)
+        xt_real = paths.interpolate(x_real, self.randn(*x_real.shape, device=dev).to(dt), t_real)
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        logits = self.bottleneck_logits(torch.cat([xt_fake, xt_real]), torch.cat([t_fake, t_real]), both(cond, cond))
+        l_fake, l_real = logits.chunk(2)
+        return ((1 - alpha)[:, None] * F.softplus(l_fake)).mean() + (alpha[:, None] * F.softplus(-l_real)).mean()
+
+
+@dataclass
+class SMDConfig(SMTConfig):
+    point_mass_prob: float = 0.25
+    lr: float = 5e-5
+    score_lr: float = 5e-5
+
+
+@OBJECTIVES.register("smd")
+class SMD(SMT):
+    """Score-of-Mixture Distillation: SMT from the teacher, whose denoiser is the real branch's target."""
+
+    Config = SMDConfig
+    distillation = True
+
+    def uses_teacher_init(self, teacher) -> bool:
+        return teacher is not None and teacher.backbone() is not None
+
+    @staticmethod
+    def check_config(cfg: SMDConfig, teacher=...) -> None:
+        if teacher is None:
+            raise ConfigError("objective smd distils a teacher: set teacher.name (or use smt to train from data)")
+        SMT.check_config(cfg, teacher)
+
+    def real_velocity_target(self, x_real, eps, x_t, t, cond):
+        # regressing x0 onto D_T(x_t) is regressing the velocity onto the teacher's velocity at x_t
+        with frozen_eval(self.teacher):
+            return self.teacher.velocity(x_t, t, cond, self.cfg.guidance).to(x_t.dtype)
