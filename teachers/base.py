@@ -40,7 +40,7 @@ class Teacher(nn.Module):
         if cond is None or guidance is None or guidance == 1.0:
             return self._velocity(x, t, cond)
         null = self.null_condition(x.shape[0], x.device)
-        v = self._velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        v = self._velocity(torch.cat([x, x]), torch.cat([t, t]), self.cat_conditions([cond, null]))
         v_cond, v_null = v.chunk(2)
         return v_null + guidance * (v_cond - v_null)
 
@@ -55,6 +55,14 @@ class Teacher(nn.Module):
     def score(self, x, t, cond=None, guidance=None):
         t = paths.batch_time(t, x)
         return paths.velocity_to_score(x, t, self.velocity(x, t, cond, guidance))
+
+    @staticmethod
+    def cat_conditions(conds: Sequence):
+        """Stack conditions along the batch: tensors (class labels) with torch.cat, conditioning objects
+        (prompt embeddings) through their own `cat` classmethod."""
+        if isinstance(conds[0], torch.Tensor):
+            return torch.cat(list(conds))
+        return type(conds[0]).cat(list(conds))
 
     def null_condition(self, batch: int, device=None) -> torch.Tensor:
         if self.num_classes is None:
@@ -77,6 +85,12 @@ class Teacher(nn.Module):
     def backbone(self) -> nn.Module | None:
         """The network students and fake-score nets are initialised from (None for analytic teachers)."""
         return None
+
+    def _feature_from_output(self, name: str, output) -> torch.Tensor:
+        """The activation `features` keeps from a hooked module's output: the first element of a tuple
+        (UNet down blocks return (hidden_states, skips)). Transformer adapters whose blocks return
+        (text_stream, image_stream) override this."""
+        return output[0] if isinstance(output, (tuple, list)) else output
 
     #: the backbone's submodules whose outputs `features` returns by default (discriminator inputs)
     default_feature_layers: tuple[str, ...] = ()
@@ -101,7 +115,7 @@ class Teacher(nn.Module):
 
         def keep(name):
             def hook(module, args, output):
-                found[name] = output[0] if isinstance(output, (tuple, list)) else output
+                found[name] = self._feature_from_output(name, output)
             return hook
 
         handles = [modules[name].register_forward_hook(keep(name)) for name in layers]
