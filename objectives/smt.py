@@ -277,8 +277,10 @@ class SMT(Objective):
             per = lambda v: v.flatten(1)          # noqa: E731
             dmd_norm = per(p1).abs().mean(1) + 1e-6
             if cfg.generator_weight == "adaptive":
-                rms = lambda v: per(v).pow(2).mean(1).sqrt()  # noqa: E731
-                wf = dmd_norm * rms(diff) / (rms(p1 - p0) + 1e-6)
+                # RMS(P_a - P_0) / RMS(P_1 - P_0) with a tiny floor in both: exactly 1 at alpha = 1 (DMD), and
+                # no 0 / 0 when q = p (then P_a = P_0 for every a and G = 0)
+                ms = lambda v: per(v).pow(2).mean(1) + 1e-20  # noqa: E731
+                wf = dmd_norm * (ms(diff) / ms(p1 - p0)).sqrt()
             elif cfg.generator_weight == "dmd":
                 wf = alpha.to(acc) * dmd_norm
             else:
@@ -321,7 +323,8 @@ class SMT(Objective):
         a = alpha.to(acc)
         loss_score = (weight * (a * err_real + (1 - a) * err_fake)).mean()
         loss = loss_score
-        logs = {"log/loss_score": loss_score.detach()}
+        logs = {"log/loss_score": loss_score.detach(), "log/score_real_mse": err_real.detach().mean(),
+                "log/score_fake_mse": err_fake.detach().mean()}
         if self.gan_head is not None and cfg.critic_gan_weight > 0:
             loss_critic = self.gan_critic_loss(x_real, x_fake, cond)
             loss = loss + cfg.critic_gan_weight * loss_critic
