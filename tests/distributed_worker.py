@@ -1,5 +1,7 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU): trains each
-objective for a few steps and saves every rank's parameters, plus one MeanFlow gradient."""
+objective for a few steps and saves every rank's parameters (every group's for objectives with
+auxiliary networks), plus one MeanFlow gradient and one f-distill generator gradient (with the global
+h-mean and bin statistics, and once more with per-process statistics, which must differ)."""
 import sys
 from pathlib import Path
 
@@ -9,19 +11,51 @@ from safetensors.torch import save_file
 from onestep.config import load_config
 from onestep.trainer import Trainer
 
-OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow"]
+OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smd"]
+#: objectives with auxiliary networks (several optimizer groups): all their trainable state is compared
+MULTI_GROUP = ["fdistill", "smd"]
+#: f-distill for the gradient check: forward KL (h = r varies most), 4 ratio bins, trained critics
+FDISTILL_GRAD = ["objective.divergence=forward_kl", "objective.critic_steps=2", "objective.ratio_bins=4"]
+FDISTILL_GRAD_STEP = 5  # after critic steps 0, 1, generator step 2, critic steps 3, 4: a generator step
 
 
-def gmm_cfg(out: Path, objective: str, batch: int, steps: int):
+def gmm_cfg(out: Path, objective: str, batch: int, steps: int, extra=()):
     return load_config(None, [
         f"name={objective}", f"output_dir={out}", "teacher.name=gmm", "student.init=scratch",
         "student.backbone=mlp", "data.name=gmm", f"data.batch_size={batch}", f"train.steps={steps}",
         "train.progress=false", "train.checkpoint_every=1000", "train.log_every=10", "train.device=cpu",
-        "train.num_threads=1", f"objective.name={objective}"])
+        "train.num_threads=1", f"objective.name={objective}", *extra])
 
 
 def params(trainer) -> dict:
     return {n: p.detach().clone().contiguous() for n, p in trainer.student.named_parameters()}
+
+
+def trainable_state(trainer) -> dict:
+    """Student, auxiliary networks and the objective's buffers (f-distill's bin statistics)."""
+    return {k: v.detach().clone().contiguous() for k, v in trainer.objective.trainable_state_dict().items()}
+
+
+def fdistill_generator_gradient(trainer, local_statistics: bool = False) -> dict:
+    """The student's gradient at the generator step `trainer.step` (through the DDP-wrapped objective).
+    `local_statistics`: pretend there is one process, so the h-mean and bins use this process's samples."""
+    from onestep.objectives import distribution_matching
+
+    assert trainer.objective.is_generator_step(trainer.step)
+    obj, batch = trainer.objective, trainer.next_batch()
+    state = obj.generator.get_state()
+    original = distribution_matching._distributed
+    if local_statistics:
+        distribution_matching._distributed = lambda _obj: False
+    try:
+        out = trainer.model(batch, trainer.step)
+        trainer.accelerator.backward(out["student"], inputs=trainer.groups["student"])
+    finally:
+        distribution_matching._distributed = original
+        obj.generator.set_state(state)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+    trainer.optimizers["student"].zero_grad(set_to_none=True)
+    return grads
 
 
 def meanflow_gradient(trainer) -> dict:
@@ -47,10 +81,16 @@ def main(out: Path, batch: int, steps: int) -> None:
         t = Trainer(gmm_cfg(out / f"runs-{objective}", objective, batch, steps)).fit(resume=False)
         rank = t.accelerator.process_index
         save_file(params(t), out / f"{objective}-rank{rank}.safetensors")
+        if objective in MULTI_GROUP:
+            save_file(trainable_state(t), out / f"{objective}-all-rank{rank}.safetensors")
         if objective == "meanflow":
             save_file({"samples": sharded_samples(t)}, out / f"samples-rank{rank}.safetensors")
     t = Trainer(gmm_cfg(out / "runs-grad", "meanflow", batch, 1))
     save_file(meanflow_gradient(t), out / f"meanflow-grad-rank{t.accelerator.process_index}.safetensors")
+    t = Trainer(gmm_cfg(out / "runs-fdistill-grad", "fdistill", batch, FDISTILL_GRAD_STEP, FDISTILL_GRAD)).fit(resume=False)
+    rank = t.accelerator.process_index
+    save_file(fdistill_generator_gradient(t), out / f"fdistill-grad-rank{rank}.safetensors")
+    save_file(fdistill_generator_gradient(t, local_statistics=True), out / f"fdistill-grad-local-rank{rank}.safetensors")
 
 
 if __name__ == "__main__":
