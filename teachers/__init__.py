@@ -13,6 +13,7 @@ when a model is loaded):
 from onestep.teachers.base import Teacher
 from onestep.teachers.digits import DigitsTeacher
 from onestep.teachers.edm import EDMPrecond, EDMTeacher
+from onestep.teachers.flow_transformer import FluxTeacher, SanaTeacher, SD3Teacher
 from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 from onestep.teachers.latent import PromptCondition
 from onestep.teachers.loading import TeacherFilesMissingError, TeacherWeightsError
@@ -21,5 +22,5 @@ from onestep.teachers.unet import UNetTeacher
 
 __all__ = [
     "Teacher", "DigitsTeacher", "GaussianMixture", "GMMTeacher", "UNetTeacher", "EDMPrecond", "EDMTeacher",
-    "StableDiffusionTeacher", "SDXLTeacher", "PromptCondition", "TeacherFilesMissingError", "TeacherWeightsError",
+    "StableDiffusionTeacher", "SDXLTeacher", "SD3Teacher", "FluxTeacher", "SanaTeacher", "PromptCondition", "TeacherFilesMissingError", "TeacherWeightsError",
 ]
