@@ -28,7 +28,7 @@ from onestep import paths
 from onestep.registry import TEACHERS
 from onestep.sampling import solve_ode
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
-from onestep.teachers.loading import resolve_dtype
+from onestep.teachers.loading import check_dtype_option, config_error
 
 
 class _FlowTransformerTeacher(LatentTeacher):
@@ -97,9 +97,9 @@ class _FlowTransformerTeacher(LatentTeacher):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        resolve_dtype(cfg.dtype)
+        check_dtype_option(cfg.dtype)
         if cfg.resolution is not None and cfg.resolution % 16:
-            raise ValueError(f"teacher.resolution must be a multiple of 16, got {cfg.resolution}")
+            raise config_error(f"teacher.resolution must be a multiple of 16, got {cfg.resolution}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ __all__ = [
     "hub_offline",
     "resolve_dtype",
     "dtype_kwargs",
+    "config_error",
+    "check_dtype_option",
     "load_from_pretrained",
     "check_local_pipeline",
     "DTYPES",
@@ -65,6 +67,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ValueError(f"unknown teacher dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def config_error(message: str) -> Exception:
+    """The config layer's one-line error type (ConfigError), for the teachers' check_config."""
+    from onestep.config import ConfigError
+
+    return ConfigError(message)
+
+
+def check_dtype_option(dtype) -> None:
+    """teacher.dtype must be one of DTYPES (checked at config load, before any weights are read)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise config_error(f"teacher.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
 
 
 def dtype_kwargs(dtype: str | torch.dtype | None) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from onestep.registry import TEACHERS
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
-from onestep.teachers.loading import resolve_dtype
+from onestep.teachers.loading import check_dtype_option, config_error
 from onestep.teachers.unet import unet_feature_layers
 from onestep.teachers.vp import DiscreteVPModelTime
 
@@ -72,12 +72,12 @@ class _DiscreteVPLatentTeacher(LatentTeacher):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        resolve_dtype(cfg.dtype)
+        check_dtype_option(cfg.dtype)
         if cfg.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
-            raise ValueError(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
+            raise config_error(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
                              "v_prediction")
         if cfg.resolution is not None and cfg.resolution % 8:
-            raise ValueError(f"teacher.resolution must be a multiple of 8, got {cfg.resolution}")
+            raise config_error(f"teacher.resolution must be a multiple of 8, got {cfg.resolution}")
 
 
 @dataclass

@@ -17,7 +17,9 @@ import torch
 
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
-from onestep.teachers.loading import TeacherWeightsError, dtype_kwargs, load_from_pretrained, resolve_dtype
+from onestep.teachers.loading import (
+    TeacherWeightsError, check_dtype_option, config_error, dtype_kwargs, load_from_pretrained,
+)
 from onestep.teachers.vp import DiscreteVPModelTime
 
 
@@ -152,9 +154,9 @@ class UNetTeacher(Teacher):
 
     @classmethod
     def check_config(cls, cfg: UNetTeacherConfig) -> None:
-        resolve_dtype(cfg.dtype)
+        check_dtype_option(cfg.dtype)
         if cfg.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
-            raise ValueError(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
+            raise config_error(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
                              "v_prediction")
 
     @classmethod

@@ -3,7 +3,6 @@
 the whole sampler == the stock pipeline (output_type="latent"), VAE round trip, one-line errors."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

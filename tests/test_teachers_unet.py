@@ -139,3 +139,20 @@ def test_errors_are_one_line(dirs, tmp_path, monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "google/ddpm-cifar10-32" in msg and "teacher.path" in msg and "HF_HUB_OFFLINE" in msg
     print("\n" + msg)
+
+
+def test_registered_and_built_from_a_config(dirs):
+    """teacher.name=unet in a run config builds the adapter through from_config (the real loading path)."""
+    from onestep.build import build_teacher
+    from onestep.config import ConfigError, load_config
+    from onestep.registry import TEACHERS, load_builtin
+
+    load_builtin()
+    assert {"unet", "edm", "stable_diffusion", "sdxl", "sd3", "flux", "sana"} <= set(TEACHERS.names())
+    cfg = load_config("demo", ["teacher.name=unet", f"teacher.path={dirs['cond']}", "teacher.null_class=10",
+                               "teacher.dtype=float64"])
+    teacher = build_teacher(cfg)
+    assert isinstance(teacher, UNetTeacher) and teacher.num_classes == 10
+    assert next(teacher.unet.parameters()).dtype == torch.float64
+    with pytest.raises(ConfigError, match="teacher.dtype='half' is not allowed"):
+        load_config("demo", ["teacher.name=unet", "teacher.dtype=half"])
