@@ -198,6 +198,13 @@ class LatentTeacher(Teacher):
             self._null_cache[key] = self._null_prompt_condition().to(device)
         return self._null_cache[key].expand(batch)
 
+    @torch.no_grad()
+    def velocity(self, x, t, cond=None, guidance: float | None = None):
+        # a one-row condition (one prompt for the whole batch) is broadcast before CFG stacks it with the null
+        if isinstance(cond, PromptCondition):
+            cond = cond.expand(x.shape[0])
+        return super().velocity(x, t, cond, guidance)
+
     def _condition(self, cond, batch: int) -> PromptCondition:
         """cond=None means unconditional; a one-row condition is broadcast to the batch."""
         if cond is None:

@@ -48,7 +48,7 @@ def sd64(sd_dirs):
 
 
 def _stock_pipeline(cls, folder, dtype):
-    pipe = cls.from_pretrained(str(folder), torch_dtype=dtype)
+    pipe = cls.from_pretrained(str(folder), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -112,6 +112,9 @@ def test_cfg_is_pipeline_formula_and_null_is_empty_prompt(sd64):
     eps = e_u + w * (e_c - e_u)  # the pipeline's guidance formula, in its own (eps) space
     expected = paths.prediction_to_velocity(eps, "epsilon", x_native, a, b)
     torch.testing.assert_close(teacher.velocity(x, t, cond, guidance=w), expected, rtol=1e-10, atol=1e-10)
+    # one prompt for the whole batch is broadcast (also under CFG)
+    one = teacher.encode_prompt(["a cat"])
+    torch.testing.assert_close(teacher.velocity(x, t, one, guidance=w), teacher.velocity(x, t, one.expand(2), guidance=w))
     # cond=None is the unconditional (empty prompt) velocity
     torch.testing.assert_close(teacher.velocity(x, t), teacher.velocity(x, t, null), rtol=0, atol=0)
 
