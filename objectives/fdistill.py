@@ -138,7 +138,11 @@ class FDistill(Objective):
         self.fake_score = fake_score if fake_score is not None else trainable_copy_of_backbone(teacher, student)
         self.uses_discriminator = cfg.divergence != "reverse_kl" or cfg.gan_weight > 0 or cfg.r1_weight > 0
         if self.uses_discriminator and discriminator is None:
-            discriminator = FeatureDiscriminator(self._example_features(), hidden=cfg.head_hidden)
+            try:
+                example = self._example_features()
+            except ValueError as e:  # e.g. a layer name the teacher's backbone does not have
+                raise ConfigError(f"objective.feature_layers: {e}") from None
+            discriminator = FeatureDiscriminator(example, hidden=cfg.head_hidden)
         self.discriminator = discriminator if self.uses_discriminator else None
         grid = karras_sigmas(cfg.levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         self.register_buffer("sigma_grid", grid, persistent=False)
@@ -270,8 +274,10 @@ class FDistill(Objective):
         t = t.to(dt)
         eps = self.randn(*x_real.shape, device=dev).to(dt)
         x_t = paths.interpolate(x, eps, t)
-        d_teacher = self.teacher_x0(x_t.detach(), t, cond).to(acc)
-        d_fake = self.fake_x0(x_t.detach(), t, cond).to(acc)
+        # targets in fp32 (autocast is off in frozen_eval; under mixed precision x_t may be bf16/fp16)
+        x_target = x_t.detach().to(acc)
+        d_teacher = self.teacher_x0(x_target, t.to(acc), cond).to(acc)
+        d_fake = self.fake_x0(x_target, t.to(acc), cond).to(acc)
         logs = {}
         logits = None
         if self.discriminator is not None:
@@ -281,6 +287,7 @@ class FDistill(Objective):
                 with torch.no_grad():
                     logits = self.discriminator_logits(x_t.detach(), t, cond)
             h, r = self.ratio_weights(logits.detach(), coord)
+            logs["log/log_ratio_mean"] = logits.detach().mean(1).mean()   # before clamping and bins
             logs["log/ratio_mean"] = r.mean()
             logs["log/h_max"] = h.max()
         else:

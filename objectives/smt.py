@@ -145,8 +145,12 @@ class SMT(Objective):
         self.score_net.requires_grad_(True)
         self.gan_head = None
         if cfg.gan_weight > 0 or cfg.critic_gan_weight > 0:
-            self.gan_layers = list(cfg.gan_layers) if cfg.gan_layers else self.score_net.default_bottleneck()
-            self.gan_head = FeatureDiscriminator(self._example_bottleneck(student), hidden=cfg.head_hidden)
+            try:
+                self.gan_layers = list(cfg.gan_layers) if cfg.gan_layers else self.score_net.default_bottleneck()
+                example = self._example_bottleneck(student)
+            except ValueError as e:  # a layer name the mixture net does not have
+                raise ConfigError(f"objective.gan_layers: {e}") from None
+            self.gan_head = FeatureDiscriminator(example, hidden=cfg.head_hidden)
         self.register_buffer("sigma_grid", karras_sigmas(cfg.levels, cfg.sigma_min, cfg.sigma_max, cfg.rho),
                              persistent=False)
 
@@ -268,8 +272,10 @@ class SMT(Objective):
         t = t.to(dt)
         eps = self.randn(*x.shape, device=dev).to(dt)
         alpha = self.generator_alpha(n, dev).to(dt)
-        x_t = paths.interpolate(x.detach(), eps, t)
-        f0, fa, f1 = self.mixture_x0(x_t, t, [torch.zeros_like(alpha), alpha, torch.ones_like(alpha)], cond)
+        # the mixture denoisers in fp32 (autocast is off in frozen_eval; x may be bf16/fp16 under it)
+        x_t = paths.interpolate(x.detach().to(acc), eps.to(acc), t.to(acc))
+        alpha = alpha.to(acc)
+        f0, fa, f1 = self.mixture_x0(x_t, t.to(acc), [torch.zeros_like(alpha), alpha, torch.ones_like(alpha)], cond)
         with torch.no_grad():
             x_acc = x.detach().to(acc)
             p0, pa, p1 = x_acc - f0.to(acc), x_acc - fa.to(acc), x_acc - f1.to(acc)
@@ -311,7 +317,8 @@ class SMT(Objective):
         xt_real = paths.interpolate(x_real, eps_real, t)
         xt_fake = paths.interpolate(x_fake, eps_fake, t)
         with torch.no_grad():
-            target_real = self.real_velocity_target(x_real, eps_real, xt_real, t, cond).to(acc)
+            target_real = self.real_velocity_target(x_real.to(acc), eps_real.to(acc), xt_real.to(acc), t.to(acc),
+                                                    cond).to(acc)
         both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         v = self.score_net(torch.cat([xt_real, xt_fake]), torch.cat([t, t]), torch.cat([alpha, alpha]),
                            both(cond, cond)).to(acc)

@@ -221,11 +221,17 @@ def test_no_gradient_when_the_generator_is_the_target(divergence):
     assert out["log/loss_dm"] < 1e-28
 
 
-def test_fake_score_starts_as_the_teacher_so_the_first_generator_step_has_no_dm_gradient():
-    from onestep.student import student_from_teacher
+@pytest.fixture(scope="module")
+def digits_teacher():
     from onestep.teachers.digits import DigitsTeacher
 
-    teacher = DigitsTeacher.from_pretrained()
+    return DigitsTeacher.from_pretrained()
+
+
+def test_fake_score_starts_as_the_teacher_so_the_first_generator_step_has_no_dm_gradient(digits_teacher):
+    from onestep.student import student_from_teacher
+
+    teacher = digits_teacher
     cfg = FDistillConfig(divergence="js", critic_steps=1, gan_weight=0.0)
     obj = FDistill(student_from_teacher(teacher), teacher, cfg)
     assert set(obj.param_groups()) == {"student", "fake_score", "disc"}
@@ -377,3 +383,27 @@ def test_resume_continues_exactly_with_every_group(tmp_path):
     assert not torch.equal(a["bin_mean"], torch.ones_like(a["bin_mean"]))
     init = Trainer(cfg("init", 1)).objective.trainable_state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a if k.startswith("student."))
+
+
+@pytest.mark.slow
+def test_forward_kl_and_js_cover_all_eight_modes(tmp_path):
+    """benchmarks/gmm_modes.py, shortened: 8 well-separated modes, MLP generators from scratch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gmm_modes import train_and_score
+
+    rows = {name: train_and_score(name, 1500, str(tmp_path)) for name in ("forward_kl", "js", "reverse_kl")}
+    print(json.dumps(rows))
+    assert rows["forward_kl"]["modes_covered"] == 8 and rows["js"]["modes_covered"] == 8
+    # reverse KL (DMD) is reported, not asserted: mode-seeking in theory, but here its generator starts
+    # spread over the whole ring and its coverage is whatever the run gives
+    assert 0 <= rows["reverse_kl"]["modes_covered"] <= 8
+
+
+def test_unknown_feature_layers_are_config_errors(digits_teacher):
+    from onestep.student import student_from_teacher
+
+    with pytest.raises(ConfigError, match=r"objective\.feature_layers: feature layers \['1'\] not in .*unet"):
+        FDistill(student_from_teacher(digits_teacher), digits_teacher, FDistillConfig(feature_layers=["1"]))
