@@ -6,6 +6,7 @@ score views and the teacher's own multi-step sampler.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -85,6 +86,45 @@ class Teacher(nn.Module):
     def backbone(self) -> nn.Module | None:
         """The network students and fake-score nets are initialised from (None for analytic teachers)."""
         return None
+
+    def _shared_with_clones(self) -> tuple:
+        """Objects that are not modules and that `with_backbone` clones share rather than copy."""
+        return ()
+
+    def with_backbone(self, backbone: nn.Module) -> "Teacher":
+        """This adapter around another network of its backbone's architecture (e.g. a student's trainable
+        copy): the same conversion to flow time, conditioning and samplers, computed by `backbone`.
+
+        Every other module (VAE, text encoders) and the objects of `_shared_with_clones` are shared with
+        this teacher, not copied; the modules that hold the backbone (e.g. EDM's preconditioning) are
+        copied so that they hold the new one. The clone does not change `backbone`'s requires_grad.
+        """
+        own = self.backbone()
+        if own is None:
+            raise ValueError(f"{type(self).__name__} has no backbone to swap")
+        # the old backbone's modules, parameters and buffers map to the new one's by name, so that any
+        # reference the adapter keeps into its backbone points into the new one
+        memo = {id(own): backbone}
+        for old_items, new_items in ((own.named_modules(), backbone.named_modules()),
+                                     (own.named_parameters(), backbone.named_parameters()),
+                                     (own.named_buffers(), backbone.named_buffers())):
+            new_by_name = dict(new_items)
+            for name, item in old_items:
+                if name not in new_by_name:
+                    raise ValueError(f"the new backbone ({type(backbone).__name__}) lacks {name!r} of "
+                                     f"{type(own).__name__}: not the same architecture")
+                memo[id(item)] = new_by_name[name]
+        holders = {""}  # the adapter itself and the modules on the way to its backbone are copied
+        for name, module in self.named_modules(remove_duplicate=False):
+            if module is own:
+                parts = name.split(".")
+                holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        for name, module in self.named_modules():
+            if name not in holders and id(module) not in memo:
+                memo[id(module)] = module
+        for obj in self._shared_with_clones():
+            memo[id(obj)] = obj
+        return copy.deepcopy(self, memo)
 
     def _feature_from_output(self, name: str, output) -> torch.Tensor:
         """The activation `features` keeps from a hooked module's output: the first element of a tuple

@@ -143,6 +143,11 @@ class LatentTeacher(Teacher):
     def backbone(self) -> torch.nn.Module:
         return self.denoiser
 
+    def _shared_with_clones(self) -> tuple:
+        # the pipeline serves prompt encoding and sampling grids only (its tokenizers are not copied);
+        # clones compute with their own `denoiser`
+        return (self._pipeline,)
+
     # -- VAE -----------------------------------------------------------------------------------------
 
     def _latent_stats(self, like: torch.Tensor):
