@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from onestep import paths
 from onestep.sampling import sample_avg_velocity
 
 
@@ -128,6 +129,128 @@ class MLPAvgVelocity(AvgVelocityField):
         return self.body(h)
 
 
+#: where diffusers backbones embed their timestep: the module whose [B, D] output the interval embedding
+#: is added to. The match with the shortest prefix wins (a wrapper may add one, e.g. EDM's "unet.").
+TIME_EMBEDDING_NAMES = (
+    "time_embedding",                # UNet2DModel, UNet2DConditionModel (TimestepEmbedding, or nn.Embedding
+                                     # for learned timesteps); the class / SDXL text-time embeddings add to it
+    "time_text_embed",               # SD3, FLUX: timestep (+ guidance) embedding + pooled text projection
+    "time_embed.emb",                # SANA: AdaLayerNormSingle's embedder, before the 6-way modulation
+    "time_embed.timestep_embedder",  # SANA with guidance_embeds: the timestep part of the time + guidance sum
+)
+
+
+def find_time_embedding(network: nn.Module) -> str:
+    """The dotted name of `network`'s time-embedding module (see TIME_EMBEDDING_NAMES)."""
+    hits = []
+    for name, _ in network.named_modules():
+        for rank, known in enumerate(TIME_EMBEDDING_NAMES):
+            if name == known or name.endswith("." + known):
+                hits.append((name.count(".") - known.count("."), rank, name))
+    if not hits:
+        raise ValueError(f"no time embedding found in {type(network).__name__} (looked for modules named "
+                         f"{', '.join(TIME_EMBEDDING_NAMES)}); name it with time_embedding=...")
+    return min(hits)[2]
+
+
+def _embedding_width(module: nn.Module) -> int:
+    """The width D of the [B, D] time embedding a module returns."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    for name in ("linear_2", "timestep_embedder.linear_2"):  # diffusers' TimestepEmbedding and its combinations
+        try:
+            return module.get_submodule(name).out_features
+        except AttributeError:
+            pass
+    raise ValueError(f"cannot tell the output width of the time embedding {type(module).__name__}")
+
+
+class IntervalEmbedding(nn.Module):
+    """MLP(sinusoid(s)) for the scaled interval s = interval_scale (t - r): [B] -> [B, width].
+
+    The last layer starts at zero, so until it is trained it adds nothing to the time embedding.
+    """
+
+    def __init__(self, width: int, frequencies: int = 256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.linear_1 = nn.Linear(frequencies, width)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(width, width)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, scaled_interval: torch.Tensor) -> torch.Tensor:
+        # sinusoids of values up to ~1000 need at least float32, whatever the weights' dtype
+        s = scaled_interval.to(torch.promote_types(scaled_interval.dtype, torch.float32))
+        e = sinusoidal_embedding(s, self.frequencies).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(e)))
+
+
+def _add_to_output(extra: torch.Tensor):
+    def hook(module, args, output):
+        if not isinstance(output, torch.Tensor) or output.shape != extra.shape:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise RuntimeError(f"{type(module).__name__} returned {got}; the interval embedding is "
+                               f"{tuple(extra.shape)}: not a [batch, width] time embedding")
+        return output + extra.to(output.dtype)
+    return hook
+
+
+class TeacherStudent(AvgVelocityField):
+    """u(z, r, t, cond) from any teacher adapter with a backbone: a trainable copy of the backbone, run
+    through the adapter's own `_velocity` (so the conversion to flow time lives only in the adapter), with
+    `interval_embedding(interval_scale (t - r))` added to the backbone's time embedding.
+
+    The addition is a forward hook registered at the start of every `forward` and removed at its end: the
+    backbone called any other way (features, a fake-score copy) is the plain network, and no hook is
+    left for deepcopy or state_dict to see. The adapter clone (`adapter`) is not a submodule: its frozen
+    VAE and text encoders stay the teacher's, out of `parameters()`, `state_dict()` and deep copies.
+    """
+
+    def __init__(self, teacher, interval_scale: float | None = None, time_embedding: str | None = None):
+        super().__init__()
+        own = teacher.backbone()
+        if own is None:
+            raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
+        self.backbone = copy.deepcopy(own).requires_grad_(True)
+        self.time_embedding_name = time_embedding or find_time_embedding(self.backbone)
+        width = _embedding_width(self.backbone.get_submodule(self.time_embedding_name))
+        weight = next(self.backbone.parameters())
+        self.interval_embedding = IntervalEmbedding(width).to(device=weight.device, dtype=weight.dtype)
+        # a plain attribute, read at every call (a mixture-score net sets its own scale after construction)
+        self.interval_scale = 1000.0 if interval_scale is None else float(interval_scale)
+        self.sample_shape = tuple(teacher.sample_shape)
+        self.num_classes = teacher.num_classes
+        object.__setattr__(self, "_adapter", teacher.with_backbone(self.backbone))  # not a submodule
+
+    @property
+    def adapter(self):
+        """The teacher adapter computing with this student's backbone (VAE, prompts, null condition)."""
+        return self._adapter
+
+    def forward(self, z, r, t, cond=None):
+        t = paths.batch_time(t, z)
+        r = paths.batch_time(r, z)
+        extra = self.interval_embedding(self.interval_scale * (t - r))
+        site = self.backbone.get_submodule(self.time_embedding_name)
+        handle = site.register_forward_hook(_add_to_output(extra))
+        try:
+            return self._adapter._velocity(z, t, cond)
+        finally:
+            handle.remove()
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_adapter":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        # a new adapter clone around the copied backbone; its frozen modules stay shared
+        object.__setattr__(new, "_adapter", self._adapter.with_backbone(new.backbone))
+        return new
+
+
 def student_from_teacher(teacher, interval_scale: float | None = None) -> AvgVelocityField:
     """The default student of a teacher: a copy of its backbone with the interval embedding added."""
     backbone = teacher.backbone()
@@ -142,4 +265,6 @@ def student_from_teacher(teacher, interval_scale: float | None = None) -> AvgVel
         if interval_scale is not None:
             student.interval_scale = interval_scale
         return student
+    if hasattr(teacher, "with_backbone"):  # the teacher adapters (unet, edm, SD, SDXL, SD3, FLUX, SANA)
+        return TeacherStudent(teacher, interval_scale)
     raise ValueError(f"don't know how to build a student from a {type(backbone).__name__} backbone")
