@@ -252,7 +252,11 @@ class TeacherStudent(AvgVelocityField):
 
 
 def student_from_teacher(teacher, interval_scale: float | None = None) -> AvgVelocityField:
-    """The default student of a teacher: a copy of its backbone with the interval embedding added."""
+    """The default student of a teacher: a copy of its backbone with the interval embedding added.
+
+    The digits teacher keeps its AvgVelocityUNet (class_embed_type="timestep", which exported students
+    rely on) and MLP teachers their MLP; every other adapter with a backbone gets a TeacherStudent.
+    """
     backbone = teacher.backbone()
     if backbone is None:
         raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
