@@ -1,6 +1,7 @@
 """Train every registered distillation objective on the digits teacher under one protocol.
 
     python benchmarks/objectives.py [--only splitmeanflow] [--steps N]
+    python benchmarks/objectives.py --only meanflow --from-run runs/X   # score a finished recipe run
 
 Each objective `X` is trained with its recipe `configs/digits_X.yaml`; its EMA student is scored with
 the demo's protocol (N held-out-sized sample sets from fixed noise, digits-FID against the training
@@ -29,7 +30,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override train.steps (quick checks; not for the committed table)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--output-dir", default="runs/benchmarks")
+    ap.add_argument("--from-run", type=Path, help="score this finished run of the (single, --only) objective's "
+                    "recipe instead of training; its config must equal the recipe's")
     args = ap.parse_args()
+    if args.from_run and (not args.only or len(args.only) != 1):
+        ap.error("--from-run needs exactly one objective in --only")
 
     load_builtin()
     names = [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).distillation]
@@ -41,15 +46,22 @@ def main() -> None:
         if args.steps:
             overrides.append(f"train.steps={args.steps}")
         cfg = load_config(find_config(f"digits_{name}"), overrides)
-        trainer = Trainer(cfg)
-        start = time.perf_counter()
-        trainer.fit(resume=False)
-        train_seconds = time.perf_counter() - start
-        result = evaluate_digits(trainer.teacher, trainer.ema_student(), cfg, trainer.accelerator.device)
+        if args.from_run:
+            teacher, student, train_steps, train_seconds = finished_run(args.from_run, cfg)
+            device = "cpu"
+        else:
+            trainer = Trainer(cfg)
+            start = time.perf_counter()
+            trainer.fit(resume=False)
+            train_seconds = time.perf_counter() - start
+            teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
+        result = evaluate_digits(teacher, student, cfg, device)
         by = {(r["model"], r["steps"]): r for r in result["rows"]}
         rows.append({"objective": name, "steps": 1, "digits_fid": by[("student", 1)]["digits_fid"],
                      "teacher50_digits_fid": by[("teacher", 50)]["digits_fid"],
-                     "train_steps": trainer.step, "train_seconds": round(train_seconds, 1)})
+                     "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
+        if args.from_run:
+            rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
         protocol = result["protocol"]
         print(f"{name}: {rows[-1]}", flush=True)
 
@@ -66,6 +78,27 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def finished_run(run_dir: Path, recipe):
+    """(teacher, EMA student, steps, train seconds) of a finished run whose training config is the recipe's."""
+    from dataclasses import asdict
+
+    from onestep.config import load_config
+    from onestep.export import load_run, load_student
+
+    ran = load_config(run_dir / "config.yaml")
+    # what decides the result must match; where it ran (names, folders, threads, logging) need not
+    same = lambda c: {k: asdict(c)[k] for k in ("seed", "teacher", "student", "objective", "data")} | {  # noqa: E731
+        k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
+                                                               "log_every", "sample_every", "keep_checkpoints")}
+    if same(ran) != same(recipe):
+        diff = sorted(k for k in same(recipe) if same(recipe)[k] != same(ran).get(k))
+        raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")
+    info = load_run(run_dir)
+    student, teacher = load_student(info)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return teacher, student, info.step, json.loads(lines[-1])["time_s"]
 
 
 if __name__ == "__main__":
