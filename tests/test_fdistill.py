@@ -407,3 +407,19 @@ def test_unknown_feature_layers_are_config_errors(digits_teacher):
 
     with pytest.raises(ConfigError, match=r"objective\.feature_layers: feature layers \['1'\] not in .*unet"):
         FDistill(student_from_teacher(digits_teacher), digits_teacher, FDistillConfig(feature_layers=["1"]))
+
+
+def test_approximate_r1_is_the_logit_change_under_a_small_perturbation(gmm_teacher):
+    torch.manual_seed(0)
+    cfg = FDistillConfig(divergence="js", critic_steps=1, r1_weight=100.0, r1_noise=0.1)
+    obj = FDistill(MLPAvgVelocity(2), gmm_teacher, cfg).double()
+    x, _ = gmm_teacher.mixture.sample(64, torch.Generator().manual_seed(0), dtype=torch.float64)
+    obj.generator = torch.Generator().manual_seed(1)
+    with_r1 = obj.loss({"x": x, "cond": None}, 0)
+    obj.cfg.r1_weight = 0.0
+    obj.generator = torch.Generator().manual_seed(1)
+    without = obj.loss({"x": x, "cond": None}, 0)
+    # the R1 draws come after all the others, so both calls saw the same real and fake inputs
+    assert torch.equal(with_r1["fake_score"], without["fake_score"])
+    assert with_r1["log/loss_r1"] > 0
+    assert torch.allclose(with_r1["disc"], without["disc"] + 100.0 * with_r1["log/loss_r1"], rtol=1e-12)
