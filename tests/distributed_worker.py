@@ -14,6 +14,9 @@ from onestep.trainer import Trainer
 OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smd"]
 #: objectives with auxiliary networks (several optimizer groups): all their trainable state is compared
 MULTI_GROUP = ["fdistill", "smd"]
+#: options per objective: the generators of f-distill and SMD update every 5th step, so a larger learning
+#: rate makes 50 steps move them measurably (the test checks that training changed the parameters)
+OBJECTIVE_OPTIONS = {"fdistill": ["objective.lr=1e-3"], "smd": ["objective.lr=1e-3", "objective.score_lr=1e-3"]}
 #: f-distill for the gradient check: forward KL (h = r varies most), 4 ratio bins, trained critics
 FDISTILL_GRAD = ["objective.divergence=forward_kl", "objective.critic_steps=2", "objective.ratio_bins=4"]
 FDISTILL_GRAD_STEP = 5  # after critic steps 0, 1, generator step 2, critic steps 3, 4: a generator step
@@ -24,7 +27,7 @@ def gmm_cfg(out: Path, objective: str, batch: int, steps: int, extra=()):
         f"name={objective}", f"output_dir={out}", "teacher.name=gmm", "student.init=scratch",
         "student.backbone=mlp", "data.name=gmm", f"data.batch_size={batch}", f"train.steps={steps}",
         "train.progress=false", "train.checkpoint_every=1000", "train.log_every=10", "train.device=cpu",
-        "train.num_threads=1", f"objective.name={objective}", *extra])
+        "train.num_threads=1", f"objective.name={objective}", *OBJECTIVE_OPTIONS.get(objective, ()), *extra])
 
 
 def params(trainer) -> dict:
