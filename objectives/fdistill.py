@@ -33,6 +33,11 @@ so critic steps come first in every cycle. With reverse KL and no GAN term there
 
 Bin statistics (an EMA per bin, `ratio_bin_ema`; 0 = this batch only) are buffers, so checkpoints
 carry them; they and the mean of h are reduced over all processes (distribution_matching.global_sum).
+With a small global batch, few samples share a bin and r / bin_mean(r) flattens the ratio (a sample
+alone in its bin gets r = 1): use fewer bins or a bin EMA there.
+
+Cost: the generator step runs the teacher twice at x_t (D_T without graph, features with a graph for
+the GAN term); a teacher `features` that also returned its velocity would save one pass.
 """
 from __future__ import annotations
 

@@ -423,3 +423,22 @@ def test_approximate_r1_is_the_logit_change_under_a_small_perturbation(gmm_teach
     assert torch.equal(with_r1["fake_score"], without["fake_score"])
     assert with_r1["log/loss_r1"] > 0
     assert torch.allclose(with_r1["disc"], without["disc"] + 100.0 * with_r1["log/loss_r1"], rtol=1e-12)
+
+
+def test_discriminator_heads_for_vector_token_and_map_features():
+    from onestep.objectives.discriminators import FeatureDiscriminator
+    from onestep.objectives.distribution_matching import call_with_frozen_parameters
+
+    torch.manual_seed(0)
+    feats = [torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 16, 7), torch.randn(3, 8, 4, 4)]
+    disc = FeatureDiscriminator(feats, hidden=16)
+    t = torch.rand(3)
+    logits = disc(feats, t)
+    assert logits.shape == (3, 1 + 7 + 16)          # one vector logit, one per token, one per position
+    # per sample: a sample's logits do not depend on the rest of the batch
+    assert torch.allclose(disc([f[:1] for f in feats], t[:1]), logits[:1], atol=1e-6)
+    # frozen call: gradient to the inputs, none to the parameters
+    x = [f.clone().requires_grad_(True) for f in feats]
+    call_with_frozen_parameters(disc, x, t).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in x)
+    assert all(p.grad is None for p in disc.parameters())
