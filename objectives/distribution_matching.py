@@ -107,11 +107,21 @@ def global_mean(obj, values: torch.Tensor) -> torch.Tensor:
 # --- networks ----------------------------------------------------------------------------------
 
 def trainable_copy_of_backbone(teacher, student: nn.Module) -> nn.Module:
-    """A trainable velocity network initialised from the teacher's backbone (an exact copy, so the fake
-    score starts equal to the teacher); for analytic teachers without one, a copy of the student's
-    architecture and weights (used at r = t only)."""
+    """A trainable velocity network net(x, r, t, cond), used at r = t, that starts equal to the teacher.
+
+    onestep's own velocity nets (the digits UNet, MLPs) are copied as they are; any other adapter's
+    backbone (a raw diffusers model) gets the teacher's student wrapper (`student_from_teacher`), which
+    runs the copy through the adapter's own conversion to flow time and whose interval embedding is zero
+    at r = t. Analytic teachers have no backbone: then a copy of the student's architecture and weights."""
+    from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
+
     backbone = teacher.backbone() if teacher is not None else None
-    net = copy.deepcopy(backbone if backbone is not None else student)
+    if backbone is None:
+        net = copy.deepcopy(student)
+    elif isinstance(backbone, (AvgVelocityUNet, MLPAvgVelocity)):
+        net = copy.deepcopy(backbone)
+    else:
+        net = student_from_teacher(teacher)
     net.requires_grad_(True)
     return net.train()
 

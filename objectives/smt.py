@@ -92,12 +92,14 @@ class MixtureScore(nn.Module):
 
     def default_bottleneck(self) -> list[str]:
         """The layer the GAN head reads: a UNet's mid block, an MLP's last hidden activation."""
-        from onestep.student import AvgVelocityUNet, MLPAvgVelocity
+        from onestep.student import AvgVelocityUNet, MLPAvgVelocity, TeacherStudent
 
         if isinstance(self.net, AvgVelocityUNet):
             return ["net.unet.mid_block"]
         if isinstance(self.net, MLPAvgVelocity):
             return [f"net.body.{len(self.net.body) - 2}"]
+        if isinstance(self.net, TeacherStudent) and hasattr(self.net.backbone, "mid_block"):
+            return ["net.backbone.mid_block"]   # diffusers UNets (SD, SDXL, EDM adapters)
         raise ValueError(f"no default bottleneck for {type(self.net).__name__}: set objective.gan_layers")
 
 

@@ -442,3 +442,44 @@ def test_discriminator_heads_for_vector_token_and_map_features():
     call_with_frozen_parameters(disc, x, t).sum().backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in x)
     assert all(p.grad is None for p in disc.parameters())
+
+
+def tiny_class_conditional_unet_teacher():
+    """A pixel DDPM adapter (v-prediction, 10 classes + a null class) around a tiny random UNet."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from onestep.teachers.unet import UNetTeacher
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, attention_head_dim=4, num_class_embeds=11,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    with torch.no_grad():  # diffusers zero-initialises output layers: make every layer matter
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    scheduler = dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type="v_prediction").config)
+    return UNetTeacher(unet, scheduler, null_class=10)
+
+
+def test_a_diffusers_adapter_teacher_with_labels_and_guidance():
+    """The fake score of an adapter teacher is its student wrapper used at r = t (an exact copy at init), the
+    discriminator reads the adapter's down/mid blocks, labels reach every network, D_T uses CFG."""
+    from onestep.student import TeacherStudent, student_from_teacher
+
+    teacher = tiny_class_conditional_unet_teacher()
+    cfg = FDistillConfig(divergence="js", critic_steps=1, guidance=2.0, gan_weight=0.1)
+    obj = FDistill(student_from_teacher(teacher), teacher, cfg)
+    assert isinstance(obj.fake_score, TeacherStudent) and len(obj.discriminator.heads) == 3
+    batch = {"x": torch.randn(6, 3, 8, 8), "cond": torch.tensor([0, 3, 9, 1, -1, 5])}
+    critic = obj.loss(batch, 0)
+    assert torch.isfinite(critic["fake_score"]) and torch.isfinite(critic["disc"])
+    obj.cfg.guidance = None
+    out = obj.loss(batch, 1)
+    assert out["log/loss_dm"] == 0.0                   # the fake score is the (unguided) teacher, exactly
+    obj.cfg.guidance = 2.0
+    obj.generator = torch.Generator().manual_seed(0)
+    guided = obj.loss(batch, 1)
+    assert guided["log/loss_dm"] > 0                   # D_T is the guided teacher: the fake score is not
+    grads = torch.autograd.grad(guided["student"], list(obj.student.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)

@@ -306,3 +306,19 @@ def test_bad_options_are_config_errors(bad):
         SMT(MLPAvgVelocity(2), None, SMTConfig(**bad))
     with pytest.raises(ConfigError, match="teacher"):
         SMD.check_config(SMDConfig(), None)
+
+
+def test_smd_with_a_diffusers_adapter_teacher():
+    from test_fdistill import tiny_class_conditional_unet_teacher
+
+    from onestep.student import TeacherStudent, student_from_teacher
+
+    teacher = tiny_class_conditional_unet_teacher()
+    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig())
+    assert isinstance(obj.score_net.net, TeacherStudent) and obj.gan_layers == ["net.backbone.mid_block"]
+    assert obj.score_net.net.interval_scale == obj.cfg.alpha_scale
+    batch = {"x": torch.randn(6, 3, 8, 8), "cond": torch.tensor([0, 3, 9, 1, -1, 5])}
+    out = obj.loss(batch, 0)
+    assert out["log/score_real_mse"] == 0.0            # every mixture starts as the teacher, its target
+    out = obj.loss(batch, GENERATOR_STEP)
+    assert torch.isfinite(out["student"]) and torch.isfinite(out["score"])
