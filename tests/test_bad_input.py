@@ -193,7 +193,8 @@ TYPED_FIELDS = typed_fields()
 
 #: a deterministic wrong value per kind (a list where a scalar is expected, a word where a number is ...)
 WRONG_VALUE = {"int": "many", "float": "fast", "bool": "maybe", "str": [1, 2], "mapping": 7,
-               "list[int]": "several", "list[float]": {"a": 1}, "list[list[float]]": [["x", 1.0]]}
+               "list[int]": "several", "list[float]": {"a": 1}, "list[str]": {"a": 1},
+               "list[list[float]]": [["x", 1.0]]}
 
 
 def nest(key: str, value, base: dict) -> dict:
@@ -357,8 +358,8 @@ def test_out_of_range_values_and_bad_options(i, case, workspace, no_training):
 
 UNKNOWN_NAMES = [
     ("unknown objective", ["objective.name=consistency"], ["objective.name: unknown objective 'consistency'",
-                                                            "allowed: flow_matching, meanflow, splitmeanflow"]),
-    ("unknown teacher", ["teacher.name=sdxl"], ["teacher.name: unknown teacher 'sdxl'", "allowed: digits, gmm"]),
+                                                            "allowed: fdistill, flow_matching, meanflow"]),
+    ("unknown teacher", ["teacher.name=sdxxl"], ["teacher.name: unknown teacher 'sdxxl'", "allowed: digits, edm"]),
     ("empty objective name", ["objective.name="], ["objective.name"]),
     ("objective name is a list", ["objective.name=[a,b]"], ["objective.name must be a name", "allowed:"]),
     ("teacher name is a list", ["teacher.name=[digits]"], ["teacher.name must be a name", "allowed:"]),
@@ -490,6 +491,7 @@ def wrong_values(kind: str):
         "mapping": st.one_of(WORD, st.integers(), lists),
         "list[int]": st.one_of(WORD, mappings, st.lists(WORD, min_size=1, max_size=3)),
         "list[float]": st.one_of(WORD, mappings, st.lists(WORD, min_size=1, max_size=3)),
+        "list[str]": st.one_of(WORD, mappings),
         "list[list[float]]": st.one_of(WORD, mappings, st.lists(st.lists(WORD, min_size=1, max_size=2), min_size=1,
                                                                 max_size=2)),
     }[kind]
