@@ -88,10 +88,17 @@ def finished_run(run_dir: Path, recipe):
     from onestep.export import load_run, load_student
 
     ran = load_config(run_dir / "config.yaml")
-    # what decides the result must match; where it ran (names, folders, threads, logging) need not
-    same = lambda c: {k: asdict(c)[k] for k in ("seed", "teacher", "student", "objective", "data")} | {  # noqa: E731
-        k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
-                                                               "log_every", "sample_every", "keep_checkpoints")}
+    from onestep.config import section_config
+    from onestep.registry import OBJECTIVES, TEACHERS
+
+    # what decides the result must match (sections resolved with their defaults); where it ran
+    # (names, folders, threads, logging) need not
+    def same(c):
+        return {"seed": c.seed, "student": asdict(c.student), "data": asdict(c.data),
+                "teacher": asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
+                "objective": asdict(section_config("objective", c.objective, OBJECTIVES)[1])} | {
+            k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
+                                                                   "log_every", "sample_every", "keep_checkpoints")}
     if same(ran) != same(recipe):
         diff = sorted(k for k in same(recipe) if same(recipe)[k] != same(ran).get(k))
         raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")
