@@ -24,6 +24,7 @@ CASES = [  # (objective, variant label, objective options)
     ("flow_matching", "teacher target", {"target": "teacher"}),
     ("meanflow", "jvp=single", {"jvp": "single"}),
     ("meanflow", "jvp=split", {"jvp": "split"}),
+    ("meanflow", "jvp=finite_difference", {"jvp": "finite_difference"}),
     ("splitmeanflow", "", {}),
 ]
 
