@@ -62,3 +62,339 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def fid_from_features(feats_a, feats_b) -> float:
     """Fréchet distance between the Gaussian fits of two feature sets [N, D] and [M, D]."""
     return frechet_distance(*feature_statistics(feats_a), *feature_statistics(feats_b))
+
+
+# ============================================================================================
+# FID of images: two backends (clean-fid, torchmetrics) on one feature extractor, and reference
+# statistics (clean-fid's named sets, EDM-style .npz, or computed from images and cached).
+# ============================================================================================
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("clean-fid", "torchmetrics")
+MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+#: clean-fid's precomputed statistics that we know the sizes of: name -> (dataset, res, split, N)
+NAMED_REFERENCES = {"cifar10-train": ("cifar10", 32, "train", 50_000), "cifar10-test": ("cifar10", 32, "test", 10_000)}
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class FIDInputError(ValueError):
+    """Bad FID input (a path, a mode, a reference); the message is one line."""
+
+
+class DigitsImageFeatures(nn.Module):
+    """The digits-FID feature net behind the image interface of this module: [N, C, H, W] in
+    [0, 255] -> grey, [-1, 1], 16x16 (bilinear, antialiased, only if the size differs) -> 128-d."""
+
+    input_size = 16
+
+    def __init__(self, net=None):
+        super().__init__()
+        from .features import FEATURE_NET_NAME, _state_sha256, load_digits_feature_net
+
+        self.net = load_digits_feature_net() if net is None else net
+        self.num_features = self.net.arch_args["feature_dim"]
+        self.name = FEATURE_NET_NAME
+        self.weights_sha256 = getattr(self.net, "weights_sha256", None) or _state_sha256(self.net)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mean(dim=1, keepdim=True) / 127.5 - 1.0
+        if tuple(x.shape[-2:]) != (16, 16):
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        return self.net.features(x)
+
+
+def feature_extractor(name: str = "inception", mode: str = "clean", backend: str = "clean-fid",
+                      inception_weights=None, device="cpu", download: bool | None = None) -> nn.Module:
+    """`inception` (the FID Inception of `mode`; with the torchmetrics backend it resizes inside, as
+    torchmetrics' own does) or `digits` (the shipped digits-FID net)."""
+    if name == "digits":
+        return DigitsImageFeatures().to(device)
+    if name == "inception":
+        from .inception import load_inception
+
+        inside = True if backend == "torchmetrics" else None
+        return load_inception(mode, inception_weights, device=device, download=download, resize_inside=inside)
+    raise FIDInputError(f"unknown feature extractor {name!r}; choose inception or digits")
+
+
+def _extractor_sha(extractor: nn.Module) -> str:
+    from .report import module_sha256
+
+    return module_sha256(extractor)
+
+
+# ------------------------------------------------------------------------------------- images
+
+def to_uint8_images(images) -> np.ndarray:
+    """uint8 [N, H, W, 3] from a float tensor/array [N, C, H, W] in [-1, 1] (the library's sample
+    convention) or uint8 [N, H, W, C] / [N, C, H, W]; one channel is repeated to three."""
+    if isinstance(images, torch.Tensor):
+        if images.is_floating_point():
+            images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images = images.cpu().numpy()
+        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.transpose(0, 2, 3, 1)
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating):
+            x = ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+            if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+                x = x.transpose(0, 2, 3, 1)
+        else:
+            raise FIDInputError(f"images must be uint8 or float in [-1, 1], got dtype {x.dtype}")
+    if x.ndim == 4 and x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise FIDInputError(f"images must be [N, H, W, C] or [N, C, H, W] with C in (1, 3), got shape {x.shape}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def load_images(source) -> np.ndarray:
+    """uint8 [N, H, W, 3] from an image folder (recursive, sorted), a folder of `shard-*.npz`
+    (`generate_shards`), an `.npz` of images (key `images`, else `arr_0`), or an array/tensor."""
+    if not isinstance(source, (str, Path)):
+        return to_uint8_images(source)
+    path = Path(source)
+    if not path.exists():
+        raise FIDInputError(f"image source not found: {path}")
+    if path.is_dir():
+        shards = sorted(path.glob("shard-*.npz"))
+        if shards:
+            return np.concatenate([to_uint8_images(np.load(s)["images"]) for s in shards])
+        files = _image_files(path)
+        if not files:
+            raise FIDInputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or shard-*.npz in {path}")
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+            if key is None:
+                raise FIDInputError(f"{path} holds neither images (key images / arr_0) nor statistics (mu, sigma): "
+                                    f"keys {sorted(data.keys())}")
+            return to_uint8_images(data[key])
+    raise FIDInputError(f"unsupported image source {path}: give a folder of images, a folder of shard-*.npz, or an .npz")
+
+
+# ----------------------------------------------------------------------------------- features
+
+def _cleanfid_batches(images: np.ndarray, mode: str, batch_size: int):
+    """clean-fid's per-image preprocessing of `mode` (its own `build_resizer`: PIL bicubic to 299
+    for clean, torch bilinear for legacy_pytorch, none for legacy_tensorflow), batched."""
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer(mode)
+    for s in range(0, len(images), batch_size):
+        batch = [np.asarray(resize(img), dtype=np.float32).transpose(2, 0, 1) for img in images[s:s + batch_size]]
+        yield torch.from_numpy(np.stack(batch))
+
+
+@torch.no_grad()
+def image_features(images, extractor: nn.Module, backend: str = "clean-fid", mode: str = "clean",
+                   batch_size: int = 64, device=None, progress: bool = False) -> np.ndarray:
+    """float64 features [N, D] of uint8 images [N, H, W, 3] as `backend` feeds them to `extractor`:
+    clean-fid: its resize of `mode`, float [0, 255]; torchmetrics: the uint8 images as they are
+    (the extractor resizes, as torchmetrics' own Inception does)."""
+    if backend not in BACKENDS:
+        raise FIDInputError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise FIDInputError(f"unknown FID mode {mode!r}; choose one of {', '.join(MODES)}")
+    images = to_uint8_images(images)
+    device = device or next(iter(extractor.parameters()), torch.zeros(())).device
+    if backend == "clean-fid":
+        batches = _cleanfid_batches(images, mode, batch_size)
+    else:
+        batches = (torch.from_numpy(images[s:s + batch_size]).permute(0, 3, 1, 2)
+                   for s in range(0, len(images), batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-len(images) // batch_size), desc=f"features ({backend})", unit="batch")
+    out = [extractor(b.to(device)).double().cpu().reshape(len(b), -1) for b in batches]
+    return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------------- reference statistics
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")) / "fid_stats"
+
+
+def _source_fingerprint(path: Path) -> str:
+    """Cheap identity of a file or folder: names, sizes and mtimes (contents hashed for one file)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        from .report import file_sha256
+
+        h.update(file_sha256(path).encode())
+    else:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _named_statistics(name: str, mode: str, extractor: nn.Module, download: bool | None):
+    dataset, res, split, n = NAMED_REFERENCES[name]
+    if not str(getattr(extractor, "name", "")).startswith("inception"):
+        raise FIDInputError(f"reference {name} is clean-fid's Inception statistics; it needs --features inception")
+    import cleanfid
+
+    from .inception import _download, offline
+
+    fname = f"{dataset}_{mode}_{split}_{res}.npz".lower()
+    folder = Path(cleanfid.__file__).parent / "stats"
+    path, url = folder / fname, CLEANFID_STATS_URL + fname
+    if not path.is_file():
+        allowed = (not offline()) if download is None else download
+        why = "downloads are off (HF_HUB_OFFLINE/ONESTEP_OFFLINE)"
+        if allowed:
+            try:
+                _download(url, path)
+            except Exception as e:
+                why = f"download failed: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        if not path.is_file():
+            raise FIDInputError(f"reference statistics {fname} not found in {folder} ({why}); download {url} "
+                                f"there, or pass --reference PATH.npz (mu, sigma)")
+    with np.load(path) as data:
+        return data["mu"], data["sigma"], n, f"clean-fid:{fname}"
+
+
+def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-fid", mode: str = "clean",
+                         batch_size: int = 64, cache_dir=None, download: bool | None = None,
+                         return_features: bool = False, progress: bool = False) -> dict:
+    """{"mu", "sigma", "n" (None if unknown), "source", "features" (None unless computed now and
+    asked for)} for `reference`: a clean-fid name (cifar10-train, cifar10-test), an `.npz` with
+    `mu` and `sigma` (EDM / clean-fid style), or images (folder, shards, `.npz` of images, array).
+    Statistics computed from images are cached under `cache_dir`, keyed by the source, the
+    extractor's weights hash, the backend and the mode."""
+    if isinstance(reference, str) and reference in NAMED_REFERENCES:
+        mu, sigma, n, source = _named_statistics(reference, mode, extractor, download)
+        return {"mu": mu, "sigma": sigma, "n": n, "source": source, "features": None}
+    sha = _extractor_sha(extractor)
+    cache_file = None
+    if isinstance(reference, (str, Path)):
+        path = Path(reference)
+        if not path.exists():
+            raise FIDInputError(f"reference not found: {path} (give a folder, an .npz, or one of "
+                                f"{', '.join(NAMED_REFERENCES)})")
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                if "mu" in data and "sigma" in data:
+                    n = int(data["n"]) if "n" in data else None
+                    return {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64),
+                            "n": n, "source": f"npz-stats:{path}", "features": None}
+        key = hashlib.sha256(f"{path.resolve()}|{_source_fingerprint(path)}|{sha}|{backend}|{mode}".encode()).hexdigest()
+        cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key[:20]}.npz"
+        if cache_file.is_file() and not return_features:
+            with np.load(cache_file) as data:
+                return {"mu": data["mu"], "sigma": data["sigma"], "n": int(data["n"]),
+                        "source": f"images:{path} (cached {cache_file.name})", "features": None}
+        source = f"images:{path}"
+    else:
+        source = "images:in-memory"
+    feats = image_features(load_images(reference), extractor, backend, mode, batch_size, progress=progress)
+    mu, sigma = feature_statistics(feats)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats))
+        tmp.replace(cache_file)
+    return {"mu": mu, "sigma": sigma, "n": len(feats), "source": source,
+            "features": feats if return_features else None}
+
+
+# ----------------------------------------------------------------------------------- distances
+
+def torchmetrics_frechet(fake_features: np.ndarray, mu_ref, sigma_ref, n_ref: int | None,
+                         extractor_dim: int) -> float:
+    """torchmetrics' FrechetInceptionDistance.compute on these fake features and these reference
+    statistics: its real-feature states are set to the sums the statistics imply (any n > 1 gives
+    the same mean and covariance when the reference size is unknown)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class _Features(nn.Module):  # torchmetrics wants a module; the features are already computed
+        num_features = extractor_dim
+
+        def forward(self, x):
+            return x
+
+    metric = FrechetInceptionDistance(feature=_Features(), reset_real_features=False)
+    n = int(n_ref) if n_ref and n_ref > 1 else 2
+    mu = torch.as_tensor(np.asarray(mu_ref, np.float64))
+    sigma = torch.as_tensor(np.asarray(sigma_ref, np.float64))
+    metric.real_features_sum = n * mu
+    metric.real_features_cov_sum = (n - 1) * sigma + n * torch.outer(mu, mu)
+    metric.real_features_num_samples = torch.tensor(n, dtype=metric.real_features_num_samples.dtype)
+    fake = torch.as_tensor(fake_features, dtype=torch.float64)
+    for s in range(0, len(fake), 4096):
+        metric.update(fake[s:s + 4096], real=False)
+    return float(metric.compute())
+
+
+def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str = "clean",
+                features: str | nn.Module = "inception", inception_weights=None, batch_size: int = 64,
+                device="cpu", cache_dir=None, download: bool | None = None, coverage_metrics: bool = True,
+                progress: bool = False) -> dict:
+    """FID of `generated` images (folder, shards, .npz, array/tensor) against `reference` (see
+    `reference_statistics`). Returns {"scores": {...}, "protocol": {...}} where the protocol holds
+    the FID-specific fields (backend, mode, extractor and its sha256, reference source, counts);
+    the caller adds seeds, steps, guidance (`report.make_protocol`).
+
+    With image references and `coverage_metrics`, precision/recall (k=3) and density/coverage (k=5)
+    in the same features are added."""
+    if backend not in BACKENDS:
+        raise FIDInputError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise FIDInputError(f"unknown FID mode {mode!r}; choose one of {', '.join(MODES)}")
+    extractor = features if isinstance(features, nn.Module) else feature_extractor(
+        features, mode, backend, inception_weights, device, download)
+    images = load_images(generated)
+    want_feats = coverage_metrics and not (isinstance(reference, str) and reference in NAMED_REFERENCES)
+    ref = reference_statistics(reference, extractor, backend, mode, batch_size, cache_dir, download,
+                               return_features=want_feats, progress=progress)
+    fake = image_features(images, extractor, backend, mode, batch_size, progress=progress)
+    if fake.shape[1] != np.asarray(ref["mu"]).shape[-1]:
+        raise FIDInputError(f"reference statistics have {np.asarray(ref['mu']).shape[-1]} dimensions but the "
+                            f"feature extractor gives {fake.shape[1]}: they come from another network")
+    if backend == "clean-fid":
+        from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+        mu, sigma = fake.mean(axis=0), np.cov(fake, rowvar=False)  # exactly clean-fid's statistics
+        fid = float(cleanfid_frechet(mu, sigma, ref["mu"], ref["sigma"]))
+    else:
+        fid = torchmetrics_frechet(fake, ref["mu"], ref["sigma"], ref["n"], fake.shape[1])
+    scores = {"fid": fid}
+    if ref["features"] is not None:
+        from .precision_recall import density_coverage, precision_recall
+
+        scores.update(precision_recall(ref["features"], fake, k=3))
+        scores.update(density_coverage(ref["features"], fake, k=5))
+    resize = {"clean-fid": {"clean": "PIL bicubic to 299 (float, clean-fid)", "legacy_pytorch": "torch bilinear to 299",
+                            "legacy_tensorflow": "inside the network (TF-1 bilinear for Inception)"}[mode],
+              "torchmetrics": "inside the feature extractor (uint8 input, as torchmetrics)"}[backend]
+    protocol = {"backend": backend, "mode": mode, "resize": resize,
+                "feature_extractor": getattr(extractor, "name", type(extractor).__name__),
+                "feature_extractor_sha256": _extractor_sha(extractor), "reference": ref["source"],
+                "num_generated": int(len(images)), "num_reference": ref["n"],
+                "resolution": list(images.shape[1:3])}
+    return {"scores": scores, "protocol": protocol, "images": images}
