@@ -1,6 +1,8 @@
 """Turn a validated RunConfig into objects: teacher, student, objective, data."""
 from __future__ import annotations
 
+import torch
+
 from onestep.config import RunConfig, section_config
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
@@ -15,6 +17,7 @@ def build_teacher(cfg: RunConfig):
 
 def build_student(cfg: RunConfig, teacher):
     student = _build_student(cfg, teacher)
+    adapt_trainable_copy(student, cfg.student, is_student=True)
     if cfg.student.attention is not None:
         from onestep.config import ConfigError
         from onestep.kernels import set_attention_backend
@@ -50,6 +53,8 @@ def build_data(cfg: RunConfig, teacher):
 
     if cfg.data.name == "digits":
         return TensorData(load_digits("train").images)
+    if cfg.data.name in ("image_folder", "prompts", "class_labels", "teacher_samples"):
+        return _build_adapter_data(cfg, teacher)
     from onestep.teachers.gmm import GMMTeacher
 
     if not isinstance(teacher, GMMTeacher):
@@ -59,4 +64,141 @@ def build_data(cfg: RunConfig, teacher):
 
 def build_objective(cfg: RunConfig, student, teacher):
     cls, ocfg = section_config("objective", cfg.objective, OBJECTIVES)
-    return cls(student, teacher, ocfg)
+    objective = cls(student, teacher, ocfg)
+    # the objective's teacher-copied trainable networks (f-distill's fake score, SMD's mixture net) get the
+    # student's LoRA adapters and checkpointing: a full-size fake score would cost what a full student does
+    for copy_net in _trainable_teacher_copies(objective):
+        adapt_trainable_copy(copy_net, cfg.student, is_student=False)
+    return objective
+
+
+# ------------------------------------------------------------------------------------------------
+# memory-saving options of trainable teacher copies: LoRA adapters, gradient checkpointing, fp32 masters
+
+
+def _trainable_teacher_copies(objective) -> list:
+    """TeacherStudent / AvgVelocityUNet networks of the objective other than the student and teacher."""
+    from onestep.student import AvgVelocityUNet, TeacherStudent
+
+    found = []
+    for name, module in objective.named_modules():
+        top = name.split(".")[0]
+        if not name or top in ("student", "teacher") or not isinstance(module, (TeacherStudent, AvgVelocityUNet)):
+            continue
+        if not any(module is f or _is_inside(module, f) for f in found):
+            found.append(module)
+    return found
+
+
+def _is_inside(module, outer) -> bool:
+    return any(m is module for m in outer.modules())
+
+
+def _backbone_and_interval_prefixes(net) -> tuple:
+    """(the network LoRA adapts, names of parameters that always train: the interval embedding)."""
+    from onestep.student import AvgVelocityUNet, TeacherStudent
+
+    if isinstance(net, TeacherStudent):
+        return net.backbone, "backbone.", ("interval_embedding.",)
+    if isinstance(net, AvgVelocityUNet):
+        # the digits student embeds t - r through the UNet's own class embedding
+        return net.unet, "unet.", ("unet.class_embedding.",) if net.has_interval_embedding else ()
+    return None, "", ()
+
+
+def add_lora(net, rank: int, alpha: float | None, targets) -> int:
+    """peft LoRA adapters (rank, alpha) on `net`'s backbone layers whose names end with `targets`; every
+    other backbone parameter is frozen, the interval embedding stays trainable. Standard peft layers
+    (`LoraConfig` + `inject_adapter_in_model`), so `peft.get_peft_model_state_dict(backbone)` exports
+    them. A backbone that already holds adapters (a copy of a LoRA student) is only re-frozen. Returns the
+    number of trainable parameters."""
+    from onestep.config import ConfigError
+
+    backbone, prefix, always = _backbone_and_interval_prefixes(net)
+    if backbone is None:
+        raise ConfigError(f"student.lora_rank: LoRA needs a diffusers backbone; {type(net).__name__} has none")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        raise ConfigError("student.lora_rank > 0 needs peft: pip install 'onestep[lora]' (or pip install peft)") from None
+    if not any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
+                            lora_dropout=0.0, init_lora_weights=True)  # lora_B = 0: equals the teacher at init
+        try:
+            inject_adapter_in_model(config, backbone)
+        except ValueError as e:  # no module matches the targets
+            raise ConfigError(f"student.lora_targets={list(targets)}: {' '.join(str(e).split())[:300]}") from None
+    trainable = 0
+    for name, p in net.named_parameters():
+        keep = "lora_" in name or name.startswith(always)
+        p.requires_grad_(keep)
+        trainable += p.numel() if keep else 0
+    return trainable
+
+
+def enable_gradient_checkpointing(net) -> int:
+    """diffusers' `enable_gradient_checkpointing()` on the outermost diffusers models inside `net` that
+    support it; returns how many. None is a ConfigError."""
+    from diffusers import ModelMixin
+
+    from onestep.config import ConfigError
+
+    enabled = []
+    for module in net.modules():
+        if isinstance(module, ModelMixin) and getattr(module, "_supports_gradient_checkpointing", False) \
+                and not any(_is_inside(module, outer) for outer in enabled):
+            module.enable_gradient_checkpointing()
+            enabled.append(module)
+    if not enabled:
+        raise ConfigError(f"student.gradient_checkpointing: {type(net).__name__} holds no diffusers model that "
+                          "supports it")
+    return len(enabled)
+
+
+def upcast_trainable(net) -> None:
+    """Trainable float16/bfloat16 parameters to float32: AdamW updates fp32 master weights (a bf16 teacher's
+    copy would otherwise train in bf16); mixed precision (train.mixed_precision) keeps the compute in bf16."""
+    for p in net.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def adapt_trainable_copy(net, s, is_student: bool) -> None:
+    """Apply student.lora_* and student.gradient_checkpointing to a trainable copy of the teacher."""
+    if s.lora_rank > 0:
+        add_lora(net, s.lora_rank, s.lora_alpha, s.lora_targets)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(net)
+    upcast_trainable(net)
+
+
+# ------------------------------------------------------------------------------------------------
+# data of the adapter teachers
+
+
+def _build_adapter_data(cfg: RunConfig, teacher):
+    from onestep.config import ConfigError
+    from onestep.data import ClassLabelData, ImageFolderData, PromptData, load_prompts
+
+    d = cfg.data
+    name = cfg.teacher.get("name")
+    if teacher is None or not hasattr(teacher, "sample_shape") or len(teacher.sample_shape) != 3:
+        raise ConfigError(f"data.name={d.name} needs an image teacher (unet, edm, stable_diffusion, sdxl, sd3, "
+                          "flux, sana)")
+    if d.name == "prompts":
+        return PromptData(load_prompts(d.path), teacher, d.teacher_steps, d.teacher_guidance)
+    if d.name == "class_labels":
+        if teacher.num_classes is None:
+            raise ConfigError(f"data.name=class_labels: teacher {name} ({cfg.teacher.get('path')}) is unconditional "
+                              "(no class embedding); use data.name=teacher_samples or image_folder")
+        return ClassLabelData(teacher, d.teacher_steps, d.teacher_guidance)
+    if d.name == "teacher_samples":
+        if teacher.num_classes is not None:
+            raise ConfigError(f"data.name=teacher_samples draws unconditional samples, but teacher {name} is "
+                              "class-conditional: use data.name=class_labels")
+        return ClassLabelData(teacher, d.teacher_steps, d.teacher_guidance, labels=False)
+    if teacher.num_classes is not None:
+        raise ConfigError(f"data.name=image_folder has no labels, but teacher {name} is class-conditional: use "
+                          "data.name=class_labels with data.teacher_steps >= 1")
+    return ImageFolderData(d.path, teacher)

@@ -143,6 +143,11 @@ def cmd_distill(args) -> int:
     if not args.config:
         raise UsageError("onestep distill needs --config (a YAML path or a shipped config name, see onestep list)")
     cfg = _config(args, None)
+    if args.dry_run:  # validate, build at tiny size, one training step, full-size counts; nothing downloaded
+        from onestep.dryrun import dry_run
+
+        dry_run(cfg)
+        return 0
     trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)
     print(f"run saved to {trainer.run_dir}")
     return 0
@@ -191,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("demo", "teacher -> SplitMeanFlow one-step student -> digits-FID report", cmd_demo, "demo")
     tt = with_config("teacher-train", "train the digits flow-matching teacher", cmd_teacher_train, "digits_teacher")
     tt.add_argument("--out", help="where to save the teacher (default: runs/<name>/teacher)")
-    with_config("distill", "train a student with any registered objective", cmd_distill, "required")
+    di = with_config("distill", "train a student with any registered objective", cmd_distill, "required")
+    di.add_argument("--dry-run", action="store_true", help="validate the recipe, build it at a tiny size, run one "
+                    "training step and print parameter counts and a full-size GPU memory estimate (no download)")
     sp = sub.add_parser("list", help="registered teachers, objectives and metrics")
     sp.set_defaults(func=cmd_list)
     # no argparse `required`/`choices`/`type` here: export_run checks them and reports in one line

@@ -38,12 +38,31 @@ class StudentSection:
     # the student's attention: sdpa | xformers | math | fused (null: the backbone's own). JVPs (MeanFlow)
     # need math or fused; fused is onestep's blockwise kernel with forward-mode AD (onestep.kernels)
     attention: Optional[str] = None
+    # diffusers' enable_gradient_checkpointing() on the student's backbone: activations recomputed in
+    # backward (less memory, ~30 % more compute); same loss and gradients
+    gradient_checkpointing: bool = False
+    # 0: full fine-tune. > 0: peft LoRA adapters of this rank on the backbone's attention/linear layers
+    # (`lora_targets`, module-name suffixes); only they and the interval embedding train. The objective's
+    # teacher-copied networks (f-distill's fake score, SMD's mixture net) get the same adapters
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None  # LoRA scale alpha / rank; None: alpha = rank
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
 class DataSection:
-    name: str = "digits"         # "digits" (sklearn digits, train split) or "gmm" (teacher's mixture)
+    # "digits" (sklearn digits, train split), "gmm" (teacher's mixture); for the adapter teachers:
+    # "image_folder" (images in data.path, resized to the teacher's resolution, VAE-encoded for latent
+    # teachers), "prompts" (a .txt/.jsonl prompts file in data.path, encoded by the teacher),
+    # "class_labels" (uniform random labels of a class-conditional teacher), "teacher_samples" (none)
+    name: str = "digits"
     batch_size: int = 64
+    path: Optional[str] = None
+    # prompts / class_labels / teacher_samples batches carry x = the teacher's samples from fresh noise with
+    # this many steps (data-free distillation); 0: no samples, x is a zero placeholder of the latent
+    # shape, which only objectives that read x for its shape accept (f-distill without discriminator)
+    teacher_steps: int = 0
+    teacher_guidance: Optional[float] = None  # CFG scale of those teacher samples (None: no guidance)
 
 
 @dataclass
@@ -321,7 +340,7 @@ def validate(run: RunConfig) -> None:
         "student.init": (run.student.init, ("teacher", "scratch")),
         "student.backbone": (run.student.backbone, ("digits_unet", "mlp")),
         "student.attention": (run.student.attention or "sdpa", ("sdpa", "xformers", "math", "fused")),
-        "data.name": (run.data.name, ("digits", "gmm")),
+        "data.name": (run.data.name, DATA_NAMES),
         "train.mixed_precision": (run.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (run.train.device, ("auto", "cpu")),
         "eval.solver": (run.eval.solver, ("euler", "heun")),
@@ -376,6 +395,58 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("student.backbone=mlp works on vector data (data.name=gmm); use student.backbone=digits_unet")
     if getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch" and not run.student.interval_embedding:
         raise ConfigError(f"objective {run.objective['name']} trains u(z, r, t): set student.interval_embedding=true")
+    _check_adapter_options(run, obj_cfg)
+
+
+#: data sources (data.name)
+DATA_NAMES = ("digits", "gmm", "image_folder", "prompts", "class_labels", "teacher_samples")
+#: teacher families conditioned on prompts
+TEXT_TEACHERS = ("stable_diffusion", "sdxl", "sd3", "flux", "sana")
+
+
+def _x_only_for_shape(run: RunConfig, obj_cfg) -> bool:
+    """Whether the objective reads batch["x"] only for its shape: f-distill without a discriminator
+    (reverse KL, no GAN or R1 term) draws its noise like x and never looks at x itself."""
+    return run.objective.get("name") == "fdistill" and obj_cfg.divergence == "reverse_kl" \
+        and obj_cfg.gan_weight == 0 and obj_cfg.r1_weight == 0
+
+
+def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
+    """LoRA / checkpointing options and the data sources of the adapter teachers, with the teacher."""
+    s, d = run.student, run.data
+    teacher = run.teacher.get("name")
+    if s.lora_rank < 0:
+        raise ConfigError(f"student.lora_rank must be >= 0 (0: full fine-tune), got {s.lora_rank}")
+    if s.lora_alpha is not None and not (s.lora_alpha > 0 and math.isfinite(s.lora_alpha)):
+        raise ConfigError(f"student.lora_alpha must be a finite number > 0 (or null: the rank), got {s.lora_alpha}")
+    if s.lora_rank > 0 and not s.lora_targets:
+        raise ConfigError("student.lora_targets must name at least one layer (e.g. [to_q, to_k, to_v, to_out.0])")
+    if s.lora_rank > 0 and s.init != "teacher":
+        raise ConfigError("student.lora_rank > 0 adapts a copy of the teacher: it needs student.init=teacher")
+    if d.teacher_steps < 0:
+        raise ConfigError(f"data.teacher_steps must be >= 0, got {d.teacher_steps}")
+    if d.name in ("image_folder", "prompts") and not d.path:
+        what = "an image folder" if d.name == "image_folder" else "a prompts file (.txt, one per line, or .jsonl)"
+        raise ConfigError(f"data.name={d.name} needs data.path: {what}")
+    if d.name in ("image_folder", "prompts", "class_labels", "teacher_samples") and teacher in (None, "none", "digits", "gmm"):
+        raise ConfigError(f"data.name={d.name} serves the adapter teachers (unet, edm, {', '.join(TEXT_TEACHERS)}); "
+                          f"teacher.name={teacher} uses data.name=digits or gmm")
+    if d.name == "prompts" and teacher not in TEXT_TEACHERS:
+        raise ConfigError(f"data.name=prompts needs a text-to-image teacher ({', '.join(TEXT_TEACHERS)}); "
+                          f"teacher {teacher} is not conditioned on prompts")
+    if d.name == "class_labels" and teacher not in ("unet", "edm"):
+        raise ConfigError(f"data.name=class_labels needs a class-conditional teacher (unet or edm); "
+                          f"teacher {teacher} is not" + (": use data.name=prompts" if teacher in TEXT_TEACHERS else ""))
+    if d.name == "image_folder" and teacher in TEXT_TEACHERS:
+        raise ConfigError(f"data.name=image_folder has no captions: the text-to-image teacher {teacher} needs "
+                          "data.name=prompts")
+    if d.name == "teacher_samples" and d.teacher_steps < 1:
+        raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
+    if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and not _x_only_for_shape(run, obj_cfg):
+        raise ConfigError(f"data.name={d.name} with data.teacher_steps=0 has no samples x, and objective "
+                          f"{run.objective.get('name')} builds its noisy points from x: set data.teacher_steps >= 1 "
+                          "(teacher samples as data), or use objective fdistill with divergence=reverse_kl and "
+                          "gan_weight=0")
 
 
 def _check_optimizer_options(obj_cfg) -> None:

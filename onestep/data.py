@@ -199,3 +199,96 @@ def load_prompts(path) -> list[str]:
     if not prompts:
         raise DataError(f"prompts file {f} holds no prompts")
     return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# batches for the adapter teachers (unet, edm, SD, SDXL, SD3, FLUX, SANA): x in the teacher's
+# sample space (its latents for latent teachers), cond in the teacher's own conditioning type
+
+
+def _teacher_device_dtype(teacher) -> tuple[torch.device, torch.dtype]:
+    p = next(teacher.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+class _TeacherSampledData:
+    """x = the teacher's own samples from fresh noise (`teacher_steps` steps, CFG `guidance`), or, with
+    teacher_steps = 0, a zero placeholder of the teacher's sample shape (for objectives that read x only
+    for its shape). Noise is drawn from the trainer's data generator on the CPU, so every process and
+    device sees the same numbers; sampling runs where the teacher is (at call time: after `prepare`)."""
+
+    def __init__(self, teacher, teacher_steps: int = 0, guidance: float | None = None):
+        self.teacher, self.teacher_steps, self.guidance = teacher, int(teacher_steps), guidance
+
+    def _x(self, size: int, cond, generator: torch.Generator) -> torch.Tensor:
+        device, dtype = _teacher_device_dtype(self.teacher)
+        shape = (size, *self.teacher.sample_shape)
+        if self.teacher_steps == 0:
+            return torch.zeros(shape, device=device)
+        noise = torch.randn(shape, generator=generator).to(device, dtype)
+        with torch.no_grad():
+            x = self.teacher.sample(noise, cond, steps=self.teacher_steps, guidance=self.guidance)
+        return x.float()
+
+
+class PromptData(_TeacherSampledData):
+    """Prompts drawn with replacement from a list; cond = teacher.encode_prompt(prompts) (a PromptCondition)."""
+
+    def __init__(self, prompts: list[str], teacher, teacher_steps: int = 0, guidance: float | None = None):
+        super().__init__(teacher, teacher_steps, guidance)
+        self.prompts = list(prompts)
+
+    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
+        idx = torch.randint(len(self.prompts), (size,), generator=generator)
+        with torch.no_grad():
+            cond = self.teacher.encode_prompt([self.prompts[i] for i in idx.tolist()])
+        x = self._x(size, cond, generator)
+        return {"x": x if device is None else x.to(device), "cond": cond if device is None else cond.to(device)}
+
+
+class ClassLabelData(_TeacherSampledData):
+    """Uniform random class labels of a class-conditional teacher (labels=False: unconditional, cond None)."""
+
+    def __init__(self, teacher, teacher_steps: int = 0, guidance: float | None = None, labels: bool = True):
+        super().__init__(teacher, teacher_steps, guidance)
+        if labels and teacher.num_classes is None:
+            raise ValueError(f"{type(teacher).__name__} is unconditional: it has no class labels to draw")
+        self.labels = labels
+
+    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
+        cond = None
+        if self.labels:
+            cond = torch.randint(self.teacher.num_classes, (size,), generator=generator)
+            cond = cond.to(_teacher_device_dtype(self.teacher)[0])
+        x = self._x(size, cond, generator)
+        move = (lambda v: v) if device is None else (lambda v: None if v is None else v.to(device))  # noqa: E731
+        return {"x": move(x), "cond": move(cond)}
+
+
+def teacher_image_size(teacher) -> tuple[int, int]:
+    """(height, width) in pixels of the teacher's images: its sample shape, times the VAE's factor."""
+    factor = getattr(getattr(teacher, "pipeline", None), "vae_scale_factor", 1) if hasattr(teacher, "vae") else 1
+    h, w = teacher.sample_shape[-2:]
+    return h * factor, w * factor
+
+
+class ImageFolderData:
+    """Images of a folder (onestep.data.load_image_folder, resized to the teacher's resolution) as x in the
+    teacher's space: [-1, 1] pixels for pixel teachers, `teacher.encode` latents (VAE posterior mean, with
+    the VAE's scaling and shift) for latent teachers, encoded per batch where the teacher is. cond None."""
+
+    def __init__(self, path, teacher):
+        self.teacher = teacher
+        self.latent = hasattr(teacher, "vae")
+        channels = 3 if self.latent else teacher.sample_shape[0]
+        if channels not in (1, 3):
+            raise DataError(f"the teacher's images have {channels} channels; image folders give 1 (grey) or 3 (RGB)")
+        self.images = load_image_folder(path, size=teacher_image_size(teacher), mode="L" if channels == 1 else "RGB")
+
+    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
+        idx = torch.randint(len(self.images), (size,), generator=generator)
+        x = self.images[idx].float() / 127.5 - 1.0
+        if self.latent:
+            teacher_device, _ = _teacher_device_dtype(self.teacher)
+            x = self.teacher.encode(x.to(teacher_device)).float()
+        return {"x": x if device is None else x.to(device), "cond": None}
