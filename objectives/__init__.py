@@ -2,8 +2,11 @@
 from onestep.objectives.base import Objective
 from onestep.objectives.fdistill import FDistill
 from onestep.objectives.flow_matching import FlowMatching
+from onestep.objectives.ladd import SCMLADD
+from onestep.objectives.lightning import Lightning
 from onestep.objectives.meanflow import MeanFlow
+from onestep.objectives.scm import SCM
 from onestep.objectives.smt import SMD, SMT
 from onestep.objectives.splitmeanflow import SplitMeanFlow
 
-__all__ = ["Objective", "FDistill", "FlowMatching", "MeanFlow", "SMD", "SMT", "SplitMeanFlow"]
+__all__ = ["Objective", "FDistill", "FlowMatching", "Lightning", "MeanFlow", "SCM", "SCMLADD", "SMD", "SMT", "SplitMeanFlow"]

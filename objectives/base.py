@@ -27,9 +27,13 @@ class Objective(nn.Module):
     Config: type = dataclass(type("EmptyConfig", (), {}))
     #: True for objectives that distill a teacher into a few-step student (benchmarks train these)
     distillation: bool = True
+    #: the k-step sampler the trained student is meant for (`AvgVelocityField.sampler`), set on the student
+    student_sampler: str = "avg_velocity"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg):
         super().__init__()
+        if self.student_sampler != "avg_velocity":
+            student.sampler = self.student_sampler
         self.student = student
         self.teacher = teacher
         self.cfg = cfg

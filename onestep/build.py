@@ -26,6 +26,12 @@ def build_student(cfg: RunConfig, teacher):
             set_attention_backend(student, cfg.student.attention)
         except (RuntimeError, ValueError) as e:  # e.g. xformers missing or on CPU: the config's problem
             raise ConfigError(f"student.attention={cfg.student.attention}: {e}") from None
+    # the k-step sampler the objective trains the student for (e.g. sCM's consistency sampler), also
+    # for students rebuilt from a checkpoint without their objective (export, evaluation)
+    load_builtin()
+    name = cfg.objective.get("name")
+    if name in OBJECTIVES:
+        student.sampler = OBJECTIVES.get(name).student_sampler
     return student
 
 

@@ -61,3 +61,30 @@ def sample_avg_velocity(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps:
         u = avg_velocity(z, batch_time(t_next, z), batch_time(t_cur, z))
         z = z - (t_cur - t_next) * u
     return z
+
+
+@torch.no_grad()
+def sample_consistency(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps: int = 1,
+                       times: Sequence[float] | torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The multi-step consistency sampler (sCM, spec §7.5) in flow time.
+
+    At each grid time t_i the student jumps to the data, x0 = z - t_i u(z, 0, t_i) (its consistency
+    function), and the next point is re-noised with fresh noise: z = (1 - t_{i+1}) x0 + t_{i+1} eps_i
+    (TrigFlow's cos s' x0 + sin s' z_i in flow coordinates). One step is x0 = eps - u(eps, 0, 1), the same
+    as the average-velocity sampler. Default grid: `onestep.trigflow.consistency_times(steps)`. The fresh
+    noise comes from `generator` (default: seeded with 0, so evaluation is reproducible).
+    """
+    from onestep.trigflow import consistency_times
+
+    grid = torch.as_tensor(consistency_times(steps) if times is None else times, dtype=torch.float64)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    z = noise
+    for i in range(len(grid) - 1):
+        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        x0 = z - t_cur * avg_velocity(z, batch_time(0.0, z), batch_time(t_cur, z))
+        if t_next <= 0:
+            return x0
+        eps = torch.randn(noise.shape, generator=gen, dtype=torch.float32).to(noise.device, noise.dtype)
+        z = (1 - t_next) * x0 + t_next * eps
+    return z

@@ -22,12 +22,21 @@ from onestep.sampling import sample_avg_velocity
 class AvgVelocityField(nn.Module):
     """Base for students: forward(z, r, t, cond) -> u; velocity(); the k-step sampler."""
 
+    #: how `sample` takes k steps: "avg_velocity" (z_r = z_t - (t - r) u, deterministic) or "consistency"
+    #: (jump to the data with u(z, 0, t), re-noise; consistency-trained students, e.g. sCM). The objective
+    #: that trains a student sets it (Objective.student_sampler).
+    sampler: str = "avg_velocity"
+
     def velocity(self, z, t, cond=None):
         return self(z, t, t, cond)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond=None, steps: int = 1,
                times: Sequence[float] | None = None) -> torch.Tensor:
+        if self.sampler == "consistency":
+            from onestep.sampling import sample_consistency
+
+            return sample_consistency(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
         return sample_avg_velocity(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
 
 

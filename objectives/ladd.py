@@ -1,0 +1,187 @@
+"""LADD and the sCM + LADD hybrid of SANA-Sprint (spec §7.3).
+
+`LADDDiscriminator`: trainable heads (objectives/discriminators.py) on the **frozen teacher's** features
+at noised inputs. Only the heads train; the teacher stays frozen and its hooks are removed after every call
+(Teacher.features). Transformer token features [B, N, C] are transposed to the heads' [B, C, N].
+
+`scm_ladd`, strict G/D alternation (even steps: student, odd steps: heads):
+* G: L = scm_weight L_sCM + adv_weight L_adv (1.0 and 0.5), with L_adv = -mean D(fake). The adversarial
+  sample: with probability `pure_noise_prob` s_G = pi/2 and y = eps (pure noise), otherwise a fresh sCM
+  time and fresh noise; x_hat = cos s_G y - sin s_G F_theta(y, s_G) (with gradient).
+* D noise: s_D = arctan(e^tau / sigma_d), tau ~ N(d_mean, d_std^2), drawn independently for real and fake;
+  the teacher sees the flow-time point with the same SNR: t = sin s_D / (sin s_D + cos s_D),
+  x_t = (1 - t) x + t eps' (TrigFlow's cos s_D x + sin s_D z' up to the factor sin + cos, which the
+  teacher adapter's flow-time input expects).
+* D: hinge, L_D = 1/2 [mean relu(1 - D(real)) + mean relu(1 + D(fake))]. For conditional teachers the
+  "misaligned pairs" (real data rolled by one within the batch, kept with the original conditions) join
+  the fakes. Optional R1 (`r1_weight`, off by default): the squared change of D under a small
+  perturbation of the real input (the finite-difference form of the gradient penalty).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from onestep import paths
+from onestep.config import ConfigError
+from onestep.objectives.base import Objective, OptimDefaults
+from onestep.objectives.discriminators import FeatureDiscriminator
+from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
+from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config
+from onestep.registry import OBJECTIVES
+from onestep.trigflow import HALF_PI, consistency_x0, sample_trig_time
+
+
+def _as_head_input(feature: torch.Tensor) -> torch.Tensor:
+    return feature.transpose(1, 2) if feature.dim() == 3 else feature   # tokens [B, N, C] -> [B, C, N]
+
+
+class LADDDiscriminator(nn.Module):
+    """Heads on the frozen teacher's features; forward(x_t, t, cond, frozen_heads) -> logits [B, K]."""
+
+    def __init__(self, teacher, layers: Sequence[str] | None = None, hidden: int = 64):
+        super().__init__()
+        object.__setattr__(self, "teacher", teacher)   # not a submodule: frozen, never checkpointed here
+        self.layers = None if layers is None else list(layers)
+        device, dtype = module_device_dtype(teacher)
+        x = torch.zeros(2, *teacher.sample_shape, device=device, dtype=dtype)
+        with torch.no_grad():
+            example = [_as_head_input(f) for f in teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype),
+                                                                   None, self.layers)]
+        self.heads = FeatureDiscriminator(example, hidden=hidden)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, frozen_heads: bool = False) -> torch.Tensor:
+        feats = [_as_head_input(f) for f in self.teacher.features(x_t, t, cond, self.layers)]
+        if frozen_heads:
+            return call_with_frozen_parameters(self.heads, feats, t)
+        return self.heads(feats, t)
+
+
+@dataclass
+class SCMLADDConfig(SCMConfig):
+    scm_weight: float = 1.0
+    adv_weight: float = 0.5
+    pure_noise_prob: float = 0.5        # share of adversarial samples generated from pure noise at s = pi/2
+    d_mean: float = -0.6                # discriminator noise: s_D = arctan(e^tau / sigma_d), tau ~ N(d_mean, d_std^2)
+    d_std: float = 1.0
+    feature_layers: Optional[List[str]] = None   # teacher layers the heads read (None: the teacher's defaults)
+    head_hidden: int = 64
+    misaligned_pairs: bool = True       # conditional teachers: rolled real data with the original conditions are fakes
+    r1_weight: float = 0.0
+    r1_noise: float = 0.05
+    disc_lr: Optional[float] = None     # None: lr
+    disc_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])
+
+
+@OBJECTIVES.register("scm_ladd")
+class SCMLADD(Objective):
+    Config = SCMLADDConfig
+    needs_interval = True
+    student_sampler = "consistency"
+
+    def __init__(self, student, teacher, cfg: SCMLADDConfig, discriminator: nn.Module | None = None):
+        super().__init__(student, teacher, cfg)
+        self.check_config(cfg, teacher)
+        self.scm = SCMLoss(self, cfg)
+        if discriminator is None:
+            try:
+                discriminator = LADDDiscriminator(teacher, cfg.feature_layers, cfg.head_hidden)
+            except ValueError as e:  # e.g. a layer name the teacher's backbone does not have
+                raise ConfigError(f"objective.feature_layers: {e}") from None
+        self.discriminator = discriminator
+
+    @staticmethod
+    def check_config(cfg, teacher=...) -> None:
+        check_scm_config(cfg, teacher)
+        if teacher is None:
+            raise ConfigError("objective scm_ladd needs a teacher: its discriminator reads the teacher's features")
+        for name in ("scm_weight", "adv_weight", "r1_weight", "r1_noise"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"objective.{name} must be >= 0, got {getattr(cfg, name)}")
+        if not 0.0 <= cfg.pure_noise_prob <= 1.0:
+            raise ConfigError(f"objective.pure_noise_prob must be in [0, 1], got {cfg.pure_noise_prob}")
+        if cfg.d_std <= 0 or cfg.head_hidden < 1:
+            raise ConfigError(f"objective.d_std must be > 0 and head_hidden >= 1, got {cfg.d_std}, {cfg.head_hidden}")
+        if len(cfg.disc_betas) != 2:
+            raise ConfigError(f"objective.disc_betas must be two numbers, got {cfg.disc_betas}")
+
+    # --- contract ------------------------------------------------------------------------------------
+    def param_groups(self):
+        student = [p for p in self.student.parameters() if p.requires_grad]
+        if self.scm.logvar is not None:
+            student += list(self.scm.logvar.parameters())
+        return {"student": student, "disc": [p for p in self.discriminator.parameters() if p.requires_grad]}
+
+    def default_optim(self, group):
+        cfg = self.cfg
+        if group == "disc":
+            return OptimDefaults(lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.disc_betas), weight_decay=cfg.weight_decay)
+        return OptimDefaults(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+    def active_groups(self, step):
+        return ["student"] if step % 2 == 0 else ["disc"]
+
+    def loss(self, batch, step):
+        return self.generator_loss(batch, step) if step % 2 == 0 else self.discriminator_loss(batch)
+
+    # --- pieces ----------------------------------------------------------------------------------------
+    def noise_for_discriminator(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t): x noised at a discriminator time, in flow coordinates."""
+        s = sample_trig_time(self.randn(x.shape[0]), self.cfg.d_mean, self.cfg.d_std, self.cfg.sigma_d)
+        t = paths.trig_to_flow_t(s).to(x.device, x.dtype)
+        eps = self.randn(*x.shape, device=x.device).to(x.dtype)
+        return paths.interpolate(x, eps, t), t
+
+    def student_sample(self, x_real: torch.Tensor, cond=None) -> torch.Tensor:
+        """x_hat = cos s_G y - sin s_G F_theta(y, s_G): from pure noise (s_G = pi/2) or a noised real sample."""
+        cfg, n, dev, dt = self.cfg, x_real.shape[0], x_real.device, x_real.dtype
+        s = self.scm.sample_times(n, dev).to(dt)
+        pure = (self.rand(n) < cfg.pure_noise_prob).to(dev)
+        s = torch.where(pure, torch.full_like(s, HALF_PI), s)
+        eps = self.randn(*x_real.shape, device=dev).to(dt)
+        cos = paths.expand_like(torch.where(pure, torch.zeros_like(s), torch.cos(s)), x_real)
+        y = cos * x_real + paths.expand_like(torch.sin(s), x_real) * eps
+        return consistency_x0(y, s, self.scm.student_trig(y, s, cond))
+
+    def generator_loss(self, batch, step):
+        cfg = self.cfg
+        x_real, cond = batch["x"], batch.get("cond")
+        loss_scm, logs = self.scm(batch, step)
+        loss = cfg.scm_weight * loss_scm
+        if cfg.adv_weight > 0:
+            x_hat = self.student_sample(x_real, cond)
+            x_t, t = self.noise_for_discriminator(x_hat)
+            loss_adv = -self.discriminator(x_t, t, cond, frozen_heads=True).mean()
+            loss = loss + cfg.adv_weight * loss_adv
+            logs["log/loss_adv"] = loss_adv.detach()
+        return {"student": loss, "log/loss": loss.detach(), **logs}
+
+    def discriminator_loss(self, batch):
+        cfg = self.cfg
+        x_real, cond = batch["x"], batch.get("cond")
+        with torch.no_grad():
+            x_fake = self.student_sample(x_real, cond)
+        fakes, fake_conds = [x_fake], [cond]
+        if cond is not None and cfg.misaligned_pairs and x_real.shape[0] > 1:
+            fakes.append(torch.roll(x_real, 1, dims=0))   # real images with the wrong conditions
+            fake_conds.append(cond)
+        x_real_t, t_real = self.noise_for_discriminator(x_real)
+        logit_real = self.discriminator(x_real_t, t_real, cond)
+        loss_real = F.relu(1 - logit_real).mean()
+        fake_terms = []
+        for x_f, c_f in zip(fakes, fake_conds):
+            x_f_t, t_f = self.noise_for_discriminator(x_f)
+            fake_terms.append(F.relu(1 + self.discriminator(x_f_t, t_f, c_f)).mean())
+        loss = 0.5 * (loss_real + torch.stack(fake_terms).mean())
+        out = {"log/d_real": logit_real.detach().mean()}
+        if cfg.r1_weight > 0:
+            delta = self.randn(*x_real.shape, device=x_real.device).to(x_real.dtype)
+            logit_near = self.discriminator(x_real_t + cfg.r1_noise * delta, t_real, cond)
+            loss_r1 = (logit_near - logit_real).pow(2).mean() / cfg.r1_noise ** 2
+            loss = loss + cfg.r1_weight * loss_r1
+            out["log/loss_r1"] = loss_r1.detach()
+        return {"disc": loss, "log/loss_disc": loss.detach(), "log/loss": loss.detach(), **out}

@@ -1,0 +1,301 @@
+"""Progressive adversarial distillation, as in SDXL-Lightning (spec §8; Lin, Wang, Yang 2024).
+
+Stages of student step counts (e.g. teacher 32 -> 8 -> 4 -> 2 -> 1): in each, the previous model (the
+teacher with its `teacher_steps`-step Euler sampler at the first stage, then the previous stage's student,
+frozen) is the target, with jump factor n = N_prev / N. For a student step from grid time t to t'
+(the N-step grid), with x_t the noised real data (pure noise at the first time, t = 1):
+
+    target   x_t'  = n steps of the previous model from x_t        (no grad)
+    student  x^_t' = x_t - (t - t') u(x_t, t', t)                    (one Euler/DDIM step of the student)
+
+The first `mse_stages` stages regress x^_t' on x_t' (progressive distillation). Later stages are
+adversarial: a discriminator built from a copy of the teacher's encoder (its backbone run up to the layers
+in `disc_layers`: the mid block for UNets, early blocks for transformers) with small heads, first
+*conditional* on the start point, D(x_t', x_t) = head(d(x_t', t') (+) d(x_t, t)), for the first
+`conditional_share` of the stage, then *unconditional*, D(x_t') (relaxes exact flow matching). Non-saturating
+losses: L_D = softplus(-D(real pair)) + softplus(D(student pair)), L_G = softplus(-D(student pair)); G and D
+alternate (even iterations of a stage: student; odd: discriminator).
+
+Grids in flow time: "trailing" for discrete VP teachers (diffusers' `timestep_spacing="trailing"`
+timesteps 999, 999 - 1000/N, ... mapped to flow time, the first replaced by t = 1: the adapter then feeds
+the model pure noise at its last timestep, SDXL-Lightning's schedule fix); "uniform" ([1, 1 - 1/N, ..., 0],
+the continuous trailing grid) for flow-time teachers. Each stage's student initialises the next (it is
+the same network, trained on). Students may be full or LoRA (`student.lora_rank`) alike.
+
+Not implemented: switching the backbone to x0 ("sample") prediction for the 1-step stage, which
+SDXL-Lightning needs for eps-prediction teachers (ill-conditioned at pure noise); velocity-parameterised
+students (flow teachers, onestep's own) do not need it, x0 = z - u(z, 0, 1) being well conditioned.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from onestep import paths
+from onestep.config import ConfigError
+from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.discriminators import FeatureDiscriminator, module_features
+from onestep.objectives.distribution_matching import (
+    call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
+from onestep.registry import OBJECTIVES
+
+GRIDS = ("auto", "uniform", "trailing")
+
+
+def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """round(T - i T / N) - 1 for i = 0..N-1: e.g. N = 4 -> [999, 749, 499, 249] (spec §8(a))."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
+
+
+@dataclass
+class LightningConfig:
+    teacher_steps: int = 32             # the teacher's Euler steps the first stage distils (SDXL-Lightning: 128)
+    stages: List[int] = field(default_factory=lambda: [8, 4, 2, 1])   # student step counts, stage by stage
+    stage_iters: List[int] = field(default_factory=lambda: [250, 250, 250, 250])  # training steps per stage
+    mse_stages: int = 1                 # the first this-many stages use MSE, the rest are adversarial
+    conditional_share: float = 0.5      # share of an adversarial stage with the conditional discriminator
+    mse_weight: float = 0.0             # optional MSE term in adversarial stages (0: adversarial only)
+    guidance: Optional[float] = None    # the teacher's CFG scale (first stage)
+    grid: str = "auto"                  # "auto" (trailing for discrete VP teachers), "uniform" or "trailing"
+    disc_layers: Optional[List[str]] = None   # encoder layers the heads read (None: the mid block / last hidden)
+    disc_hidden: int = 64
+    train_disc_backbone: bool = True    # train the encoder copy with the heads (SDXL-Lightning) or only the heads
+    lr: float = 1e-4
+    disc_lr: Optional[float] = None     # None: lr
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+
+
+def default_encoder_layers(net: nn.Module) -> list[str]:
+    """Where the discriminator reads the encoder copy: a UNet's mid block, a transformer's early blocks,
+    an MLP's last hidden activation."""
+    from onestep.student import AvgVelocityUNet, MLPAvgVelocity, TeacherStudent
+
+    if isinstance(net, AvgVelocityUNet):
+        return ["unet.mid_block"]
+    if isinstance(net, MLPAvgVelocity):
+        return [f"body.{len(net.body) - 2}"]
+    if isinstance(net, TeacherStudent):
+        if hasattr(net.backbone, "mid_block"):
+            return ["backbone.mid_block"]
+        for blocks in ("transformer_blocks", "single_transformer_blocks"):
+            if hasattr(net.backbone, blocks) and len(getattr(net.backbone, blocks)):
+                count = len(getattr(net.backbone, blocks))
+                return [f"backbone.{blocks}.{min(count - 1, max(1, count // 4))}"]
+    raise ValueError(f"no default encoder layer for {type(net).__name__}: set objective.disc_layers")
+
+
+def _as_head_input(feature: torch.Tensor) -> torch.Tensor:
+    return feature.transpose(1, 2) if feature.dim() == 3 else feature   # tokens [B, N, C] -> [B, C, N]
+
+
+@OBJECTIVES.register("lightning")
+class Lightning(Objective):
+    Config = LightningConfig
+    needs_interval = True
+
+    def __init__(self, student, teacher, cfg: LightningConfig):
+        super().__init__(student, teacher, cfg)
+        self.check_config(cfg, teacher)
+        self.vp = teacher is not None and hasattr(getattr(teacher, "time", None), "schedule")
+        self.grid_kind = ("trailing" if self.vp else "uniform") if cfg.grid == "auto" else cfg.grid
+        if self.grid_kind == "trailing" and not self.vp:
+            raise ConfigError("objective.grid=trailing needs a discrete VP teacher (unet, stable_diffusion, sdxl); "
+                              "use grid=uniform (or auto) for flow-time teachers")
+        # the previous stage's student, frozen; a submodule from the start so checkpoints always hold it
+        self.previous = copy.deepcopy(student).requires_grad_(False).eval()
+        self.register_buffer("previous_stage", torch.tensor(0, dtype=torch.long))
+        self.adversarial = len(cfg.stages) > cfg.mse_stages
+        if self.adversarial:
+            self.disc_backbone = trainable_copy_of_backbone(teacher, student).requires_grad_(cfg.train_disc_backbone)
+            try:
+                self.disc_layers = list(cfg.disc_layers or default_encoder_layers(self.disc_backbone))
+                example = self._encoder_features(*self._example_input())
+            except ValueError as e:
+                raise ConfigError(f"objective.disc_layers: {e}") from None
+            pair = [torch.cat([f, f], dim=1) for f in example]
+            self.disc_conditional = FeatureDiscriminator(pair, hidden=cfg.disc_hidden)
+            self.disc_unconditional = FeatureDiscriminator(example, hidden=cfg.disc_hidden)
+
+    @staticmethod
+    def check_config(cfg: LightningConfig, teacher=...) -> None:
+        if teacher is None:
+            raise ConfigError("objective lightning distils a teacher: set teacher.name")
+        if cfg.grid not in GRIDS:
+            raise ConfigError(f"objective.grid must be one of {', '.join(GRIDS)}, got {cfg.grid!r}")
+        if not cfg.stages or len(cfg.stage_iters) != len(cfg.stages):
+            raise ConfigError(f"objective.stages and objective.stage_iters must be non-empty lists of one length, "
+                              f"got {list(cfg.stages)} and {list(cfg.stage_iters)}")
+        if any(n < 1 for n in cfg.stages) or any(i < 1 for i in cfg.stage_iters) or cfg.teacher_steps < 1:
+            raise ConfigError("objective.teacher_steps, stages and stage_iters must be >= 1")
+        previous = cfg.teacher_steps
+        for n in cfg.stages:
+            if n >= previous or previous % n:
+                raise ConfigError(f"objective.stages must shrink by integer factors from teacher_steps "
+                                  f"({cfg.teacher_steps}): {n} steps cannot distil {previous}")
+            previous = n
+        if not 0 <= cfg.mse_stages <= len(cfg.stages) or not 0.0 <= cfg.conditional_share <= 1.0:
+            raise ConfigError(f"objective.mse_stages must be in [0, {len(cfg.stages)}] and conditional_share in "
+                              f"[0, 1], got {cfg.mse_stages}, {cfg.conditional_share}")
+        if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or len(cfg.betas) != 2:
+            raise ConfigError("objective.disc_hidden must be >= 1, mse_weight >= 0 and betas two numbers")
+
+    # --- schedule ----------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return sum(self.cfg.stage_iters)
+
+    def stage_of(self, step: int) -> tuple[int, int]:
+        """(stage index, iteration within the stage); steps past the last stage stay in it."""
+        start = 0
+        for k, iters in enumerate(self.cfg.stage_iters):
+            if step < start + iters or k == len(self.cfg.stage_iters) - 1:
+                return k, step - start
+            start += iters
+        raise AssertionError
+
+    def phase(self, step: int) -> str:
+        """"mse", "conditional" or "unconditional" at this training step."""
+        k, j = self.stage_of(step)
+        if k < self.cfg.mse_stages:
+            return "mse"
+        return "conditional" if j < self.cfg.conditional_share * self.cfg.stage_iters[k] else "unconditional"
+
+    def active_groups(self, step):
+        if self.phase(step) == "mse":
+            return ["student"]
+        return ["student"] if self.stage_of(step)[1] % 2 == 0 else ["disc"]
+
+    def param_groups(self):
+        groups = {"student": [p for p in self.student.parameters() if p.requires_grad]}
+        if self.adversarial:
+            groups["disc"] = [p for m in (self.disc_backbone, self.disc_conditional, self.disc_unconditional)
+                              for p in m.parameters() if p.requires_grad]
+        return groups
+
+    def default_optim(self, group):
+        cfg = self.cfg
+        lr = cfg.lr if group == "student" else (cfg.disc_lr or cfg.lr)
+        return OptimDefaults(lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+    # --- grids and steps ---------------------------------------------------------------------------
+    def grid(self, steps: int, device=None) -> torch.Tensor:
+        """The `steps`-step grid in flow time, 1 = t_0 > ... > t_steps = 0 (float64)."""
+        if self.grid_kind == "uniform":
+            return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+        schedule = self.teacher.time.schedule
+        ks = torch.tensor(trailing_timesteps(steps, schedule.num_train_timesteps), dtype=torch.float64)
+        times = schedule.flow_t(ks).to(torch.float64)
+        times[0] = 1.0   # pure noise at the first timestep
+        return torch.cat([times, torch.zeros(1, dtype=torch.float64)]).to(device)
+
+    @torch.no_grad()
+    def previous_jump(self, stage: int, x: torch.Tensor, index: torch.Tensor, cond=None) -> torch.Tensor:
+        """n steps of the previous model from grid point `index` of the stage's grid to the next one."""
+        cfg = self.cfg
+        n_student = cfg.stages[stage]
+        n_prev = cfg.teacher_steps if stage == 0 else cfg.stages[stage - 1]
+        jump = n_prev // n_student
+        fine = self.grid(n_prev, x.device)
+        model = self.teacher if stage == 0 else self.previous
+        with frozen_eval(model):
+            for m in range(jump):
+                t_cur = paths.batch_time(fine[index * jump + m].to(x.dtype), x)
+                t_next = paths.batch_time(fine[index * jump + m + 1].to(x.dtype), x)
+                h = paths.expand_like(t_cur - t_next, x)
+                if stage == 0:
+                    x = x - h * self.teacher.velocity(x, t_cur, cond, cfg.guidance).to(x.dtype)
+                else:
+                    x = x - h * self.previous(x, t_next, t_cur, cond).to(x.dtype)
+        return x
+
+    def sync_previous(self, stage: int) -> None:
+        """At the start of stage k >= 1, the previous model becomes a frozen copy of the student."""
+        if stage >= 1 and int(self.previous_stage) != stage:
+            self.previous.load_state_dict(self.student.state_dict())
+            self.previous_stage.fill_(stage)
+
+    @torch.no_grad()
+    def sample(self, noise, cond=None, steps: int = 1, times=None):
+        return self.student.sample(noise, cond, steps=steps, times=self.grid(steps) if times is None else times)
+
+    # --- the discriminator -------------------------------------------------------------------------
+    def _example_input(self):
+        shape = sample_shape_of(self.teacher, self.student)
+        device, dtype = module_device_dtype(self.disc_backbone)
+        return torch.zeros(2, *shape, device=device, dtype=dtype), torch.full((2,), 0.5, device=device, dtype=dtype)
+
+    def _encoder_features(self, x, t, cond=None, frozen: bool = False) -> list[torch.Tensor]:
+        net = self.disc_backbone
+        run = (lambda: call_with_frozen_parameters(net, x, t, t, cond)) if frozen else (lambda: net(x, t, t, cond))
+        return [_as_head_input(f) for f in module_features(net, self.disc_layers, run)]
+
+    def disc_logits(self, x_next, t_next, x_cur, t_cur, conditional: bool, cond=None, frozen: bool = False):
+        """One logit per sample: D(x_t', x_t) (conditional) or D(x_t'); heads and encoder frozen if `frozen`."""
+        feats = self._encoder_features(x_next, t_next, cond, frozen)
+        head = self.disc_conditional if conditional else self.disc_unconditional
+        if conditional:
+            with torch.no_grad():   # the start point is a constant for both players
+                start = self._encoder_features(x_cur, t_cur, cond)
+            feats = [torch.cat([f, s.to(f.dtype)], dim=1) for f, s in zip(feats, start)]
+        logits = call_with_frozen_parameters(head, feats, t_next) if frozen else head(feats, t_next)
+        return logits.mean(1)
+
+    # --- the loss ----------------------------------------------------------------------------------
+    def loss(self, batch, step):
+        cfg = self.cfg
+        stage, j = self.stage_of(step)
+        self.sync_previous(stage)
+        phase = self.phase(step)
+        x, cond = batch["x"], batch.get("cond")
+        n, dev, dt = x.shape[0], x.device, x.dtype
+        acc = torch.promote_types(dt, torch.float32)
+        steps = cfg.stages[stage]
+        grid = self.grid(steps, dev)
+        index = self.randint(steps, n, device=dev)
+        t_cur, t_next = grid[index].to(dt), grid[index + 1].to(dt)
+        eps = self.randn(*x.shape, device=dev).to(dt)
+        x_cur = paths.interpolate(x, eps, t_cur)          # t = 1: exactly eps (pure noise)
+        # the previous model's n-step jumps, grouped by start index (every sample of a group shares its grid)
+        target = torch.empty_like(x_cur)
+        for i in index.unique().tolist():
+            rows = (index == i).nonzero().squeeze(1)
+            sub_cond = None if cond is None else _index_condition(cond, rows)
+            target[rows] = self.previous_jump(stage, x_cur[rows], torch.tensor(i), sub_cond)
+        logs = {"log/stage": torch.tensor(float(stage)), "log/stage_steps": torch.tensor(float(steps))}
+        if phase != "mse" and j % 2 == 1:
+            return self.discriminator_loss(x_cur, t_cur, t_next, target, cond, phase == "conditional", logs)
+        pred = x_cur - paths.expand_like(t_cur - t_next, x_cur) * self.student(x_cur, t_next, t_cur, cond)
+        mse = (pred.to(acc) - target.to(acc)).pow(2).mean()
+        logs["log/mse"] = mse.detach()
+        if phase == "mse":
+            return {"student": mse, "log/loss": mse.detach(), **logs}
+        logit_fake = self.disc_logits(pred, t_next, x_cur, t_cur, phase == "conditional", cond, frozen=True)
+        loss_adv = F.softplus(-logit_fake).mean()
+        loss = loss_adv + cfg.mse_weight * mse
+        logs["log/loss_adv"] = loss_adv.detach()
+        return {"student": loss, "log/loss": loss.detach(), **logs}
+
+    def discriminator_loss(self, x_cur, t_cur, t_next, target, cond, conditional: bool, logs: dict):
+        with torch.no_grad():
+            pred = x_cur - paths.expand_like(t_cur - t_next, x_cur) * self.student(x_cur, t_next, t_cur, cond)
+        logit_real = self.disc_logits(target, t_next, x_cur, t_cur, conditional, cond)
+        logit_fake = self.disc_logits(pred.to(target.dtype), t_next, x_cur, t_cur, conditional, cond)
+        loss = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+        logs.update({"log/d_real": torch.sigmoid(logit_real.detach()).mean(),
+                     "log/d_fake": torch.sigmoid(logit_fake.detach()).mean()})
+        return {"disc": loss, "log/loss_disc": loss.detach(), "log/loss": loss.detach(), **logs}
+
+
+def _index_condition(cond, rows: torch.Tensor):
+    """Rows of a condition: class labels (a tensor) or a conditioning object with its own `_map`."""
+    if isinstance(cond, torch.Tensor):
+        return cond[rows]
+    return cond._map(lambda v: v[rows.to(v.device)])
