@@ -156,6 +156,9 @@ class ExportResult:
     scheduler: str                    # scheduler class and settings, one line
     notes: list[str] = field(default_factory=list)  # markdown paragraphs
     max_abs_diff: float | None = None  # export-time self-check against onestep's sampler
+    tolerance: float = SELF_CHECK_TOL  # ... and the bound it was held to
+    setup: list[str] = field(default_factory=list)  # snippet lines between loading and the call ({path})
+    guidance: str = "none (unconditional)"
 
 
 class Exporter:
@@ -166,8 +169,13 @@ class Exporter:
     #: pipeline_tag for the model card metadata
     pipeline_tag = "unconditional-image-generation"
 
-    def check(self, cfg, format: str) -> None:
-        """Raise ExportError (one line) if this family cannot be exported in `format` (cheap: no models)."""
+    #: set by export_run for --format lora: the SVD rank and whether residuals above LORA_TOL are allowed
+    lora_rank: int = 64
+    allow_lora_residual: bool = False
+
+    def check(self, cfg, format: str, steps: int = 1) -> None:
+        """Raise ExportError (one line) if this family cannot be exported in `format` with `steps` steps
+        (cheap: no models are loaded)."""
 
     def write(self, student, teacher, info: RunInfo, out: Path, format: str, steps: int) -> ExportResult:
         raise NotImplementedError
@@ -205,7 +213,7 @@ def exporter_for(cfg) -> Exporter:
 class NoPipelineExporter(Exporter):
     """Vector-data toys (Gaussian mixtures, MLP students): diffusers has no pipeline for them."""
 
-    def check(self, cfg, format: str) -> None:
+    def check(self, cfg, format: str, steps: int = 1) -> None:
         raise ExportError(
             "students of the gmm teacher are MLPs on points (vector data) and diffusers has no pipeline for vector "
             "data, so there is nothing to export; load the weights from the checkpoint's ema.safetensors "
@@ -218,12 +226,12 @@ class PixelUNetExporter(Exporter):
 
     family = "pixel-space diffusers UNet2DModel, flow time t (t = 1 noise), UNet timestep 1000 t, data in [-1, 1]"
 
-    def check(self, cfg, format: str) -> None:
+    def check(self, cfg, format: str, steps: int = 1) -> None:
         if format == "lora":
             raise ExportError(
                 "--format lora needs a teacher whose diffusers pipeline loads LoRA (pipe.load_lora_weights: "
-                "the SD/SDXL/SD3/FLUX/SANA families, whose teacher adapters do not exist yet); the digits "
-                "family's pipeline (DDPMPipeline with a UNet2DModel) has none: use --format diffusers")
+                "the stable_diffusion, sdxl, sd3, flux and sana teachers); the digits family's pipeline "
+                "(DDPMPipeline with a UNet2DModel) has none: use --format diffusers")
 
     def write(self, student, teacher, info, out, format, steps):
         from onestep.student import AvgVelocityUNet
@@ -396,6 +404,511 @@ def _self_check(student, pipe, steps: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
+# students of the teacher adapters (onestep.student.TeacherStudent): the family's stock pipeline
+#
+# A TeacherStudent is u(z, r, t, cond) = the adapter's velocity computed by a trained copy of the
+# teacher's backbone, with interval_embedding(interval_scale (t - r)) added to the backbone's time
+# embedding. On the uniform k-step grid t - r = 1/k at every step, so that addition is one vector,
+# folded into the time embedding's last bias: the exported backbone is a plain network of the
+# teacher's architecture. What remains is a scheduler under which the stock pipeline takes exactly
+# the student's steps:
+#
+# * flow transformers (SD3, FLUX, SANA) live in flow time: FlowMatchEulerDiscreteScheduler with shift
+#   1, no dynamic shifting and sigmas [1, 1 - 1/k, ..., 1/k, 0]; its Euler update z + (s' - s) u is
+#   the student's step z_r = z_t - (t - r) u. Any k is exact.
+# * VP UNets (SD1.x/2.x, SDXL, pixel DDPM) predict eps / v at integer timesteps. Flow time 1 is
+#   noisier than their last timestep, so the adapter asks the model at timestep N-1 and keeps only
+#   its x0 (teachers/vp.py): one student step from t = 1 to 0 returns that x0. DDIM with trailing
+#   spacing (timestep N-1) and set_alpha_to_one (its last step lands on alpha_bar = 1) returns
+#   exactly the same x0. For k >= 2 the student's next point is (1 - r) x0 + r z_1, i.e. it takes the
+#   noise z_1 itself as eps, while every diffusers scheduler re-noises with the model's own eps (DDIM,
+#   Euler, DPM-Solver) or fresh noise (LCM); and its later grid points sit between integer timesteps.
+#   So VP students are exported for k = 1 only, and any other k is refused.
+
+#: the prompt of the export-time self-check of text-to-image families
+SELF_CHECK_PROMPT = "a photograph of an astronaut riding a horse"
+#: the prompt of the model card's usage snippet
+CARD_PROMPT = "a photo of a cat"
+#: default rank and largest relative residual ||delta - B A|| / ||delta|| of an SVD LoRA export
+LORA_RANK = 64
+LORA_TOL = 1e-3
+
+
+def _check_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Float32/64 exports must match to SELF_CHECK_TOL; in half precision the same maths rounds
+    differently (a folded bias is rounded once, the student's sum twice): 8 ulps of the output's scale."""
+    if dtype in (torch.float32, torch.float64):
+        return SELF_CHECK_TOL
+    return max(SELF_CHECK_TOL, 8 * torch.finfo(dtype).eps * max(1.0, scale))
+
+
+def constant_interval_embedding(student, steps: int) -> torch.Tensor:
+    """The [D] vector the student's interval embedding adds at every step of the uniform k-step grid,
+    computed from the same float t and r as its sampler; ExportError if it is not one vector."""
+    from onestep.paths import batch_time
+    from onestep.sampling import time_grid
+
+    weight = next(student.interval_embedding.parameters())
+    like = torch.zeros(1, device=weight.device, dtype=weight.dtype)  # the sampler's t, r: the noise's dtype
+    grid = time_grid(steps, dtype=torch.float64).tolist()
+    with torch.no_grad():
+        rows = [student.interval_embedding(student.interval_scale * (batch_time(t, like) - batch_time(r, like)))[0]
+                for t, r in zip(grid[:-1], grid[1:])]
+    first = rows[0]
+    spread = max((row - first).abs().max().item() for row in rows)
+    if spread > 1e-3 * first.abs().max().item() + 1e-6:
+        raise ExportError(f"the student's interval embedding is not constant on the uniform {steps}-step grid "
+                          f"(spread {spread:.2g}), so it cannot be folded; sample with onestep (student.sample)")
+    return first
+
+
+def _fold_site(module):
+    """(tensor, kind) where a constant added to `module`'s output can be folded: an Embedding's rows
+    or the bias of the last Linear of a diffusers TimestepEmbedding (directly or as `timestep_embedder`
+    of a combined embedding whose output is that embedding plus other terms)."""
+    from torch import nn
+
+    if isinstance(module, nn.Embedding):
+        return module.weight, "rows"
+    for name in ("linear_2", "timestep_embedder.linear_2"):
+        try:
+            linear = module.get_submodule(name)
+        except AttributeError:
+            continue
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        if getattr(owner, "post_act", None) is not None or linear.bias is None:
+            break
+        return linear.bias, "bias"
+    raise ExportError(f"cannot fold the interval embedding into {type(module).__name__}: its output is not a "
+                      "TimestepEmbedding's last Linear (plus other terms)")
+
+
+def folded_backbone(student, steps: int):
+    """A frozen copy of the student's backbone with its k-step interval embedding folded in (exact up to
+    one rounding of the sum, done in float64)."""
+    import copy
+
+    extra = constant_interval_embedding(student, steps)
+    net = copy.deepcopy(student.backbone).eval().requires_grad_(False)
+    tensor, kind = _fold_site(net.get_submodule(student.time_embedding_name))
+    with torch.no_grad():
+        tensor.copy_((tensor.double() + extra.double().to(tensor.device)).to(tensor.dtype))  # rows: broadcast
+    return net
+
+
+def vp_one_step_scheduler(time):
+    """DDIM whose 1-step schedule is timestep N-1 straight to alpha_bar = 1: the student's step from t = 1.
+
+    The betas (and so alpha_bar at every timestep, the model's time map) are the teacher's; trailing
+    spacing puts the single step at N-1, set_alpha_to_one makes its target alpha_bar 1, and with
+    clipping and thresholding off the step returns the model's x0 as predicted.
+    """
+    from diffusers import DDIMScheduler
+
+    config = {k: v for k, v in time.scheduler_config.items() if not k.startswith("_")}
+    config.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False,
+                  steps_offset=1, prediction_type=time.prediction_type)  # offset: unused when trailing
+    ddim = DDIMScheduler.from_config(config)
+    ddim.set_timesteps(1)
+    if ddim.timesteps.tolist() != [time.num_train_timesteps - 1] or float(ddim.final_alpha_cumprod) != 1.0:
+        raise ExportError("this diffusers' DDIMScheduler does not step from the last timestep to alpha_bar = 1")
+    return ddim
+
+
+def flow_scheduler(steps: int, pipeline_sets_sigmas: bool = False):
+    """FlowMatchEulerDiscreteScheduler giving the uniform k-step grid in the family's pipeline: FLUX
+    passes sigmas linspace(1, 1/k, k) itself (shift 1 keeps them), the others call set_timesteps(k)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if pipeline_sets_sigmas:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return stock_flow_scheduler(steps)
+
+
+def _scheduler_line(scheduler) -> str:
+    cfg = scheduler.config
+    keys = {"DDIMScheduler": ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                              "timestep_spacing", "set_alpha_to_one", "clip_sample", "thresholding", "steps_offset",
+                              "rescale_betas_zero_snr"),
+            "FlowMatchEulerDiscreteScheduler": ("num_train_timesteps", "shift", "shift_terminal",
+                                                "use_dynamic_shifting")}[type(scheduler).__name__]
+    return f"`{type(scheduler).__name__}`: " + ", ".join(f"{k}={cfg.get(k)}" for k in keys)
+
+
+class _AdapterExporter(Exporter):
+    """Students (TeacherStudent) of a teacher adapter with a stock diffusers pipeline."""
+
+    #: VP families: exact only for k = 1 (see the section comment)
+    vp_family = False
+    #: does the family's pipeline load LoRA (`load_lora_weights`)?
+    lora = True
+    pipeline_tag = "text-to-image"
+
+    def check(self, cfg, format: str, steps: int = 1) -> None:
+        name = cfg.teacher.get("name")
+        if format == "onestep":
+            raise ExportError(f"--format onestep (OneStepPipeline) runs flow-time pixel UNets (the digits family); for "
+                              f"students of the {name} teacher use --format diffusers"
+                              + (" or lora" if self.lora else ""))
+        if format == "lora" and not self.lora:
+            raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
+                              "--format lora for it: use --format diffusers")
+        if self.vp_family and steps != 1:
+            raise ExportError(
+                f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
+                f"diffusers scheduler only at --steps 1: from t = 1 the student re-noises with the input noise "
+                f"itself, no diffusers scheduler does (and its later steps fall between the model's timesteps); "
+                f"export --steps 1, or sample {steps} steps with onestep (build_student + student.sample)")
+
+    # -- per family ------------------------------------------------------------------------------
+    def scheduler(self, teacher, steps: int):
+        if self.vp_family:
+            return vp_one_step_scheduler(teacher.time)
+        return flow_scheduler(steps)
+
+    def call_kwargs(self, teacher, steps: int) -> dict:
+        """The pipeline call (besides prompt, latents, output_type, generator) that runs the student."""
+        side = teacher.resolution
+        return {"num_inference_steps": steps, "guidance_scale": 1.0, "height": side, "width": side}
+
+    def pack(self, pipe, latents):
+        return latents
+
+    def unpack(self, pipe, latents, teacher):
+        return latents
+
+    def stock_pipeline(self, teacher, backbone, scheduler):
+        """The teacher's pipeline class around its own components, with `backbone` and `scheduler`."""
+        import inspect
+
+        old = teacher.pipeline
+        params = inspect.signature(type(old).__init__).parameters
+        kwargs = {k: v for k, v in old.components.items() if k in params}
+        for key in params:  # non-module settings (requires_safety_checker, force_zeros_for_empty_prompt, ...)
+            if key not in kwargs and key != "self" and key in old.config:
+                kwargs[key] = old.config[key]
+        kwargs[teacher.denoiser_name] = backbone
+        kwargs["scheduler"] = scheduler
+        pipe = type(old)(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, student, teacher, info, out, format, steps):
+        from onestep.student import TeacherStudent
+
+        if not isinstance(student, TeacherStudent):
+            raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
+        backbone = folded_backbone(student, steps)
+        scheduler = self.scheduler(teacher, steps)
+        if format == "lora":
+            return self._write_lora(student, teacher, backbone, scheduler, info, out, steps)
+        pipe = self.stock_pipeline(teacher, backbone, scheduler)
+        diff, tol = self.self_check(student, teacher, pipe, steps)
+        pipe.save_pretrained(out, safe_serialization=True)
+        name = type(pipe).__name__
+        return ExportResult(
+            pipeline=f"`{name}` (stock diffusers)",
+            loader="import torch\nfrom diffusers import DiffusionPipeline",
+            load_call="DiffusionPipeline.from_pretrained({path!r})",
+            call_args=self._call_args(teacher, steps),
+            scheduler=_scheduler_line(scheduler),
+            notes=self._notes(student, teacher, steps, name),
+            max_abs_diff=diff, tolerance=tol, guidance=self._guidance(teacher, steps))
+
+    def _call_args(self, teacher, steps):
+        return ", ".join([f"prompt={CARD_PROMPT!r}"] + [f"{k}={v!r}" for k, v in self.call_kwargs(teacher, steps).items()])
+
+    def _guidance(self, teacher, steps) -> str:
+        return ("off: `guidance_scale=1.0` (the student was distilled with the teacher's guidance, if any, built "
+                "in; classifier-free guidance would double the passes and change the result)")
+
+    def _notes(self, student, teacher, steps, pipeline_name) -> list[str]:
+        site = student.time_embedding_name
+        denoiser = getattr(teacher, "denoiser_name", "unet")
+        notes = [f"The student is the teacher's {denoiser} trained as an average-velocity field "
+                 f"u(z, r, t) whose t - r enters through an extra embedding added to `{site}`. On the uniform "
+                 f"{steps}-step grid t - r = 1/{steps} at every step, so that embedding is one constant vector, "
+                 f"folded into the bias of `{site}`'s last linear layer: the exported {denoiser} is a "
+                 f"plain network of the teacher's architecture."]
+        if self.vp_family:
+            notes.append(
+                "The teacher is a VP model (eps/v prediction at integer timesteps), which cannot reach flow time "
+                f"t = 1; there onestep asks it at timestep {teacher.time.num_train_timesteps - 1} and keeps its x0 "
+                "prediction, so the student's single step returns that x0. `DDIMScheduler` with "
+                "`timestep_spacing=\"trailing\"` (one step at the last timestep) and `set_alpha_to_one=True` (the step "
+                "lands on alpha_bar = 1) returns exactly that x0. **This folder is exact only for "
+                "`num_inference_steps=1`**: for k >= 2 no diffusers scheduler takes the student's steps.")
+        else:
+            notes.append(
+                "The teacher is a rectified-flow model: the scheduler's sigmas are flow times, and with shift 1 and "
+                f"no dynamic shifting they are exactly the uniform grid, whose Euler update "
+                "z + (sigma_next - sigma) u is the student's step z_r = z_t - (t - r) u(z_t, r, t). "
+                f"**This folder is exact only for `num_inference_steps={steps}`** (the folded t - r is 1/{steps}); "
+                "export again with `--steps` for another step count.")
+        return notes
+
+    @torch.no_grad()
+    def self_check(self, student, teacher, pipe, steps):
+        """Max |pipeline latents - onestep's sampler| for one prompt and seeded noise; ExportError above tol."""
+        dtype, device = teacher.model_dtype, teacher.device
+        noise = torch.randn(1, *teacher.sample_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        cond = student.adapter.encode_prompt([SELF_CHECK_PROMPT])
+        want = student.sample(noise, cond, steps=steps)
+        got = pipe(prompt=[SELF_CHECK_PROMPT], latents=self.pack(pipe, noise.clone()), output_type="latent",
+                   **self.call_kwargs(teacher, steps)).images
+        got = self.unpack(pipe, got, teacher)
+        diff = (got.float() - want.float()).abs().max().item()
+        tol = _check_tolerance(dtype, want.float().abs().max().item())
+        if not diff <= tol:
+            raise ExportError(f"the exported {type(pipe).__name__} differs from onestep's {steps}-step sampler by "
+                              f"{diff:.3g} (> {tol:.3g}); this diffusers version breaks the export's assumptions")
+        return diff, tol
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    def _write_lora(self, student, teacher, backbone, scheduler, info, out, steps):
+        import copy
+
+        rank, allow = self.lora_rank, self.allow_lora_residual
+        layers, report = lora_from_delta(teacher.backbone(), backbone, rank)
+        worst_name, worst = report["worst"]
+        if worst > LORA_TOL and not allow:
+            raise ExportError(f"a rank-{rank} LoRA leaves a relative residual of {worst:.3g} in {worst_name} "
+                              f"(> {LORA_TOL:g}); raise --lora-rank, pass --allow-lora-residual to export it anyway, "
+                              f"or use --format diffusers")
+        pipe_cls = type(teacher.pipeline)
+        pipe_cls.save_lora_weights(out, **{f"{teacher.denoiser_name}_lora_layers": layers}, safe_serialization=True)
+        scheduler.save_pretrained(out / "scheduler")
+        # the round trip users will make: the teacher's pipeline, this folder's LoRA and scheduler
+        pipe = self.stock_pipeline(teacher, copy.deepcopy(teacher.backbone()), scheduler)
+        pipe.load_lora_weights(out)
+        diff = tol = None
+        if worst <= LORA_TOL:
+            diff, tol = self.self_check(student, teacher, pipe, steps)
+        del pipe
+        teacher_path = info.cfg.teacher.get("path")
+        sched_cls = type(scheduler).__name__
+        notes = self._notes(student, teacher, steps, pipe_cls.__name__)
+        notes.insert(0, (
+            f"A LoRA of the student's {teacher.denoiser_name} on the teacher's: every changed weight's difference "
+            f"from the teacher (with the interval embedding folded in first) factored by truncated SVD at rank "
+            f"{rank} into `lora_B @ lora_A` (scale 1, peft format); changed biases travel as `lora_B.bias`. "
+            f"{report['modules']} modules carry a LoRA; the largest relative residual "
+            f"||delta - B A|| / ||delta|| is {worst:.3g} (in `{worst_name}`)."
+            + (f" **Above the tolerance {LORA_TOL:g}: this LoRA only approximates the student** (exported with "
+               f"--allow-lora-residual)." if worst > LORA_TOL else "")))
+        return ExportResult(
+            pipeline=f"`{pipe_cls.__name__}` of the teacher + this LoRA (`load_lora_weights`) and scheduler",
+            loader=f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}",
+            load_call=f"{pipe_cls.__name__}.from_pretrained({teacher_path!r})",
+            setup=["pipe.load_lora_weights({path!r})",
+                   f"pipe.scheduler = {sched_cls}.from_pretrained({{path!r}}, subfolder=\"scheduler\")"],
+            call_args=self._call_args(teacher, steps), scheduler=_scheduler_line(scheduler), notes=notes,
+            max_abs_diff=diff, tolerance=tol, guidance=self._guidance(teacher, steps))
+
+
+def _effective_weights(net) -> dict[str, torch.Tensor]:
+    """name -> parameter of `net` with any peft LoRA layers merged (names without `base_layer`/adapters)."""
+    import copy
+
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA layers
+        BaseTunerLayer = ()
+    if BaseTunerLayer and any(isinstance(m, BaseTunerLayer) for m in net.modules()):
+        net = copy.deepcopy(net)
+        for m in net.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge()
+        out = {}
+        for name, p in net.named_parameters():
+            if ".lora_" in name or "lora_magnitude_vector" in name:
+                continue
+            out[name.replace(".base_layer.", ".")] = p.detach()
+        return out
+    return {name: p.detach() for name, p in net.named_parameters()}
+
+
+def lora_from_delta(teacher_net, student_net, rank: int):
+    """peft-format LoRA layers {module.lora_A.weight, module.lora_B.weight, module.lora_B.bias} with
+    lora_B @ lora_A = the student's weight - the teacher's (truncated SVD at `rank`, scale 1), and a
+    report {"worst": (name, relative residual), "modules": count}. A changed parameter that no LoRA
+    can carry (norms, embeddings, raw parameters) counts as residual 1 and is left out."""
+    from torch import nn
+
+    before, after = _effective_weights(teacher_net), _effective_weights(student_net)
+    if set(before) != set(after):
+        raise ExportError("the student's backbone does not have the teacher's parameters; cannot diff for a LoRA")
+    modules = dict(teacher_net.named_modules())
+    changed = sorted({n.rsplit(".", 1)[0] for n in after if not torch.equal(after[n], before[n])})
+    layers: dict[str, torch.Tensor] = {}
+    worst = ("none", 0.0)
+    any_bias = any(not torch.equal(after[f"{m}.bias"], before[f"{m}.bias"])
+                   for m in changed if f"{m}.bias" in after)
+    count = 0
+    for name in changed:
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or (set(
+                n for n in after if n.rsplit(".", 1)[0] == name) - {f"{name}.weight", f"{name}.bias"}):
+            for n in (n for n in after if n.rsplit(".", 1)[0] == name and not torch.equal(after[n], before[n])):
+                if worst[1] < 1.0:
+                    worst = (n, 1.0)
+            continue
+        w = after[f"{name}.weight"]
+        delta = (w.double() - before[f"{name}.weight"].double()).reshape(w.shape[0], -1)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        b = u[:, :r] * s[:r].sqrt()
+        a = s[:r].sqrt()[:, None] * vh[:r]
+        if r < rank:  # the same rank everywhere (zero padding): one LoRA config, no rank pattern
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+        norm = delta.norm().item()
+        residual = (delta - b @ a).norm().item() / norm if norm > 0 else 0.0
+        if residual > worst[1]:
+            worst = (f"{name}.weight", residual)
+        if isinstance(module, nn.Conv2d):
+            a = a.reshape(rank, *w.shape[1:])
+            b = b.reshape(w.shape[0], rank, 1, 1)
+        layers[f"{name}.lora_A.weight"] = a.to(w.dtype).contiguous()
+        layers[f"{name}.lora_B.weight"] = b.to(w.dtype).contiguous()
+        if any_bias:
+            bias = after.get(f"{name}.bias")
+            layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else
+                                             (bias.double() - before[f"{name}.bias"].double()).to(w.dtype))
+        count += 1
+    if not layers:
+        raise ExportError("the student's backbone equals the teacher's: there is no LoRA to export")
+    return layers, {"worst": worst, "modules": count}
+
+
+@register_exporter("stable_diffusion")
+class StableDiffusionExporter(_AdapterExporter):
+    family = "Stable Diffusion 1.x/2.x: UNet2DConditionModel on VAE latents, discrete VP schedule (eps or v)"
+    vp_family = True
+
+
+@register_exporter("sdxl")
+class SDXLExporter(_AdapterExporter):
+    family = "Stable Diffusion XL: UNet2DConditionModel with text_time embedding on VAE latents, discrete VP schedule"
+    vp_family = True
+
+
+@register_exporter("sd3")
+class SD3Exporter(_AdapterExporter):
+    family = "Stable Diffusion 3/3.5: SD3Transformer2DModel (MMDiT) on VAE latents, rectified flow"
+
+    def call_kwargs(self, teacher, steps):
+        return {**super().call_kwargs(teacher, steps), "max_sequence_length": teacher.max_sequence_length or 256}
+
+
+@register_exporter("flux")
+class FluxExporter(_AdapterExporter):
+    family = "FLUX.1: FluxTransformer2DModel on 2x2-packed VAE latents, rectified flow"
+
+    def scheduler(self, teacher, steps):
+        return flow_scheduler(steps, pipeline_sets_sigmas=True)
+
+    def call_kwargs(self, teacher, steps):
+        # guidance-distilled FLUX embeds the guidance scale; the student was trained at the teacher's
+        kwargs = super().call_kwargs(teacher, steps)
+        kwargs["guidance_scale"] = teacher.default_guidance if teacher.guidance_embeds else 1.0
+        kwargs["max_sequence_length"] = teacher.max_sequence_length or 512
+        return kwargs
+
+    def _guidance(self, teacher, steps):
+        if teacher.guidance_embeds:
+            return (f"embedded: `guidance_scale={teacher.default_guidance:g}` is an input of this guidance-distilled "
+                    "transformer (the value the student was trained with), not classifier-free guidance")
+        return super()._guidance(teacher, steps)
+
+    def pack(self, pipe, latents):
+        b, c, h, w = latents.shape
+        return type(pipe)._pack_latents(latents, b, c, h, w)
+
+    def unpack(self, pipe, latents, teacher):
+        side, factor = teacher.resolution, pipe.vae_scale_factor
+        return type(pipe)._unpack_latents(latents, side, side, factor)
+
+
+@register_exporter("sana")
+class SanaExporter(_AdapterExporter):
+    family = "SANA: SanaTransformer2DModel (linear attention) on DC-AE latents, rectified flow"
+
+    def call_kwargs(self, teacher, steps):
+        kwargs = {**super().call_kwargs(teacher, steps), "max_sequence_length": teacher.max_sequence_length,
+                  "use_resolution_binning": False}  # the student samples the teacher's resolution as is
+        if teacher.complex_human_instruction is None:  # else the pipeline's default, which the teacher uses
+            kwargs["complex_human_instruction"] = None
+        return kwargs
+
+
+@register_exporter("unet")
+class PixelDDPMExporter(_AdapterExporter):
+    """Students of pixel DDPM UNets (UNet2DModel with a VP scheduler config): DDPMPipeline + 1-step DDIM."""
+
+    family = "pixel-space diffusers UNet2DModel with a discrete VP schedule (eps, v or x0 prediction)"
+    vp_family = True
+    lora = False
+    pipeline_tag = "unconditional-image-generation"
+
+    def write(self, student, teacher, info, out, format, steps):
+        from diffusers import DDPMPipeline
+
+        from onestep.student import TeacherStudent
+
+        if not isinstance(student, TeacherStudent):
+            raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
+        if teacher.class_conditional:
+            raise ExportError("students of class-conditional UNets have no stock diffusers pipeline (DDPMPipeline "
+                              "takes no class labels); sample with onestep (build_student + student.sample(noise, "
+                              "labels, steps=1))")
+        unet = teacher.unet
+        if unet.config.out_channels != unet.config.in_channels:
+            raise ExportError(f"the UNet outputs {unet.config.out_channels} channels for {unet.config.in_channels} "
+                              "(learned variances), which DDIM's step cannot take; sample with onestep")
+        backbone = folded_backbone(student, steps)
+        scheduler = self.scheduler(teacher, steps)
+        pipe = DDPMPipeline(unet=backbone, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        diff, tol = self.self_check(student, teacher, pipe, steps)
+        pipe.save_pretrained(out, safe_serialization=True)
+        return ExportResult(
+            pipeline="`DDPMPipeline` (stock diffusers)",
+            loader="import torch\nfrom diffusers import DiffusionPipeline",
+            load_call="DiffusionPipeline.from_pretrained({path!r})",
+            call_args=f"batch_size=4, num_inference_steps={steps}",
+            scheduler=_scheduler_line(scheduler), notes=self._notes(student, teacher, steps, "DDPMPipeline"),
+            max_abs_diff=diff, tolerance=tol)
+
+    @torch.no_grad()
+    def self_check(self, student, teacher, pipe, steps):
+        dtype, device = teacher.unet.dtype, teacher.unet.device
+        noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        want = (student.sample(noise.to(device), steps=steps) / 2 + 0.5).clamp(0, 1)
+        got = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images
+        diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
+        tol = _check_tolerance(dtype, 1.0)
+        if not diff <= tol:
+            raise ExportError(f"the exported DDPMPipeline differs from onestep's {steps}-step sampler by {diff:.3g} "
+                              f"(> {tol:.3g}); this diffusers version breaks the export's assumptions")
+        return diff, tol
+
+
+@register_exporter("edm")
+class EDMExporter(Exporter):
+    """EDM-preconditioned UNets: diffusers has no pipeline that applies EDM's c_in / c_skip / c_out."""
+
+    def check(self, cfg, format: str, steps: int = 1) -> None:
+        raise ExportError(
+            "students of the edm teacher have no stock diffusers pipeline (none applies EDM's preconditioning "
+            "c_in/c_skip/c_out around a UNet2DModel), so no --format fits; use the checkpoint: "
+            "onestep.build.build_student(cfg, teacher) with its ema.safetensors, then student.sample(noise, "
+            "labels, steps=k)")
+
+
+# ------------------------------------------------------------------------------------------------
 # model card
 
 
@@ -421,6 +934,7 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
     snippet = "\n".join([
         result.loader, "",
         f"pipe = {result.load_call.format(path=path)}",
+        *[line.format(path=path) for line in result.setup],
         f"images = pipe({result.call_args}, generator=torch.Generator().manual_seed(0)).images",
         'images[0].save("sample.png")',
     ])
@@ -452,7 +966,7 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         + " on the uniform grid t = 1 -> 0 |",
         f"| pipeline | {result.pipeline} |",
         f"| scheduler | {result.scheduler} |",
-        "| guidance | none (unconditional) |",
+        f"| guidance | {result.guidance} |",
         "",
         "## Usage",
         "",
@@ -468,8 +982,9 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         *[p for note in result.notes for p in (note, "")],
     ]
     if result.max_abs_diff is not None:
-        lines += [f"At export, the pipeline's output on 2 fixed noises matched onestep's own {steps}-step sampler "
-                  f"to {SELF_CHECK_TOL:g} (checked on every export).", ""]
+        lines += [f"At export, the pipeline's output on fixed noise matched onestep's own {steps}-step sampler "
+                  f"to {result.max_abs_diff:.2g} (max abs difference; held to {result.tolerance:.2g} on every "
+                  "export).", ""]
     lines += ["## Evaluation", ""] + _evaluation(info, steps)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -508,10 +1023,16 @@ def _check_out(out: Path) -> None:
                           "give an empty or new directory")
 
 
+#: what an export may hold: weights only as safetensors; configs, cards and tokenizer files (BPE merges,
+#: sentencepiece protobufs, chat templates), none of them a pickle
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".model", ".jinja")
+
+
 def _check_only_safetensors(folder: Path) -> None:
     for f in folder.rglob("*"):
-        if f.is_file() and f.suffix not in (".safetensors", ".json", ".md"):
-            raise ExportError(f"export would contain {f.name}: only safetensors weights, json and md are allowed")
+        if f.is_file() and f.suffix not in ALLOWED_SUFFIXES:
+            raise ExportError(f"export would contain {f.name}: only safetensors weights and "
+                              f"{', '.join(ALLOWED_SUFFIXES[1:])} files are allowed")
 
 
 def _make_readable(folder: Path) -> None:
@@ -540,24 +1061,60 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _NoProgressBars:
+    """diffusers' and transformers' loading progress bars off while exporting (stderr is for the one-line
+    error), restored afterwards."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        self._was = [(m, m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+        for m, _ in self._was:
+            m.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        for m, enabled in self._was:
+            if enabled:
+                m.enable_progress_bar()
+        return False
+
+
 def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, format: str = "diffusers",
-               steps: int = 1, weights: str = "ema") -> Path:
+               steps: int = 1, weights: str = "ema", lora_rank: int = LORA_RANK,
+               allow_lora_residual: bool = False) -> Path:
     """Export a run's student (checkpoint `step-N`, default the latest) to `out`; returns `out`.
+
+    `--format lora` factors the student's weight differences from the teacher at `lora_rank` and refuses
+    a relative residual above LORA_TOL unless `allow_lora_residual`.
 
     Raises ExportError with a one-line message for bad input; nothing is left behind on failure.
     """
+    with _NoProgressBars():
+        return _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_lora_residual)
+
+
+def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_lora_residual) -> Path:
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
     if weights not in WEIGHTS:
         raise ExportError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ExportError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ExportError(f"lora rank must be an integer >= 1, got {lora_rank!r}")
     out = Path(out)
     _check_out(out)
     info = load_run(run, checkpoint, weights)
     exporter = exporter_for(info.cfg)
-    exporter.check(info.cfg, format)
+    exporter.check(info.cfg, format, steps)
+    exporter.lora_rank, exporter.allow_lora_residual = lora_rank, bool(allow_lora_residual)
     student, teacher = load_student(info)
+    if getattr(student, "sampler", "avg_velocity") != "avg_velocity" and steps != 1:
+        # the consistency sampler re-noises with fresh noise between steps: no deterministic pipeline does
+        raise ExportError(f"this student samples with the {student.sampler} sampler, whose steps re-noise with "
+                          f"fresh noise; only --steps 1 (the same single step) exports exactly")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -571,6 +1128,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, 
         manifest = {
             "onestep_export": 1, "format": format, "steps": steps, "run": info.cfg.name,
             "checkpoint": info.checkpoint.name, "weights": weights,
+            **({"lora_rank": lora_rank} if format == "lora" else {}),
             "files": {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
