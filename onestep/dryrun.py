@@ -156,11 +156,17 @@ def meta_model(class_name: str, config: dict):
     from accelerate import init_empty_weights
 
     cls = _class(class_name)
+    transformers_model = not hasattr(cls, "from_config")
     with init_empty_weights():
-        if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "Gemma2Model"):
+        if transformers_model:
             config_cls = cls.config_class
-            return cls(config_cls(**config) if isinstance(config, dict) else config)
-        return cls.from_config(config) if hasattr(cls, "from_config") else cls(**config)
+            model = cls(config_cls(**config) if isinstance(config, dict) else config)
+        else:
+            model = cls.from_config(config)
+    if transformers_model:
+        # tied weights (T5's shared input embedding) are tied only outside init_empty_weights
+        model.tie_weights()
+    return model
 
 
 def count(module) -> int:
