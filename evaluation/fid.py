@@ -176,9 +176,15 @@ def load_images(source) -> np.ndarray:
     if not path.exists():
         raise FIDInputError(f"image source not found: {path}")
     if path.is_dir():
-        shards = sorted(path.glob("shard-*.npz"))
+        shards = sorted(p for p in path.glob("shard-*.npz") if p.stem[6:].isdigit())  # not *.tmp.npz
         if shards:
-            return np.concatenate([to_uint8_images(np.load(s)["images"]) for s in shards])
+            images = np.concatenate([to_uint8_images(np.load(s)["images"]) for s in shards])
+            manifest = path / "manifest.json"
+            expected = json.loads(manifest.read_text())["num_samples"] if manifest.is_file() else len(images)
+            if len(images) != expected:
+                raise FIDInputError(f"{path} holds {len(images)} of {expected} samples: generation was interrupted; "
+                                    f"run the same command again to resume it")
+            return images
         files = _image_files(path)
         if not files:
             raise FIDInputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or shard-*.npz in {path}")
