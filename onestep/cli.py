@@ -173,7 +173,7 @@ def cmd_export(args) -> int:
         except ValueError:
             raise ExportError(f"--steps must be an integer >= 1, got {args.steps!r}") from None
         try:
-            lora_rank = int(args.lora_rank)
+            lora_rank = None if args.lora_rank is None else int(args.lora_rank)
         except ValueError:
             raise ExportError(f"--lora-rank must be an integer >= 1, got {args.lora_rank!r}") from None
         out = export_run(args.run, args.out, checkpoint=args.checkpoint, format=args.format, steps=steps,
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffusers (stock pipeline, default), onestep (OneStepPipeline, any step count) or lora")
     ex.add_argument("--steps", default="1", help="the student's number of sampling steps (default 1)")
     ex.add_argument("--weights", default="ema", help="ema (default) or trained (the raw, non-EMA weights)")
-    ex.add_argument("--lora-rank", default="64", help="--format lora: SVD rank of the weight differences (default 64)")
+    ex.add_argument("--lora-rank", help="--format lora: SVD rank of the weight differences (default: the run's "
+                    "student.lora_rank, or 64 for a fully trained student)")
     ex.add_argument("--allow-lora-residual", action="store_true",
                     help="--format lora: export even if the rank-r LoRA leaves a relative residual above 1e-3")
     ex.set_defaults(func=cmd_export)

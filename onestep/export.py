@@ -483,13 +483,35 @@ def _fold_site(module):
                       "TimestepEmbedding's last Linear (plus other terms)")
 
 
-def folded_backbone(student, steps: int):
-    """A frozen copy of the student's backbone with its k-step interval embedding folded in (exact up to
-    one rounding of the sum, done in float64)."""
+def merge_peft_layers(net):
+    """`net` (modified in place) with every peft LoRA layer merged into its base layer and replaced by it:
+    a plain network of the original architecture, which stock diffusers saves and loads."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft, so no LoRA layers
+        return net
+    for name, module in list(net.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, module.get_base_layer())
+    if "peft_config" in net.__dict__:  # diffusers' add_adapter bookkeeping
+        del net.peft_config
+    if getattr(net, "_hf_peft_config_loaded", False):
+        net._hf_peft_config_loaded = False
+    return net
+
+
+def folded_backbone(student, steps: int, dtype: torch.dtype | None = None):
+    """A frozen copy of the student's backbone with any peft LoRA layers merged and its k-step interval
+    embedding folded in (exact up to one rounding of the sum, done in float64), in `dtype` (the
+    teacher's: a bf16 teacher's student trains fp32 master weights, its export is bf16 like the teacher)."""
     import copy
 
     extra = constant_interval_embedding(student, steps)
-    net = copy.deepcopy(student.backbone).eval().requires_grad_(False)
+    net = merge_peft_layers(copy.deepcopy(student.backbone)).eval().requires_grad_(False)
+    if dtype is not None:
+        net = net.to(dtype)
     tensor, kind = _fold_site(net.get_submodule(student.time_embedding_name))
     with torch.no_grad():
         tensor.copy_((tensor.double() + extra.double().to(tensor.device)).to(tensor.dtype))  # rows: broadcast
@@ -599,7 +621,7 @@ class _AdapterExporter(Exporter):
 
         if not isinstance(student, TeacherStudent):
             raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
-        backbone = folded_backbone(student, steps)
+        backbone = folded_backbone(student, steps, next(teacher.backbone().parameters()).dtype)
         scheduler = self.scheduler(teacher, steps)
         if format == "lora":
             return self._write_lora(student, teacher, backbone, scheduler, info, out, steps)
@@ -708,24 +730,7 @@ class _AdapterExporter(Exporter):
 
 
 def _effective_weights(net) -> dict[str, torch.Tensor]:
-    """name -> parameter of `net` with any peft LoRA layers merged (names without `base_layer`/adapters)."""
-    import copy
-
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: no LoRA layers
-        BaseTunerLayer = ()
-    if BaseTunerLayer and any(isinstance(m, BaseTunerLayer) for m in net.modules()):
-        net = copy.deepcopy(net)
-        for m in net.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.merge()
-        out = {}
-        for name, p in net.named_parameters():
-            if ".lora_" in name or "lora_magnitude_vector" in name:
-                continue
-            out[name.replace(".base_layer.", ".")] = p.detach()
-        return out
+    """name -> parameter of `net` (with any peft LoRA layers merged: the names of the plain network)."""
     return {name: p.detach() for name, p in net.named_parameters()}
 
 
@@ -867,7 +872,7 @@ class PixelDDPMExporter(_AdapterExporter):
         if unet.config.out_channels != unet.config.in_channels:
             raise ExportError(f"the UNet outputs {unet.config.out_channels} channels for {unet.config.in_channels} "
                               "(learned variances), which DDIM's step cannot take; sample with onestep")
-        backbone = folded_backbone(student, steps)
+        backbone = folded_backbone(student, steps, unet.dtype)
         scheduler = self.scheduler(teacher, steps)
         pipe = DDPMPipeline(unet=backbone, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -1082,12 +1087,13 @@ class _NoProgressBars:
 
 
 def export_run(run: str | Path, out: str | Path, checkpoint: str | None = None, format: str = "diffusers",
-               steps: int = 1, weights: str = "ema", lora_rank: int = LORA_RANK,
+               steps: int = 1, weights: str = "ema", lora_rank: int | None = None,
                allow_lora_residual: bool = False) -> Path:
     """Export a run's student (checkpoint `step-N`, default the latest) to `out`; returns `out`.
 
-    `--format lora` factors the student's weight differences from the teacher at `lora_rank` and refuses
-    a relative residual above LORA_TOL unless `allow_lora_residual`.
+    `--format lora` factors the student's weight differences from the teacher at `lora_rank` (default: the
+    run's student.lora_rank for a LoRA-trained student, else LORA_RANK) and refuses a relative residual
+    above LORA_TOL unless `allow_lora_residual`.
 
     Raises ExportError with a one-line message for bad input; nothing is left behind on failure.
     """
@@ -1102,13 +1108,15 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
         raise ExportError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ExportError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ExportError(f"lora rank must be an integer >= 1, got {lora_rank!r}")
     out = Path(out)
     _check_out(out)
     info = load_run(run, checkpoint, weights)
     exporter = exporter_for(info.cfg)
     exporter.check(info.cfg, format, steps)
+    if lora_rank is None:  # a LoRA-trained student's delta has its training rank (exactly, merged)
+        lora_rank = getattr(info.cfg.student, "lora_rank", 0) or LORA_RANK
     exporter.lora_rank, exporter.allow_lora_residual = lora_rank, bool(allow_lora_residual)
     student, teacher = load_student(info)
     if getattr(student, "sampler", "avg_velocity") != "avg_velocity" and steps != 1:

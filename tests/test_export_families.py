@@ -97,14 +97,38 @@ def _flux(tok):
                         text_encoder_2=t5_encoder(len(tok), d_model=16), tokenizer_2=tok)
 
 
-BUILDERS = {"stable_diffusion": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+def _sana(tok):
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                         cross_attention_dim=8, caption_channels=8, sample_size=8)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                        downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41)
+    gemma = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=4))
+    return SanaPipeline(tokenizer=tok, text_encoder=gemma.eval(), vae=vae.eval(), transformer=transformer.eval(),
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+BUILDERS = {"stable_diffusion": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sana": _sana}
 TEACHER_OPTIONS = {"stable_diffusion": [], "sdxl": [], "sd3": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32"],
                    "flux": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32", f"teacher.resolution={SIDE}",
-                            "teacher.guidance=2.5"]}
+                            "teacher.guidance=2.5"],
+                   "sana": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32",
+                            "teacher.resolution=32"]}  # SanaPipeline wants sides divisible by 32
 #: what a user passes to run the student (guidance off; FLUX-dev's embedded scale is the teacher's)
 CALLS = {"stable_diffusion": dict(guidance_scale=1.0), "sdxl": dict(guidance_scale=1.0),
-         "sd3": dict(guidance_scale=1.0, max_sequence_length=SEQ), "flux": dict(guidance_scale=2.5, max_sequence_length=SEQ)}
-STEPS = {"stable_diffusion": (1,), "sdxl": (1,), "sd3": (1, 2), "flux": (1, 2)}
+         "sd3": dict(guidance_scale=1.0, max_sequence_length=SEQ), "flux": dict(guidance_scale=2.5, max_sequence_length=SEQ),
+         "sana": dict(guidance_scale=1.0, max_sequence_length=SEQ, use_resolution_binning=False)}
+STEPS = {"stable_diffusion": (1,), "sdxl": (1,), "sd3": (1, 2), "flux": (1, 2), "sana": (2,)}
 
 
 def _perturb_full(student, seed):
@@ -194,10 +218,11 @@ from safetensors.torch import load_file, save_file
 
 def run(pipe, family, noise, call):
     pipe.set_progress_bar_config(disable=True)
+    side = noise.shape[-1] * pipe.vae_scale_factor
     latents = FluxPipeline._pack_latents(noise, *noise.shape) if family == "flux" else noise
-    out = pipe(prompt=[%r], latents=latents, output_type="latent", height=%d, width=%d, **call).images
-    return FluxPipeline._unpack_latents(out, %d, %d, 2) if family == "flux" else out
-""" % (PROMPT, SIDE, SIDE, SIDE, SIDE)
+    out = pipe(prompt=[%r], latents=latents, output_type="latent", height=side, width=side, **call).images
+    return FluxPipeline._unpack_latents(out, side, side, pipe.vae_scale_factor) if family == "flux" else out
+""" % PROMPT
 
 
 def isolated(script: str, cwd: Path):
@@ -216,7 +241,7 @@ def test_stock_pipelines_load_without_onestep_and_match_the_sampler(runs, tmp_pa
     for name, (family, folder, k, seed) in jobs.items():
         index = json.loads((Path(folder) / "model_index.json").read_text())
         expected_cls = {"stable_diffusion": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                        "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]
+                        "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}[family]
         assert index["_class_name"] == expected_cls, name
     noises = {name: expected_latents(runs[f], k, seed)[1] for name, (f, _, k, seed) in jobs.items()}
     save_file(noises, tmp_path / "noises.safetensors")
@@ -316,6 +341,40 @@ exec(compile({snippet(Path(folders['stable_diffusion']) / 'README.md')!r}, "mode
         assert (got[f] - wrong).abs().max().item() > 1e-3, f
     card = (Path(folders["sd3"]) / "README.md").read_text()
     assert "load_lora_weights" in card and "largest relative residual" in card
+
+
+def _perturb_lora_student(student, seed):
+    """A LoRA-trained student (peft layers from student.lora_rank): random adapters and interval MLP."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.backbone.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    _randomise(student.interval_embedding, scale=0.5, seed=seed + 100)
+
+
+def test_peft_lora_student_exports_merged_and_as_lora(teacher_dirs, tmp_path):
+    """A student trained as LoRA (peft layers): --format diffusers merges them into a plain transformer,
+    --format lora re-factors the merged delta at the run's rank (exact: it is that rank)."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    run = make_run(tmp_path, "sd3", teacher_dirs["sd3"], perturb=_perturb_lora_student, name="peft",
+                   extra=["student.lora_rank=2"])
+    merged = export_run(run, tmp_path / "merged", steps=2)
+    assert not any("lora" in k for k in load_file(merged / "transformer" / "diffusion_pytorch_model.safetensors"))
+    lora = export_run(run, tmp_path / "lora", steps=2, format="lora")
+    assert json.loads((lora / "onestep_export.json").read_text())["lora_rank"] == 2
+    assert {v.shape[0] for k, v in load_file(lora / "pytorch_lora_weights.safetensors").items() if "lora_A" in k} == {2}
+    want, noise = expected_latents(run, 2, 3)
+    stock = DiffusionPipeline.from_pretrained(merged)
+    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher_dirs["sd3"])
+    teacher_pipe.load_lora_weights(lora)
+    teacher_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(lora, subfolder="scheduler")
+    for pipe in (stock, teacher_pipe):
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(prompt=[PROMPT], latents=noise.clone(), num_inference_steps=2, height=SIDE, width=SIDE,
+                   output_type="latent", **CALLS["sd3"]).images
+        assert (got - want).abs().max().item() < TOL, type(pipe).__name__
 
 
 def test_lora_of_a_full_rank_delta_is_refused_unless_allowed(runs, tmp_path, capsys):
