@@ -5,9 +5,9 @@
 
 Each objective `X` is trained with its recipe `configs/digits_X.yaml`; its EMA student is scored with
 the demo's protocol (N held-out-sized sample sets from fixed noise, digits-FID against the training
-split) at 1 step, next to the teacher's 50-step Euler score. Prints a table and writes
-benchmarks/results/objectives.json as {"rows": [{"objective", "steps", "digits_fid",
-"teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
+split) at the recipe's `eval.student_steps` (1 unless it lists more), next to the teacher's 50-step
+Euler score. Prints a table and writes as {"rows": [{"objective", "steps", "digits_fid", "teacher50_digits_fid", "train_seconds"}, ...],
+"protocol": {...}}.
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ def main() -> None:
     names = [n for n in names if not args.only or n in args.only]
     rows, protocol = [], None
     for name in names:
-        overrides = [f"output_dir={args.output_dir}", "train.progress=false", "eval.teacher_steps=[50]",
-                     "eval.student_steps=[1]"]
+        overrides = [f"output_dir={args.output_dir}", "train.progress=false", "eval.teacher_steps=[50]"]
         if args.steps:
             overrides.append(f"train.steps={args.steps}")
         cfg = load_config(find_config(f"digits_{name}"), overrides)
@@ -57,13 +56,15 @@ def main() -> None:
             teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
         result = evaluate_digits(teacher, student, cfg, device)
         by = {(r["model"], r["steps"]): r for r in result["rows"]}
-        rows.append({"objective": name, "steps": 1, "digits_fid": by[("student", 1)]["digits_fid"],
-                     "teacher50_digits_fid": by[("teacher", 50)]["digits_fid"],
-                     "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
-        if args.from_run:
-            rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
+        # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
+        for k in cfg.eval.student_steps:
+            rows.append({"objective": name, "steps": k, "digits_fid": by[("student", k)]["digits_fid"],
+                         "teacher50_digits_fid": by[("teacher", 50)]["digits_fid"],
+                         "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
+            if args.from_run:
+                rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
+            print(f"{name}: {rows[-1]}", flush=True)
         protocol = result["protocol"]
-        print(f"{name}: {rows[-1]}", flush=True)
 
     print("\n| objective | student steps | digits-FID | teacher 50-step | ratio | train steps | train s |")
     print("|---|---|---|---|---|---|---|")
@@ -74,7 +75,7 @@ def main() -> None:
     if args.out.is_file():
         ran = {r["objective"] for r in rows}
         kept = [r for r in json.loads(args.out.read_text())["rows"] if r["objective"] not in ran]
-        rows = sorted(kept + rows, key=lambda r: r["objective"])
+        rows = sorted(kept + rows, key=lambda r: (r["objective"], r["steps"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=2) + "\n")
     print(f"wrote {args.out}")
