@@ -6,8 +6,8 @@
 Each objective `X` is trained with its recipe `configs/digits_X.yaml`; its EMA student is scored with
 the demo's protocol (N held-out-sized sample sets from fixed noise, digits-FID against the training
 split) at the recipe's `eval.student_steps` (1 unless it lists more), next to the teacher's 50-step
-Euler score. Prints a table and writes as {"rows": [{"objective", "steps", "digits_fid", "teacher50_digits_fid", "train_seconds"}, ...],
-"protocol": {...}}.
+Euler score. Prints a table and writes benchmarks/results/objectives.json as {"rows": [{"objective",
+"steps", "digits_fid", "teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
 """
 from __future__ import annotations
 
