@@ -362,7 +362,7 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
                 device="cpu", cache_dir=None, download: bool | None = None, coverage_metrics: bool = True,
                 progress: bool = False) -> dict:
     """FID of `generated` images (folder, shards, .npz, array/tensor) against `reference` (see
-    `reference_statistics`). Returns {"scores": {...}, "protocol": {...}} where the protocol holds
+    `reference_statistics`, or its result). Returns {"scores": {...}, "protocol": {...}} where the protocol holds
     the FID-specific fields (backend, mode, extractor and its sha256, reference source, counts);
     the caller adds seeds, steps, guidance (`report.make_protocol`).
 
@@ -375,9 +375,12 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
     extractor = features if isinstance(features, nn.Module) else feature_extractor(
         features, mode, backend, inception_weights, device, download)
     images = load_images(generated)
-    want_feats = coverage_metrics and not (isinstance(reference, str) and reference in NAMED_REFERENCES)
-    ref = reference_statistics(reference, extractor, backend, mode, batch_size, cache_dir, download,
-                               return_features=want_feats, progress=progress)
+    if isinstance(reference, dict):  # already resolved by reference_statistics
+        ref = reference
+    else:
+        want_feats = coverage_metrics and not (isinstance(reference, str) and reference in NAMED_REFERENCES)
+        ref = reference_statistics(reference, extractor, backend, mode, batch_size, cache_dir, download,
+                                   return_features=want_feats, progress=progress)
     fake = image_features(images, extractor, backend, mode, batch_size, progress=progress)
     if fake.shape[1] != np.asarray(ref["mu"]).shape[-1]:
         raise FIDInputError(f"reference statistics have {np.asarray(ref['mu']).shape[-1]} dimensions but the "
@@ -390,7 +393,7 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
     else:
         fid = torchmetrics_frechet(fake, ref["mu"], ref["sigma"], ref["n"], fake.shape[1])
     scores = {"fid": fid}
-    if ref["features"] is not None:
+    if coverage_metrics and ref.get("features") is not None:
         from .precision_recall import density_coverage, precision_recall
 
         scores.update(precision_recall(ref["features"], fake, k=3))

@@ -32,6 +32,8 @@ def library_versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    out["torch"] = torch.__version__  # with the build tag (e.g. +cu130), which the wheel metadata lacks
+    out["cuda"] = torch.version.cuda
     return out
 
 

@@ -1,0 +1,300 @@
+"""What `onestep eval fid|clip|geneval` and `onestep bench latency` do (the parsers live in onestep/cli.py).
+
+Each command scores either a finished run (`--run runs/X`: its student, or its teacher with
+`--model teacher`, rebuilt by onestep.export's loader from the checkpoint's EMA weights) or images
+already on disk (`--images`), and writes a score JSON whose `protocol` block says how the number
+was made (onestep.evaluation.report), next to the grid of the images it scored.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fid import FIDInputError
+from .generate import GenerationError
+from .geneval import GenEvalError
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of these commands that mean bad input: one line, exit code 2."""
+    from onestep.export import ExportError
+
+    return (FIDInputError, GenEvalError, GenerationError, ExportError)
+
+
+# ------------------------------------------------------------------------------- run models
+
+class RunModels:
+    """A run's student and teacher on `device`, and k-step samplers that return images in [-1, 1]."""
+
+    def __init__(self, run: str, checkpoint: str | None, device: str):
+        from onestep.export import load_run, load_student
+
+        self.info = load_run(run, checkpoint)
+        student, teacher = load_student(self.info)
+        self.student, self.teacher = student.to(device), teacher.to(device).eval()
+        self.device = device
+
+    def sampler(self, model: str, steps: int, guidance: float | None, solver: str = "euler"):
+        """(noise, cond) -> decoded images of the student's or teacher's `steps`-step sampler."""
+        if model not in ("student", "teacher"):
+            raise FIDInputError(f"--model must be student or teacher, got {model!r}")
+        student, teacher = self.student, self.teacher
+        if model == "student":
+            if guidance is not None:
+                raise FIDInputError("--guidance applies to the teacher; a student bakes its guidance in")
+            return lambda z, c: teacher.decode(student.sample(z, c, steps=steps))
+        return lambda z, c: teacher.decode(teacher.sample(z, c, steps=steps, solver=solver, guidance=guidance))
+
+    def encode_prompts(self, prompts: list[str]):
+        if not hasattr(self.teacher, "encode_prompt"):
+            raise FIDInputError(f"the run's teacher ({type(self.teacher).__name__}) is not text-to-image; "
+                                "prompts need an SD-family teacher")
+        with torch.no_grad():
+            return self.teacher.encode_prompt(list(prompts))
+
+    def describe(self, model: str, steps: int, guidance) -> dict:
+        return {"run": str(self.info.run_dir), "checkpoint": self.info.checkpoint.name, "weights": self.info.weights,
+                "model": model, "steps": steps, "guidance": guidance, "device": str(self.device)}
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a .txt (one a line) or .jsonl (a `prompt` or `text` field a line) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FIDInputError(f"prompts file not found: {path} (--prompts)")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            return [json.loads(ln).get("prompt") or json.loads(ln)["text"] for ln in lines]
+        except (ValueError, KeyError, AttributeError) as e:
+            raise FIDInputError(f"{path}: every line must be JSON with a prompt or text field ({type(e).__name__})") from None
+    if not lines:
+        raise FIDInputError(f"{path} holds no prompts")
+    return lines
+
+
+def _without(d: dict, *keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _need_source(args) -> None:
+    if bool(args.run) == bool(args.images):
+        raise FIDInputError("give either --run runs/X (generate and score) or --images DIR (score existing images)")
+
+
+def _out_dir(args, name: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.run:
+        return Path(args.run) / "eval" / name
+    return Path("eval") / name
+
+
+# ----------------------------------------------------------------------------------- eval fid
+
+def eval_fid(args) -> int:
+    from . import report
+    from .fid import compute_fid
+    from .generate import generate_shards
+
+    _need_source(args)
+    if args.num_samples < 2:
+        raise FIDInputError(f"--num-samples must be >= 2, got {args.num_samples}")
+    name = "fid" if args.images else f"fid-{args.model}-{args.steps}step"
+    out = _out_dir(args, name)
+    # every input is checked (names, weights, reference) before anything is generated or written
+    from .fid import BACKENDS, MODES, feature_extractor, reference_statistics
+
+    if args.backend not in BACKENDS or args.mode not in MODES:
+        raise FIDInputError(f"--backend must be one of {', '.join(BACKENDS)} and --mode one of {', '.join(MODES)}; "
+                            f"got {args.backend!r}, {args.mode!r}")
+    extractor = feature_extractor(args.features, args.mode, args.backend, args.inception_weights, args.device)
+    reference = reference_statistics(args.reference, extractor, args.backend, args.mode, args.batch_size,
+                                     return_features=True, progress=True)
+    generation = {"seeds": None, "steps": None, "guidance": None}
+    if args.run:
+        models = RunModels(args.run, args.checkpoint, args.device)
+        sample = models.sampler(args.model, args.steps, args.guidance)
+        teacher = models.teacher
+        cond_fn = None
+        if args.prompts:
+            prompts = read_prompts(args.prompts)
+            cond_fn = lambda idx: models.encode_prompts([prompts[i % len(prompts)] for i in idx])
+        settings = models.describe(args.model, args.steps, args.guidance)
+        source = generate_shards(sample, out / "samples", args.num_samples, tuple(teacher.sample_shape),
+                                 shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+                                 num_classes=teacher.num_classes if cond_fn is None else None, cond_fn=cond_fn,
+                                 settings=settings, device=args.device, progress=True)
+        generation = {"seeds": {"seed": args.seed, "per_shard": "sha256('onestep-shard:{seed}:{shard}')",
+                                "shard_size": args.shard_size}, "steps": args.steps, "guidance": args.guidance}
+        extra = _without(settings, "steps", "guidance")
+    else:
+        source, extra = args.images, {"images": str(args.images)}
+    result = compute_fid(source, reference, backend=args.backend, mode=args.mode, features=extractor,
+                         batch_size=args.batch_size, device=args.device, progress=True)
+    p = result["protocol"]
+    protocol = report.make_protocol(metric="fid", **{k: p[k] for k in ("backend", "mode", "feature_extractor",
+                                    "feature_extractor_sha256", "reference", "num_generated", "num_reference",
+                                    "resolution")}, **generation, resize=p["resize"], **extra)
+    report.save_grid(result["images"], out / "grid.png")
+    path = report.write_score(out / "fid.json", result["scores"], protocol)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result["scores"].items() if isinstance(v, float))
+    print(f"{scores} ({p['num_generated']} samples vs {p['reference']}); written to {path} and {out / 'grid.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- eval clip
+
+def eval_clip(args) -> int:
+    from . import report
+    from .clip_score import clip_score, load_clip
+    from .fid import load_images
+    from .generate import generate_shards
+
+    _need_source(args)
+    prompts = read_prompts(args.prompts)
+    out = _out_dir(args, "clip" if args.images else f"clip-{args.model}-{args.steps}step")
+    generation, extra = {"seeds": None, "steps": None, "guidance": None}, {"images": str(args.images)}
+    if args.run:
+        models = RunModels(args.run, args.checkpoint, args.device)
+        settings = models.describe(args.model, args.steps, args.guidance)
+        extra = _without(settings, "steps", "guidance")
+        source = generate_shards(models.sampler(args.model, args.steps, args.guidance), out / "samples", len(prompts),
+                                 tuple(models.teacher.sample_shape), shard_size=args.shard_size,
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 cond_fn=lambda idx: models.encode_prompts([prompts[i] for i in idx]),
+                                 settings={**settings, "prompts": str(args.prompts)}, device=args.device)
+        generation = {"seeds": {"seed": args.seed, "per_shard": "sha256('onestep-shard:{seed}:{shard}')"},
+                      "steps": args.steps, "guidance": args.guidance}
+    else:
+        source = args.images
+    images = load_images(source)
+    if len(images) != len(prompts):
+        raise FIDInputError(f"{len(images)} images but {len(prompts)} prompts in {args.prompts} (one image a prompt, in order)")
+    model, processor = load_clip(args.clip_model)
+    scores = clip_score(images, prompts, model=(model, processor), batch_size=args.batch_size, device=args.device)
+    protocol = report.make_protocol(metric="clip_score", backend="torchmetrics.CLIPScore", mode=None,
+                                    feature_extractor=f"CLIP {args.clip_model}",
+                                    feature_extractor_sha256=report.module_sha256(model), reference=str(args.prompts),
+                                    num_generated=len(images), num_reference=None, resolution=list(images.shape[1:3]),
+                                    **generation, **extra)
+    report.save_grid(images, out / "grid.png")
+    path = report.write_score(out / "clip.json", scores, protocol)
+    print(f"CLIP score {scores['clip_score']:.4f} ({len(images)} images, {args.clip_model}); written to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- eval geneval
+
+def eval_geneval(args) -> int:
+    from . import geneval as G
+    from . import report
+
+    _need_source(args)
+    metadata = G.read_metadata(args.metadata)
+    out = _out_dir(args, "geneval" if args.images else f"geneval-{args.model}-{args.steps}step")
+    generation, extra = {"seeds": None, "steps": None, "guidance": None}, {"images": str(args.images)}
+    if args.run:
+        models = RunModels(args.run, args.checkpoint, args.device)
+        sample = models.sampler(args.model, args.steps, args.guidance)
+        shape = tuple(models.teacher.sample_shape)
+
+        def sample_prompts(prompts, seed):
+            noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed)).to(args.device)
+            with torch.no_grad():
+                return sample(noise, models.encode_prompts(prompts))
+
+        image_dir = G.generate_images(sample_prompts, metadata, out / "images", args.images_per_prompt, args.seed)
+        extra = _without(models.describe(args.model, args.steps, args.guidance), "steps", "guidance")
+        generation = {"seeds": {"seed": args.seed, "per_prompt": "seed + prompt index"}, "steps": args.steps,
+                      "guidance": args.guidance}
+    else:
+        image_dir = Path(args.images)
+    options = G.Options()
+    if args.detector_backend == "mmdet":
+        if not args.mmdet_config:
+            raise GenEvalError("--detector-backend mmdet needs --mmdet-config and --detector CHECKPOINT.pth")
+        detector = G.MMDetDetector(args.mmdet_config, args.detector, device=args.device)
+    elif args.detector_backend == "transformers":
+        detector = G.Mask2FormerDetector(args.detector, device=args.device)
+    else:
+        raise GenEvalError(f"--detector-backend must be transformers or mmdet, got {args.detector_backend!r}")
+    colors = G.ClipColorClassifier(args.clip_model, device=args.device, options=options)
+    results = G.evaluate_folder(image_dir, detector, colors, options)
+    summary = G.summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    first = sorted(image_dir.glob("[0-9]*/samples/*.png"))[:64]
+    from PIL import Image
+
+    if first:
+        report.save_grid(np.stack([np.asarray(Image.open(f).convert("RGB").resize((128, 128))) for f in first]),
+                         out / "grid.png")
+    sha = report.module_sha256(detector.model) if hasattr(detector, "model") and hasattr(detector.model, "state_dict") else None
+    protocol = report.make_protocol(metric="geneval", backend=f"onestep.geneval ({args.detector_backend})", mode=None,
+                                    feature_extractor=f"detector {detector.name}; colours CLIP {args.clip_model}",
+                                    feature_extractor_sha256=sha, reference=str(args.metadata or G.METADATA_URL),
+                                    num_generated=len(results), num_reference=None, resolution=None,
+                                    options=vars(options), images_per_prompt=args.images_per_prompt,
+                                    **generation, **extra)
+    path = report.write_score(out / "geneval.json", summary, protocol)
+    tasks = ", ".join(f"{t} {v:.3f}" for t, v in summary["tasks"].items())
+    print(f"GenEval overall {summary['overall']:.4f} ({tasks}); written to {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench latency
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise FIDInputError(f"{option} must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def bench_latency(args) -> int:
+    from . import report
+    from .latency import latency_table, measure_latency
+
+    teacher_steps = _int_list(args.teacher_steps, "--teacher-steps")
+    student_steps = _int_list(args.student_steps, "--student-steps")
+    models = RunModels(args.run, args.checkpoint, args.device)
+    teacher, b = models.teacher, args.batch_size
+    noise = torch.randn((b, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    if hasattr(teacher, "encode_prompt"):
+        cond = models.encode_prompts([args.prompt] * b)  # encoded once, outside the timing
+    elif teacher.num_classes:
+        cond = torch.randint(0, teacher.num_classes, (b,), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    else:
+        cond = None
+    rows = []
+    for model, steps_list in (("teacher", teacher_steps), ("student", student_steps)):
+        for steps in steps_list:
+            fn = models.sampler(model, steps, args.guidance if model == "teacher" else None)
+            with torch.no_grad():
+                row = measure_latency(lambda: fn(noise, cond), b, warmup=args.warmup, repeats=args.repeats,
+                                      device=args.device)
+            rows.append({"model": model, "steps": steps, **row})
+            print(f"{model} {steps} step(s): {row['ms_per_image']:.3f} ms/image", flush=True)
+    resolution = list(teacher.decode(noise[:1]).shape[-2:]) if noise.ndim == 4 else None
+    protocol = report.make_protocol(metric="latency", backend="onestep.bench", mode=None, feature_extractor=None,
+                                    feature_extractor_sha256=None, reference=None, num_generated=None,
+                                    num_reference=None, seeds={"noise_seed": args.seed}, steps=None,
+                                    guidance=args.guidance, resolution=resolution, batch_size=b,
+                                    timing="median of repeats after warm-up, device-synchronised; includes decode, "
+                                           "excludes prompt encoding", torch_threads=torch.get_num_threads(),
+                                    **{k: v for k, v in models.describe("both", None, args.guidance).items()
+                                       if k not in ("model", "steps", "guidance")})
+    table = latency_table(rows)
+    print(table)
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / "latency.json"
+    report.write_score(out, {"rows": rows}, protocol)
+    print(f"written to {out}")
+    return 0

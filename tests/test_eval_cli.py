@@ -1,0 +1,104 @@
+"""`onestep eval fid` and `onestep bench latency` on a tiny finished run: score files carry the full
+protocol, the scored samples are the run's student samples, bad input is one line and exit 2."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from onestep.cli import main
+from onestep.config import load_config
+from onestep.evaluation.report import PROTOCOL_KEYS
+from onestep.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))  # reference statistics cache
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcli")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, add_attention=False)
+    unet.save_pretrained(root / "teacher")
+    cfg = load_config("demo", [f"output_dir={root}", "name=tiny", f"teacher.path={root / 'teacher'}",
+                               "train.steps=1", "train.checkpoint_every=1", "data.batch_size=4",
+                               "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
+    Trainer(cfg).fit()
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def digits_ref(tmp_path_factory):
+    from onestep.data import load_digits
+
+    path = tmp_path_factory.mktemp("ref") / "digits_train.npz"
+    np.savez(path, images=load_digits("train").images[:300].numpy())
+    return path
+
+
+def test_eval_fid_on_a_run(run_dir, digits_ref, tmp_path, capsys):
+    from onestep.evaluation.fid import compute_fid, load_images
+    from onestep.evaluation.generate import shard_generator
+    from onestep.export import load_run, load_student
+
+    out = tmp_path / "fid"
+    args = ["eval", "fid", "--run", str(run_dir), "--reference", str(digits_ref), "--features", "digits",
+            "--backend", "torchmetrics", "--num-samples", "40", "--shard-size", "16", "--batch-size", "16",
+            "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    score = json.loads((out / "fid.json").read_text())
+    assert set(PROTOCOL_KEYS) <= set(score["protocol"])
+    p = score["protocol"]
+    assert (p["num_generated"], p["num_reference"], p["steps"], p["backend"]) == (40, 300, 2, "torchmetrics")
+    assert p["feature_extractor"] == "digits-cnn-128" and len(p["feature_extractor_sha256"]) == 64
+    assert p["versions"]["torch"] == torch.__version__ and (out / "grid.png").is_file()
+    # the scored images are the student's 2-step samples of shard 0's noise
+    student, teacher = load_student(load_run(run_dir))
+    noise = torch.randn((16, 1, 16, 16), generator=shard_generator(0, 0))
+    expected = ((student.sample(noise, steps=2).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    got = load_images(out / "samples")[:16, :, :, 0]
+    assert np.abs(got.astype(int) - expected[:, 0].numpy().astype(int)).max() <= 1
+    again = compute_fid(out / "samples", digits_ref, backend="torchmetrics", features="digits")
+    assert again["scores"]["fid"] == pytest.approx(score["scores"]["fid"], rel=1e-6)
+    # a second run resumes: nothing to generate, same score
+    assert main(args) == 0
+    assert json.loads((out / "fid.json").read_text())["scores"]["fid"] == pytest.approx(score["scores"]["fid"])
+
+
+def test_bench_latency(run_dir, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--run", str(run_dir), "--teacher-steps", "4", "--student-steps", "1,2",
+                 "--batch-size", "8", "--warmup", "1", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["scores"]["rows"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 4), ("student", 1), ("student", 2)]
+    assert all(r["ms_per_image"] > 0 and len(r["times_ms"]) == 2 for r in rows)
+    assert "| student | 1 | 8 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--images", "x"], "either --run"),
+    (["--reference", "cifar10-train", "--features", "digits"], "needs --features inception"),
+    (["--backend", "nope"], "backend"),
+    (["--reference", "cifar10-train", "--inception-weights", "/nonexistent/inc.pt"], "/nonexistent/inc.pt"),
+    (["--model", "teacher", "--guidance", "2", "--reference", "missing.npz"], "not found"),
+])
+def test_bad_input_is_one_line_exit_2(run_dir, digits_ref, tmp_path, capsys, extra, words):
+    args = ["eval", "fid", "--run", str(run_dir), "--num-samples", "8", "--shard-size", "8", "--out", str(tmp_path / "o")]
+    if "--reference" not in extra:
+        args += ["--reference", str(digits_ref), "--features", "digits"]
+    capsys.readouterr()
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o").exists()  # checked before anything was generated
+
+
+def test_latency_bad_steps(run_dir, capsys):
+    assert main(["bench", "latency", "--run", str(run_dir), "--student-steps", "1,x"]) == 2
+    assert "--student-steps" in capsys.readouterr().err

@@ -1,0 +1,29 @@
+"""measure_latency: warm-up calls are not timed, the median is taken, ms/image and images/s follow."""
+import time
+
+import pytest
+
+from onestep.evaluation.latency import latency_table, measure_latency
+
+
+def test_warmup_is_untimed_and_median_is_used():
+    durations = iter([0.2, 0.2, 0.01, 0.03, 0.02, 0.5, 0.02])  # 2 slow warm-ups, then 5 timed calls
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    row = measure_latency(fn, batch_size=4, warmup=2, repeats=5)
+    assert len(calls) == 7 and len(row["times_ms"]) == 5
+    assert row["median_ms_per_batch"] == pytest.approx(20, abs=8)  # median of 10, 30, 20, 500, 20
+    assert row["ms_per_image"] == pytest.approx(row["median_ms_per_batch"] / 4)
+    assert row["images_per_s"] == pytest.approx(4000 / row["median_ms_per_batch"])
+    assert row["peak_memory_mb"] is None or row["peak_memory_mb"] > 0
+    table = latency_table([{**row, "model": "student", "steps": 1}])
+    assert "| student | 1 | 4 |" in table
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        measure_latency(lambda: None, batch_size=0)
