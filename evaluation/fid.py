@@ -272,7 +272,7 @@ def _named_statistics(name: str, mode: str, extractor: nn.Module, download: bool
     path, url = folder / fname, CLEANFID_STATS_URL + fname
     if not path.is_file():
         allowed = (not offline()) if download is None else download
-        why = "downloads are off (HF_HUB_OFFLINE/ONESTEP_OFFLINE)"
+        why = "downloads are off: download=False, HF_HUB_OFFLINE or ONESTEP_OFFLINE"
         if allowed:
             try:
                 _download(url, path)

@@ -74,7 +74,7 @@ def resolve_weights(mode: str, weights: str | Path | None = None, download: bool
         return path
     url, name = (PYTORCH_FID_URL, PYTORCH_FID_FILE) if mode == "legacy_pytorch" else (TORCHSCRIPT_URL, TORCHSCRIPT_FILE)
     download = (not offline()) if download is None else download
-    why = "downloads are off (HF_HUB_OFFLINE/ONESTEP_OFFLINE)" if not download else ""
+    why = "downloads are off: download=False, HF_HUB_OFFLINE or ONESTEP_OFFLINE" if not download else ""
     if download:
         try:
             _download(url, path)

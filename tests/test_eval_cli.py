@@ -102,3 +102,47 @@ def test_bad_input_is_one_line_exit_2(run_dir, digits_ref, tmp_path, capsys, ext
 def test_latency_bad_steps(run_dir, capsys):
     assert main(["bench", "latency", "--run", str(run_dir), "--student-steps", "1,x"]) == 2
     assert "--student-steps" in capsys.readouterr().err
+
+
+def test_eval_clip_and_geneval_on_image_folders(tmp_path, capsys):
+    from PIL import Image
+    from test_eval_clip_score import tiny_clip
+    from test_eval_geneval import tiny_mask2former
+
+    from onestep.evaluation.clip_score import clip_score
+
+    clip = tiny_clip(tmp_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\nthe dog\na red cat\n")
+    out = tmp_path / "clip_out"
+    assert main(["eval", "clip", "--images", str(folder), "--prompts", str(prompts), "--clip-model", str(clip),
+                 "--out", str(out)]) == 0
+    score = json.loads((out / "clip.json").read_text())
+    assert set(PROTOCOL_KEYS) <= set(score["protocol"])
+    expected = clip_score(images, ["a cat", "the dog", "a red cat"], model=clip)["clip_score"]
+    assert score["scores"]["clip_score"] == pytest.approx(expected, rel=1e-5)
+    # GenEval layout, scored with a tiny random Mask2Former and CLIP: the pipeline runs end to end
+    gen = tmp_path / "geneval_imgs"
+    meta = {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
+    (gen / "00000" / "samples").mkdir(parents=True)
+    (gen / "00000" / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+    for i in range(2):
+        Image.fromarray(images[i]).save(gen / "00000" / "samples" / f"{i:04d}.png")
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text(json.dumps(meta) + "\n")
+    out = tmp_path / "geneval_out"
+    assert main(["eval", "geneval", "--images", str(gen), "--metadata", str(metadata), "--detector",
+                 str(tiny_mask2former(tmp_path / "m2f")), "--clip-model", str(clip), "--out", str(out)]) == 0
+    result = json.loads((out / "geneval.json").read_text())
+    assert result["scores"]["num_images"] == 2 and set(result["scores"]["tasks"]) == {"single_object"}
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 and (out / "grid.png").is_file()
+    assert set(PROTOCOL_KEYS) <= set(result["protocol"])
+    capsys.readouterr()
+    assert main(["eval", "clip", "--images", str(folder), "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "--prompts" in capsys.readouterr().err

@@ -247,7 +247,7 @@ def test_metadata_errors(tmp_path, monkeypatch):
         G.read_metadata(None)
 
 
-def test_mask2former_detector_from_a_local_tiny_model(tmp_path):
+def tiny_mask2former(folder):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
     swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
@@ -257,9 +257,13 @@ def test_mask2former_detector_from_a_local_tiny_model(tmp_path):
                             encoder_feedforward_dim=32, dim_feedforward=32,
                             id2label={i: n for i, n in enumerate(G.CLASSES)}, label2id={n: i for i, n in enumerate(G.CLASSES)})
     torch.manual_seed(0)
-    Mask2FormerForUniversalSegmentation(cfg).save_pretrained(tmp_path / "m2f")
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32).save_pretrained(tmp_path / "m2f")
-    det = G.Mask2FormerDetector(tmp_path / "m2f")
+    Mask2FormerForUniversalSegmentation(cfg).save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32).save_pretrained(folder)
+    return folder
+
+
+def test_mask2former_detector_from_a_local_tiny_model(tmp_path):
+    det = G.Mask2FormerDetector(tiny_mask2former(tmp_path / "m2f"))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     out = det.detect(img)
     flat = [d for v in out.values() for d in v]

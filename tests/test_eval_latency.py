@@ -27,3 +27,23 @@ def test_warmup_is_untimed_and_median_is_used():
 def test_bad_arguments():
     with pytest.raises(ValueError):
         measure_latency(lambda: None, batch_size=0)
+
+
+def test_feature_throughput_benchmark_runs(tmp_path):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_throughput.py"
+    out = tmp_path / "ft.json"
+    argv, sys.argv = sys.argv, [str(script), "--batch-size", "64", "--repeats", "2", "--out", str(out)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert e.value.code == 0
+    result = json.loads(out.read_text())
+    assert result["rows"][0]["network"].startswith("digits-cnn-128") and result["rows"][0]["images_per_s"] > 0
+    assert "target_met" in result and "versions" in result["protocol"]
