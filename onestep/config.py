@@ -54,7 +54,9 @@ class DataSection:
     # "digits" (sklearn digits, train split), "gmm" (teacher's mixture); for the adapter teachers:
     # "image_folder" (images in data.path, resized to the teacher's resolution, VAE-encoded for latent
     # teachers), "prompts" (a .txt/.jsonl prompts file in data.path, encoded by the teacher),
-    # "class_labels" (uniform random labels of a class-conditional teacher), "teacher_samples" (none)
+    # "class_labels" (uniform random labels of a class-conditional teacher), "teacher_samples" (none).
+    # image_folder has no captions: with a text-to-image teacher its batches are unconditional (cond None:
+    # the teacher's empty-prompt condition)
     name: str = "digits"
     batch_size: int = 64
     path: Optional[str] = None
@@ -437,9 +439,6 @@ def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
     if d.name == "class_labels" and teacher not in ("unet", "edm"):
         raise ConfigError(f"data.name=class_labels needs a class-conditional teacher (unet or edm); "
                           f"teacher {teacher} is not" + (": use data.name=prompts" if teacher in TEXT_TEACHERS else ""))
-    if d.name == "image_folder" and teacher in TEXT_TEACHERS:
-        raise ConfigError(f"data.name=image_folder has no captions: the text-to-image teacher {teacher} needs "
-                          "data.name=prompts")
     if d.name == "teacher_samples" and d.teacher_steps < 1:
         raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
     if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and not _x_only_for_shape(run, obj_cfg):
