@@ -146,3 +146,66 @@ def test_eval_clip_and_geneval_on_image_folders(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "clip", "--images", str(folder), "--prompts", str(tmp_path / "none.txt")]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    """A tiny Stable Diffusion teacher (random weights) and a run holding its student, untrained."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+    from tiny_models import clip_text_encoder, clip_tokenizer, tiny_sd_unet, tiny_vae
+
+    from onestep.build import build_student, build_teacher
+    from onestep.checkpoint import write_checksums
+    from onestep.config import to_yaml
+
+    root = tmp_path_factory.mktemp("sdrun")
+    tok = clip_tokenizer(root / "vocab")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok)), tokenizer=tok,
+                                   unet=tiny_sd_unet(), scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    cfg = load_config(None, [f"output_dir={root}", "name=sd", "teacher.name=stable_diffusion", f"teacher.path={root / 'sd'}"])
+    run = root / "sd"
+    run.mkdir(exist_ok=True)
+    ckpt = run / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    params = {k: v.detach().contiguous() for k, v in build_student(cfg, build_teacher(cfg)).named_parameters()}
+    save_file(params, ckpt / "ema.safetensors")
+    save_file({f"student.{k}": v for k, v in params.items()}, ckpt / "trainable.safetensors")
+    write_checksums(ckpt)
+    return run
+
+
+def test_clip_and_geneval_generate_from_a_text_to_image_run(sd_run, tmp_path):
+    from test_eval_clip_score import tiny_clip
+    from test_eval_geneval import tiny_mask2former
+
+    from onestep.evaluation.clip_score import clip_score
+    from onestep.evaluation.fid import load_images
+
+    clip = tiny_clip(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\nthe dog\n")
+    out = tmp_path / "clip"
+    assert main(["eval", "clip", "--run", str(sd_run), "--prompts", str(prompts), "--clip-model", str(clip),
+                 "--out", str(out), "--batch-size", "2"]) == 0
+    score = json.loads((out / "clip.json").read_text())
+    images = load_images(out / "samples")
+    assert images.shape[0] == 2 and score["protocol"]["steps"] == 1 and score["protocol"]["model"] == "student"
+    assert score["scores"]["clip_score"] == pytest.approx(clip_score(images, ["a cat", "the dog"], model=clip)["clip_score"],
+                                                          rel=1e-5)
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "two_object", "include": [{"class": "cat", "count": 1},
+                                                                 {"class": "dog", "count": 1}],
+                                "prompt": "a photo of a cat and a dog"}) + "\n")
+    out = tmp_path / "geneval"
+    assert main(["eval", "geneval", "--run", str(sd_run), "--metadata", str(meta), "--images-per-prompt", "2",
+                 "--detector", str(tiny_mask2former(tmp_path / "m2f")), "--clip-model", str(clip),
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "images" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    result = json.loads((out / "geneval.json").read_text())
+    assert result["scores"]["num_images"] == 2 and result["protocol"]["seeds"]["seed"] == 0
