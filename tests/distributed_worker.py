@@ -11,12 +11,17 @@ from safetensors.torch import save_file
 from onestep.config import load_config
 from onestep.trainer import Trainer
 
-OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smd"]
+OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smd", "scm", "scm_ladd", "lightning"]
 #: objectives with auxiliary networks (several optimizer groups): all their trainable state is compared
-MULTI_GROUP = ["fdistill", "smd"]
+MULTI_GROUP = ["fdistill", "smd", "scm_ladd", "lightning"]
 #: options per objective: the generators of f-distill and SMD update every 5th step, so a larger learning
 #: rate makes 50 steps move them measurably (the test checks that training changed the parameters)
-OBJECTIVE_OPTIONS = {"fdistill": ["objective.lr=1e-3"], "smd": ["objective.lr=1e-3", "objective.score_lr=1e-3"]}
+OBJECTIVE_OPTIONS = {"fdistill": ["objective.lr=1e-3"], "smd": ["objective.lr=1e-3", "objective.score_lr=1e-3"],
+                     "scm": ["objective.lr=1e-3", "objective.tangent_warmup=10"],
+                     "scm_ladd": ["objective.lr=1e-3", "objective.tangent_warmup=10"],
+                     # MSE stage, then both adversarial phases (conditional, unconditional) with G/D alternation
+                     "lightning": ["objective.teacher_steps=8", "objective.stages=[4,2,1]",
+                                   "objective.stage_iters=[10,20,20]", "objective.lr=1e-3"]}
 #: f-distill for the gradient check: forward KL (h = r varies most), 4 ratio bins, trained critics
 FDISTILL_GRAD = ["objective.divergence=forward_kl", "objective.critic_steps=2", "objective.ratio_bins=4"]
 FDISTILL_GRAD_STEP = 5  # after critic steps 0, 1, generator step 2, critic steps 3, 4: a generator step
