@@ -510,7 +510,7 @@ def folded_backbone(student, steps: int, dtype: torch.dtype | None = None):
 
     extra = constant_interval_embedding(student, steps)
     net = merge_peft_layers(copy.deepcopy(student.backbone)).eval().requires_grad_(False)
-    if dtype is not None:
+    if dtype is not None and any(p.dtype != dtype for p in net.parameters()):
         net = net.to(dtype)
     tensor, kind = _fold_site(net.get_submodule(student.time_embedding_name))
     with torch.no_grad():
@@ -995,9 +995,60 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
 
 
 def _evaluation(info: RunInfo, steps: int) -> list[str]:
+    files = _eval_files(info, steps)
+    demo = _demo_report(info, steps)
+    if files and info.report is None:
+        return files
+    return demo + ([""] + files if files else [])
+
+
+def _flat(value, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _flat(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], value)]
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else _fmt(v)
+
+
+def _eval_files(info: RunInfo, steps: int) -> list[str]:
+    """The run's `eval/*.json` scores ({"scores", "protocol"}, written by `onestep eval`), each with its
+    protocol and whether it scores this export (same checkpoint, weights and step count)."""
+    folder = info.run_dir / "eval"
+    lines: list[str] = []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or not isinstance(data.get("protocol"), dict):
+            continue
+        p, scores = data["protocol"], data["scores"]
+        same = (p.get("checkpoint") == info.checkpoint.name and p.get("weights", "ema") == info.weights
+                and p.get("model") in (None, "student") and p.get("steps") in (None, steps))
+        what = ", ".join(f"{k} {_fmt(p[k])}" for k in ("model", "steps", "checkpoint", "weights") if k in p)
+        lines += [f"**{p.get('metric', f.stem)}** from `eval/{f.name}` ({what})"
+                  + (" - scores this export." if same else " - **not this export's checkpoint/steps**."), ""]
+        rows = scores.get("rows")
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+        other = [(k, v) for k, v in _flat({k: v for k, v in scores.items() if k != "rows"}) if not isinstance(v, list)]
+        if other:
+            lines += ["", "Scores: " + "; ".join(f"{k} = {_cell(v)}" for k, v in other) + "."]
+        protocol = [(k, v) for k, v in _flat(p) if v is not None and not k.startswith("versions.")]
+        versions = ", ".join(f"{k[9:]} {v}" for k, v in _flat(p) if k.startswith("versions.") and v)
+        lines += ["", "Protocol: " + "; ".join(f"{k}: {_cell(v)}" for k, v in protocol)
+                  + (f"; versions: {versions}" if versions else "") + ".", ""]
+    return lines
+
+
+def _demo_report(info: RunInfo, steps: int) -> list[str]:
     report = info.report
     if report is None:
-        return ["Not evaluated (the run has no report.json)."]
+        return ["Not evaluated (the run has no report.json or eval/*.json scores)."]
     if info.weights != "ema" or report.get("train_steps") != info.step:
         return [f"Not evaluated: the run's report.json scores the EMA weights after {report.get('train_steps')} "
                 f"steps, not this checkpoint ({info.checkpoint.name}, {info.weights} weights)."]
@@ -1007,7 +1058,8 @@ def _evaluation(info: RunInfo, steps: int) -> list[str]:
     for r in rows:
         ips = "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.1f}"
         mark = " (this export)" if r.get("model") == "student" and r.get("steps") == steps else ""
-        lines.append(f"| {r.get('model')}{mark} | {r.get('steps')} | {r.get('digits_fid'):.3f} | {ips} |")
+        fid = "-" if r.get("digits_fid") is None else f"{r['digits_fid']:.3f}"
+        lines.append(f"| {r.get('model')}{mark} | {r.get('steps')} | {fid} | {ips} |")
     if not any(r.get("model") == "student" and r.get("steps") == steps for r in rows):
         lines += ["", f"The report has no row for the student at {steps} steps."]
     p = report.get("protocol") or {}
