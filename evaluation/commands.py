@@ -140,7 +140,7 @@ def eval_fid(args) -> int:
     protocol = report.make_protocol(metric="fid", **{k: p[k] for k in ("backend", "mode", "feature_extractor",
                                     "feature_extractor_sha256", "reference", "num_generated", "num_reference",
                                     "resolution")}, **generation, resize=p["resize"], **extra)
-    report.save_grid(result["images"], out / "grid.png")
+    report.save_grid(result["grid_images"], out / "grid.png")
     path = report.write_score(out / "fid.json", result["scores"], protocol)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result["scores"].items() if isinstance(v, float))
     print(f"{scores} ({p['num_generated']} samples vs {p['reference']}); written to {path} and {out / 'grid.png'}")

@@ -167,38 +167,57 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_images(source) -> np.ndarray:
-    """uint8 [N, H, W, 3] from an image folder (recursive, sorted), a folder of `shard-*.npz`
-    (`generate_shards`), an `.npz` of images (key `images`, else `arr_0`), or an array/tensor."""
+def iter_images(source, chunk: int = 1000):
+    """uint8 [n, H, W, 3] chunks of an image folder (recursive, sorted), a folder of `shard-*.npz`
+    (`generate_shards`; refused while incomplete), an `.npz` of images (key `images`, else `arr_0`),
+    or an array/tensor: large sample sets are scored without holding them all in memory."""
     if not isinstance(source, (str, Path)):
-        return to_uint8_images(source)
+        images = to_uint8_images(source)
+        for s in range(0, len(images), chunk):
+            yield images[s:s + chunk]
+        return
     path = Path(source)
     if not path.exists():
         raise FIDInputError(f"image source not found: {path}")
     if path.is_dir():
         shards = sorted(p for p in path.glob("shard-*.npz") if p.stem[6:].isdigit())  # not *.tmp.npz
         if shards:
-            images = np.concatenate([to_uint8_images(np.load(s)["images"]) for s in shards])
             manifest = path / "manifest.json"
-            expected = json.loads(manifest.read_text())["num_samples"] if manifest.is_file() else len(images)
-            if len(images) != expected:
-                raise FIDInputError(f"{path} holds {len(images)} of {expected} samples: generation was interrupted; "
-                                    f"run the same command again to resume it")
-            return images
+            if manifest.is_file():
+                m = json.loads(manifest.read_text())
+                expected = -(-m["num_samples"] // m["shard_size"])
+                if len(shards) != expected:
+                    raise FIDInputError(f"{path} holds {len(shards)} of {expected} shards: generation was interrupted; "
+                                        f"run the same command again to resume it")
+            for shard in shards:
+                with np.load(shard) as data:
+                    yield to_uint8_images(data["images"])
+            return
         files = _image_files(path)
         if not files:
             raise FIDInputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or shard-*.npz in {path}")
         from PIL import Image
 
-        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        for s in range(0, len(files), chunk):
+            yield np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[s:s + chunk]])
+        return
     if path.suffix == ".npz":
         with np.load(path) as data:
             key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
             if key is None:
                 raise FIDInputError(f"{path} holds neither images (key images / arr_0) nor statistics (mu, sigma): "
                                     f"keys {sorted(data.keys())}")
-            return to_uint8_images(data[key])
+            images = data[key]
+        for s in range(0, len(images), chunk):
+            yield to_uint8_images(images[s:s + chunk])
+        return
     raise FIDInputError(f"unsupported image source {path}: give a folder of images, a folder of shard-*.npz, or an .npz")
+
+
+def load_images(source) -> np.ndarray:
+    """All of `iter_images(source)` as one uint8 [N, H, W, 3] array."""
+    chunks = list(iter_images(source))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
 
 
 # ----------------------------------------------------------------------------------- features
@@ -216,26 +235,39 @@ def _cleanfid_batches(images: np.ndarray, mode: str, batch_size: int):
 
 @torch.no_grad()
 def image_features(images, extractor: nn.Module, backend: str = "clean-fid", mode: str = "clean",
-                   batch_size: int = 64, device=None, progress: bool = False) -> np.ndarray:
-    """float64 features [N, D] of uint8 images [N, H, W, 3] as `backend` feeds them to `extractor`:
-    clean-fid: its resize of `mode`, float [0, 255]; torchmetrics: the uint8 images as they are
-    (the extractor resizes, as torchmetrics' own Inception does)."""
+                   batch_size: int = 64, device=None, progress: bool = False, keep: list | None = None) -> np.ndarray:
+    """float64 features [N, D] of images (an array/tensor, or an iterable of uint8 [n, H, W, 3]
+    chunks from `iter_images`) as `backend` feeds them to `extractor`: clean-fid: its resize of
+    `mode`, float [0, 255]; torchmetrics: the uint8 images as they are (the extractor resizes, as
+    torchmetrics' own Inception does). `keep`, a list, receives the first 64 images (for the grid)."""
     if backend not in BACKENDS:
         raise FIDInputError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if mode not in MODES:
         raise FIDInputError(f"unknown FID mode {mode!r}; choose one of {', '.join(MODES)}")
-    images = to_uint8_images(images)
+    chunks = [to_uint8_images(images)] if isinstance(images, (np.ndarray, torch.Tensor)) else images
     device = device or next(iter(extractor.parameters()), torch.zeros(())).device
-    if backend == "clean-fid":
-        batches = _cleanfid_batches(images, mode, batch_size)
-    else:
-        batches = (torch.from_numpy(images[s:s + batch_size]).permute(0, 3, 1, 2)
-                   for s in range(0, len(images), batch_size))
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=-(-len(images) // batch_size), desc=f"features ({backend})", unit="batch")
-    out = [extractor(b.to(device)).double().cpu().reshape(len(b), -1) for b in batches]
+        bar = tqdm(desc=f"features ({backend})", unit="img")
+    out, kept = [], 0
+    for chunk in chunks:
+        if keep is not None and kept < 64:
+            keep.append(chunk[:64 - kept])
+            kept += len(keep[-1])
+        if backend == "clean-fid":
+            batches = _cleanfid_batches(chunk, mode, batch_size)
+        else:
+            batches = (torch.from_numpy(chunk[s:s + batch_size]).permute(0, 3, 1, 2) for s in range(0, len(chunk), batch_size))
+        for b in batches:
+            out.append(extractor(b.to(device)).double().cpu().reshape(len(b), -1))
+            if bar is not None:
+                bar.update(len(b))
+    if bar is not None:
+        bar.close()
+    if not out:
+        raise FIDInputError("no images to score")
     return torch.cat(out).numpy()
 
 
@@ -318,7 +350,7 @@ def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-
         source = f"images:{path}"
     else:
         source = "images:in-memory"
-    feats = image_features(load_images(reference), extractor, backend, mode, batch_size, progress=progress)
+    feats = image_features(iter_images(reference), extractor, backend, mode, batch_size, progress=progress)
     mu, sigma = feature_statistics(feats)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -374,14 +406,14 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
         raise FIDInputError(f"unknown FID mode {mode!r}; choose one of {', '.join(MODES)}")
     extractor = features if isinstance(features, nn.Module) else feature_extractor(
         features, mode, backend, inception_weights, device, download)
-    images = load_images(generated)
     if isinstance(reference, dict):  # already resolved by reference_statistics
         ref = reference
     else:
         want_feats = coverage_metrics and not (isinstance(reference, str) and reference in NAMED_REFERENCES)
         ref = reference_statistics(reference, extractor, backend, mode, batch_size, cache_dir, download,
                                    return_features=want_feats, progress=progress)
-    fake = image_features(images, extractor, backend, mode, batch_size, progress=progress)
+    shown: list = []
+    fake = image_features(iter_images(generated), extractor, backend, mode, batch_size, progress=progress, keep=shown)
     if fake.shape[1] != np.asarray(ref["mu"]).shape[-1]:
         raise FIDInputError(f"reference statistics have {np.asarray(ref['mu']).shape[-1]} dimensions but the "
                             f"feature extractor gives {fake.shape[1]}: they come from another network")
@@ -404,6 +436,6 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
     protocol = {"backend": backend, "mode": mode, "resize": resize,
                 "feature_extractor": getattr(extractor, "name", type(extractor).__name__),
                 "feature_extractor_sha256": _extractor_sha(extractor), "reference": ref["source"],
-                "num_generated": int(len(images)), "num_reference": ref["n"],
-                "resolution": list(images.shape[1:3])}
-    return {"scores": scores, "protocol": protocol, "images": images}
+                "num_generated": int(len(fake)), "num_reference": ref["n"],
+                "resolution": list(shown[0].shape[1:3])}
+    return {"scores": scores, "protocol": protocol, "grid_images": np.concatenate(shown)}

@@ -213,3 +213,13 @@ def test_digits_features_through_the_image_path():
     extractor = F.DigitsImageFeatures()
     ours = F.image_features(u8, extractor, backend="torchmetrics")
     np.testing.assert_allclose(ours, extract_features(extractor.net, quantised), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_folders_give_the_same_features(data):
+    fake, real, fake_dir, *_ = data
+    net = TinyFeatures()
+    whole = F.image_features(fake, net, mode="legacy_pytorch")
+    keep = []
+    chunked = F.image_features(F.iter_images(fake_dir, chunk=7), net, mode="legacy_pytorch", batch_size=5, keep=keep)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-8)
+    assert sum(len(k) for k in keep) == len(fake) and (np.concatenate(keep) == fake).all()  # PNG is lossless
