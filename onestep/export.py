@@ -13,10 +13,21 @@ Formats, per teacher family (an `Exporter` registered under the teacher's name d
   t - r = 1/k at every step, so the interval embedding adds one constant vector to the time
   embedding, which is folded into ``time_embedding.linear_2.bias``. The export is therefore
   specific to k (``--steps``).
+  Students of the teacher adapters (`TeacherStudent`) get their family's stock pipeline with the
+  teacher's VAE / text encoders / tokenizers and the student's backbone, its interval embedding folded
+  into the time embedding's last bias (see "students of the teacher adapters" below for the maths):
+  ``stable_diffusion`` -> StableDiffusionPipeline, ``sdxl`` -> StableDiffusionXLPipeline, ``unet``
+  (unconditional pixel DDPM) -> DDPMPipeline, all with a 1-step trailing DDIM (VP models: exact at
+  k = 1 only, other k refused); ``sd3`` -> StableDiffusion3Pipeline, ``flux`` -> FluxPipeline,
+  ``sana`` -> SanaPipeline, with FlowMatchEulerDiscreteScheduler on the uniform grid (any k). ``edm``
+  and class-conditional UNets have no stock pipeline: a one-line error says what to use.
 * ``onestep``: ``onestep.pipelines.OneStepPipeline`` with the unfolded student: any k at call time;
-  loads with ``OneStepPipeline.from_pretrained(DIR)`` (needs onestep installed).
-* ``lora``: peft LoRA for ``pipe.load_lora_weights(DIR)``; only families with LoRA-capable pipelines
-  (the SD family), none of which exists yet: a clear error until then.
+  loads with ``OneStepPipeline.from_pretrained(DIR)`` (needs onestep installed). Digits family only.
+* ``lora``: peft-format LoRA (``pytorch_lora_weights.safetensors`` + ``scheduler/``) for
+  ``pipe.load_lora_weights(DIR)`` on the teacher's own pipeline (SD, SDXL, SD3, FLUX, SANA): each
+  changed weight's difference from the teacher, factored by truncated SVD (a LoRA-trained student's
+  peft layers are merged first, so its delta has exactly its training rank); refused above a
+  relative residual of LORA_TOL unless allowed.
 
 Every export is written to a temporary folder beside ``out`` and renamed into place, holds weights
 only as safetensors, and is byte-for-byte reproducible: exporting the same checkpoint into the same
@@ -979,8 +990,11 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         snippet,
         "```",
         "",
-        "Images are returned in [0, 1] as `(x / 2 + 0.5).clamp(0, 1)` of the sample x in [-1, 1]; "
-        "`output_type=\"pt\"` or `\"np\"` gives tensors or arrays.",
+        ("Images are returned in [0, 1] as `(x / 2 + 0.5).clamp(0, 1)` of the sample x in [-1, 1]"
+         if exporter.pipeline_tag != "text-to-image" else
+         "The pipeline decodes the student's latents with the teacher's VAE; `output_type=\"latent\"` returns "
+         "the latents themselves")
+        + "; `output_type=\"pt\"` or `\"np\"` gives tensors or arrays.",
         "",
         "## How this pipeline reproduces the student",
         "",

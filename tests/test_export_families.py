@@ -407,7 +407,11 @@ def test_lora_of_a_full_rank_delta_is_refused_unless_allowed(runs, tmp_path, cap
     assert main(["export", "--run", run, "--out", str(tmp_path / "l"), "--format", "lora", "--lora-rank", "1",
                  "--allow-lora-residual"]) == 0
     card = (tmp_path / "l" / "README.md").read_text()
-    assert "only approximates the student" in card
+    assert "only approximates the student" in card and "At export" not in card  # no self-check claimed
+    first = {p.name: p.read_bytes() for p in (tmp_path / "l").rglob("*") if p.is_file()}
+    assert main(["export", "--run", run, "--out", str(tmp_path / "l"), "--format", "lora", "--lora-rank", "1",
+                 "--allow-lora-residual"]) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "l").rglob("*") if p.is_file()} == first  # idempotent
     assert json.loads((tmp_path / "l" / "onestep_export.json").read_text())["lora_rank"] == 1
     rc = main(["export", "--run", run, "--out", str(tmp_path / "m"), "--format", "lora", "--lora-rank", "x"])
     assert rc == 2 and "--lora-rank must be an integer" in capsys.readouterr().err
