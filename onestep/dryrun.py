@@ -157,7 +157,9 @@ def meta_model(class_name: str, config: dict):
 
     cls = _class(class_name)
     transformers_model = not hasattr(cls, "from_config")
-    with init_empty_weights():
+    # torch.device("meta") too: buffers computed at construction (SD3's 384 x 384 sin-cos position table)
+    # then cost nothing either
+    with init_empty_weights(), torch.device("meta"):
         if transformers_model:
             config_cls = cls.config_class
             model = cls(config_cls(**config) if isinstance(config, dict) else config)

@@ -70,17 +70,15 @@ def test_recipe_validates_and_names_a_real_model(recipe):
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW_RECIPES else r
                                     for r in RECIPES])
-def test_recipe_dry_runs_at_tiny_size_offline(recipe, offline, capsys):
-    from onestep.cli import main
-
-    assert main(["distill", "--config", recipe, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "config valid" in out and "estimated GPU memory at full size" in out
-    assert "activations are NOT included" in out
-    cfg = load_config(recipe)
+def test_recipe_dry_runs_at_tiny_size_offline(recipe, offline):
     from onestep.dryrun import dry_run
 
-    result = dry_run(cfg, print_fn=lambda *a: None)
+    cfg = load_config(recipe)
+    lines = []
+    result = dry_run(cfg, print_fn=lines.append)
+    out = "\n".join(lines)
+    assert "config valid" in out and "estimated GPU memory at full size" in out
+    assert "activations are NOT included" in out
     tiny, est = result["tiny"], result["estimate"]
     assert set(tiny["groups"]) and all(v is None or torch.isfinite(torch.tensor(v)) for v in tiny["losses"])
     if cfg.student.lora_rank > 0:
@@ -92,6 +90,16 @@ def test_recipe_dry_runs_at_tiny_size_offline(recipe, offline, capsys):
     bytes_per = {"float32": 4, "bfloat16": 2}[est.teacher_dtype]
     teacher_gib = sum(est.teacher_params.values()) * bytes_per / 1024 ** 3
     assert result["memory_total_gib"] >= teacher_gib + est.student_trainable * 16 / 1024 ** 3 - 1e-9
+
+
+def test_distill_dry_run_flag(offline, capsys, tmp_path, monkeypatch):
+    from onestep.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written: no runs/ folder appears
+    assert main(["distill", "--config", "imagenet64_smd", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny build" in out and "full size (meta-device build" in out and "GPU" in out.splitlines()[-1]
+    assert not any(tmp_path.iterdir())
 
 
 def test_dry_run_of_a_digits_recipe_is_a_one_line_error(capsys):
@@ -350,7 +358,7 @@ def test_image_folder_batches_are_the_vae_latents(tmp_path, offline):
     teacher = build_teacher(cfg)
     batch = build_data(cfg, teacher).batch(2, torch.Generator().manual_seed(1))
     idx = torch.randint(3, (2,), generator=torch.Generator().manual_seed(1))
-    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(
+    images = torch.stack([torch.from_numpy(__import__("numpy").array(
         Image.open(folder / f"{i}.png").convert("RGB").resize((16, 16), Image.BICUBIC))).permute(2, 0, 1)
         for i in idx.tolist()]).float() / 127.5 - 1
     vae = teacher.vae
