@@ -220,7 +220,8 @@ def eval_geneval(args) -> int:
             raise GenEvalError("--detector-backend mmdet needs --mmdet-config and --detector CHECKPOINT.pth")
         detector = G.MMDetDetector(args.mmdet_config, args.detector, device=args.device)
     elif args.detector_backend == "transformers":
-        detector = G.Mask2FormerDetector(args.detector, device=args.device)
+        detector = G.Mask2FormerDetector(args.detector, device=args.device,
+                                         input_size=tuple(_int_list(args.detector_size, "--detector-size")))
     else:
         raise GenEvalError(f"--detector-backend must be transformers or mmdet, got {args.detector_backend!r}")
     colors = G.ClipColorClassifier(args.clip_model, device=args.device, options=options)
@@ -240,6 +241,7 @@ def eval_geneval(args) -> int:
                                     feature_extractor_sha256=sha, reference=str(args.metadata or G.METADATA_URL),
                                     num_generated=len(results), num_reference=None, resolution=None,
                                     options=vars(options), images_per_prompt=args.images_per_prompt,
+                                    detector_input_size=args.detector_size,
                                     **generation, **extra)
     path = report.write_score(out / "geneval.json", summary, protocol)
     tasks = ", ".join(f"{t} {v:.3f}" for t, v in summary["tasks"].items())

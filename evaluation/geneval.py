@@ -16,7 +16,8 @@ The scoring follows GenEval's `evaluation/evaluate_images.py` and `evaluation/su
 Detector: Mask2Former through transformers (`Mask2FormerForUniversalSegmentation`, default
 `facebook/mask2former-swin-small-coco-instance`, the Swin-S COCO-instance model GenEval runs in mmdet)
 or mmdet itself (optional). Deviations from GenEval: the detector weights are the transformers port,
-its preprocessing is the port's image processor (not mmdet's test pipeline), and CLIP is the
+its preprocessing is the port's image processor at mmdet's test scale (shortest edge 800, longest
+1333; mmdet's own normalisation and padding may differ in detail), and CLIP is the
 transformers ViT-L/14 (`openai/clip-vit-large-patch14`) instead of open_clip's identical weights.
 """
 from __future__ import annotations
@@ -271,7 +272,8 @@ def decode_mask2former(class_logits: torch.Tensor, mask_logits: torch.Tensor, im
 class Mask2FormerDetector:
     """Mask2Former (transformers) for GenEval: `detect(image) -> {class name: [Detection]}`."""
 
-    def __init__(self, model: str = DEFAULT_DETECTOR, device="cpu", local_files_only: bool | None = None):
+    def __init__(self, model: str = DEFAULT_DETECTOR, device="cpu", local_files_only: bool | None = None,
+                 input_size: tuple[int, int] | None = (800, 1333)):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         from .inception import offline
@@ -284,6 +286,9 @@ class Mask2FormerDetector:
             raise GenEvalError(f"cannot load the Mask2Former detector {model!r} ({type(e).__name__}); pass "
                                f"--detector PATH to a local copy (save_pretrained folder)") from None
         self.model.eval().requires_grad_(False).to(device)
+        # (shortest, longest) edge of the resized input: GenEval's mmdet test pipeline (and Detectron2's)
+        # use 800 / 1333; None keeps the image processor's own setting
+        self.size = None if input_size is None else {"shortest_edge": int(input_size[0]), "longest_edge": int(input_size[1])}
         self.device, self.name = device, str(model)
         labels = self.model.config.id2label
         if len(labels) != len(CLASSES):
@@ -292,7 +297,8 @@ class Mask2FormerDetector:
 
     @torch.no_grad()
     def detect(self, image) -> dict[str, list[Detection]]:
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
+        extra = {} if self.size is None else {"size": self.size}
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt", **extra).to(self.device)
         out = self.model(**inputs)
         # mask logits cover the padded, resized input at 1/4 resolution: back to the input size, drop
         # the padding (pixel_mask), then decode at the image's own size

@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hub id or local folder (mmdet: the .pth checkpoint)")
     gen.add_argument("--detector-backend", default="transformers", help="transformers (default) or mmdet")
     gen.add_argument("--mmdet-config", help="mmdet config file (with --detector-backend mmdet)")
+    gen.add_argument("--detector-size", default="800,1333", help="shortest,longest input edge (default 800,1333)")
     gen.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="colour classifier: hub id or folder")
     bench = sub.add_parser("bench", help="benchmarks of a run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -138,7 +138,8 @@ def test_eval_clip_and_geneval_on_image_folders(tmp_path, capsys):
     metadata.write_text(json.dumps(meta) + "\n")
     out = tmp_path / "geneval_out"
     assert main(["eval", "geneval", "--images", str(gen), "--metadata", str(metadata), "--detector",
-                 str(tiny_mask2former(tmp_path / "m2f")), "--clip-model", str(clip), "--out", str(out)]) == 0
+                 str(tiny_mask2former(tmp_path / "m2f")), "--detector-size", "64,96", "--clip-model", str(clip),
+                 "--out", str(out)]) == 0
     result = json.loads((out / "geneval.json").read_text())
     assert result["scores"]["num_images"] == 2 and set(result["scores"]["tasks"]) == {"single_object"}
     assert len((out / "results.jsonl").read_text().splitlines()) == 2 and (out / "grid.png").is_file()
@@ -204,8 +205,8 @@ def test_clip_and_geneval_generate_from_a_text_to_image_run(sd_run, tmp_path):
                                 "prompt": "a photo of a cat and a dog"}) + "\n")
     out = tmp_path / "geneval"
     assert main(["eval", "geneval", "--run", str(sd_run), "--metadata", str(meta), "--images-per-prompt", "2",
-                 "--detector", str(tiny_mask2former(tmp_path / "m2f")), "--clip-model", str(clip),
-                 "--out", str(out)]) == 0
+                 "--detector", str(tiny_mask2former(tmp_path / "m2f")), "--detector-size", "64,96",
+                 "--clip-model", str(clip), "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "images" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
     result = json.loads((out / "geneval.json").read_text())
     assert result["scores"]["num_images"] == 2 and result["protocol"]["seeds"]["seed"] == 0

@@ -263,7 +263,7 @@ def tiny_mask2former(folder):
 
 
 def test_mask2former_detector_from_a_local_tiny_model(tmp_path):
-    det = G.Mask2FormerDetector(tiny_mask2former(tmp_path / "m2f"))
+    det = G.Mask2FormerDetector(tiny_mask2former(tmp_path / "m2f"), input_size=(64, 96))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     out = det.detect(img)
     flat = [d for v in out.values() for d in v]
