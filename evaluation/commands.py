@@ -285,7 +285,8 @@ def bench_latency(args) -> int:
                                       device=args.device)
             rows.append({"model": model, "steps": steps, **row})
             print(f"{model} {steps} step(s): {row['ms_per_image']:.3f} ms/image", flush=True)
-    resolution = list(teacher.decode(noise[:1]).shape[-2:]) if noise.ndim == 4 else None
+    with torch.no_grad():
+        resolution = list(teacher.decode(noise[:1]).shape[-2:]) if noise.ndim == 4 else None
     protocol = report.make_protocol(metric="latency", backend="onestep.bench", mode=None, feature_extractor=None,
                                     feature_extractor_sha256=None, reference=None, num_generated=None,
                                     num_reference=None, seeds={"noise_seed": args.seed}, steps=None,

@@ -326,6 +326,11 @@ def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-
     Statistics computed from images are cached under `cache_dir`, keyed by the source, the
     extractor's weights hash, the backend and the mode."""
     if isinstance(reference, str) and reference in NAMED_REFERENCES:
+        if backend == "torchmetrics" and mode != "legacy_tensorflow":
+            # the torchmetrics backend resizes inside the network: only clean-fid's legacy_tensorflow
+            # statistics were made that way
+            raise FIDInputError(f"reference {reference} with --backend torchmetrics needs --mode legacy_tensorflow "
+                                f"(statistics of in-network resizing); or use --backend clean-fid")
         mu, sigma, n, source = _named_statistics(reference, mode, extractor, download)
         return {"mu": mu, "sigma": sigma, "n": n, "source": source, "features": None}
     sha = _extractor_sha(extractor)

@@ -144,6 +144,8 @@ def test_named_reference_offline_is_one_line(monkeypatch, data):
         F.reference_statistics("cifar10-train", net, mode="clean")
     msg = str(e.value)
     assert "\n" not in msg and "cifar10_clean_train_32.npz" in msg and "--reference" in msg
+    with pytest.raises(F.FIDInputError, match="legacy_tensorflow"):
+        F.reference_statistics("cifar10-train", net, backend="torchmetrics", mode="clean")
     with pytest.raises(F.FIDInputError, match="needs --features inception"):
         F.reference_statistics("cifar10-test", TinyFeatures())
 
