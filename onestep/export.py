@@ -18,11 +18,13 @@ Formats, per teacher family (an `Exporter` registered under the teacher's name d
   into the time embedding's last bias (see "students of the teacher adapters" below for the maths):
   ``stable_diffusion`` -> StableDiffusionPipeline, ``sdxl`` -> StableDiffusionXLPipeline, ``unet``
   (unconditional pixel DDPM) -> DDPMPipeline, all with a 1-step trailing DDIM (VP models: exact at
-  k = 1 only, other k refused); ``sd3`` -> StableDiffusion3Pipeline, ``flux`` -> FluxPipeline,
+  k = 1 only; other k with ``--format onestep``); ``sd3`` -> StableDiffusion3Pipeline, ``flux`` -> FluxPipeline,
   ``sana`` -> SanaPipeline, with FlowMatchEulerDiscreteScheduler on the uniform grid (any k). ``edm``
   and class-conditional UNets have no stock pipeline: a one-line error says what to use.
-* ``onestep``: ``onestep.pipelines.OneStepPipeline`` with the unfolded student: any k at call time;
-  loads with ``OneStepPipeline.from_pretrained(DIR)`` (needs onestep installed). Digits family only.
+* ``onestep``: digits family: ``onestep.pipelines.OneStepPipeline`` with the unfolded student, any k at
+  call time, loaded with ``OneStepPipeline.from_pretrained(DIR)``. VP teachers (unet, SD, SDXL): their
+  stock pipeline with ``onestep.pipelines.StudentVPScheduler``, the student's own k-step sampler (k >= 2
+  is exact only this way), loaded with ``DiffusionPipeline.from_pretrained(DIR)``. Both need onestep.
 * ``lora``: peft-format LoRA (``pytorch_lora_weights.safetensors`` + ``scheduler/``) for
   ``pipe.load_lora_weights(DIR)`` on the teacher's own pipeline (SD, SDXL, SD3, FLUX, SANA): each
   changed weight's difference from the teacher, factored by truncated SVD (a LoRA-trained student's
@@ -388,6 +390,11 @@ def stock_flow_scheduler(steps: int):
     return scheduler
 
 
+def _student_timesteps(scheduler) -> list[float]:
+    scheduler.set_timesteps(scheduler.config.num_inference_steps)
+    return scheduler.timesteps.tolist()
+
+
 def _scheduler_sigmas(scheduler, steps: int) -> list[float]:
     scheduler.set_timesteps(steps)
     return scheduler.sigmas.tolist()
@@ -558,8 +565,17 @@ def flow_scheduler(steps: int, pipeline_sets_sigmas: bool = False):
     return stock_flow_scheduler(steps)
 
 
+ONESTEP_SCHEDULER_NOTE = " with `onestep.pipelines.StudentVPScheduler` (loading needs onestep installed)"
+
+
 def _scheduler_line(scheduler) -> str:
     cfg = scheduler.config
+    if type(scheduler).__name__ == "StudentVPScheduler":
+        return (f"`onestep.pipelines.StudentVPScheduler`: num_inference_steps={cfg.num_inference_steps}, "
+                f"prediction_type={cfg.prediction_type}, the teacher's betas ({cfg.teacher_scheduler_config.get('beta_schedule')}, "
+                f"{cfg.teacher_scheduler_config.get('beta_start')} to {cfg.teacher_scheduler_config.get('beta_end')}, "
+                f"{cfg.num_train_timesteps} steps); timesteps "
+                + ", ".join(f"{t:.2f}" for t in _student_timesteps(scheduler)))
     keys = {"DDIMScheduler": ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                               "timestep_spacing", "set_alpha_to_one", "clip_sample", "thresholding", "steps_offset",
                               "rescale_betas_zero_snr"),
@@ -579,22 +595,30 @@ class _AdapterExporter(Exporter):
 
     def check(self, cfg, format: str, steps: int = 1) -> None:
         name = cfg.teacher.get("name")
-        if format == "onestep":
-            raise ExportError(f"--format onestep (OneStepPipeline) runs flow-time pixel UNets (the digits family); for "
-                              f"students of the {name} teacher use --format diffusers"
-                              + (" or lora" if self.lora else ""))
+        if format == "onestep" and not self.vp_family:
+            raise ExportError(f"students of the {name} teacher (rectified flow) export exactly at any --steps with "
+                              f"--format diffusers (stock diffusers only); --format onestep is for VP teachers "
+                              f"(unet, stable_diffusion, sdxl) and the digits family")
         if format == "lora" and not self.lora:
             raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
-                              "--format lora for it: use --format diffusers")
-        if self.vp_family and steps != 1:
+                              "--format lora for it: use --format diffusers" + (" or onestep" if self.vp_family else ""))
+        if self.vp_family and steps != 1 and format != "onestep":
             raise ExportError(
                 f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
                 f"diffusers scheduler only at --steps 1: from t = 1 the student re-noises with the input noise "
-                f"itself, no diffusers scheduler does (and its later steps fall between the model's timesteps); "
-                f"export --steps 1, or sample {steps} steps with onestep (build_student + student.sample)")
+                f"itself, which no diffusers scheduler does (and its later steps fall between the model's "
+                f"timesteps); export --steps 1, or --format onestep --steps {steps} (the stock pipeline with "
+                f"onestep's StudentVPScheduler; loading needs onestep installed)")
 
     # -- per family ------------------------------------------------------------------------------
-    def scheduler(self, teacher, steps: int):
+    def scheduler(self, teacher, steps: int, format: str = "diffusers"):
+        if self.vp_family and format == "onestep":
+            from onestep.pipelines import StudentVPScheduler
+
+            time = teacher.time
+            return StudentVPScheduler(teacher_scheduler_config=dict(time.scheduler_config),
+                                      prediction_type=time.prediction_type, num_inference_steps=steps,
+                                      num_train_timesteps=time.num_train_timesteps)
         if self.vp_family:
             return vp_one_step_scheduler(teacher.time)
         return flow_scheduler(steps)
@@ -633,7 +657,7 @@ class _AdapterExporter(Exporter):
         if not isinstance(student, TeacherStudent):
             raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
         backbone = folded_backbone(student, steps, next(teacher.backbone().parameters()).dtype)
-        scheduler = self.scheduler(teacher, steps)
+        scheduler = self.scheduler(teacher, steps, format)
         if format == "lora":
             return self._write_lora(student, teacher, backbone, scheduler, info, out, steps)
         pipe = self.stock_pipeline(teacher, backbone, scheduler)
@@ -641,12 +665,12 @@ class _AdapterExporter(Exporter):
         pipe.save_pretrained(out, safe_serialization=True)
         name = type(pipe).__name__
         return ExportResult(
-            pipeline=f"`{name}` (stock diffusers)",
+            pipeline=f"`{name}` (stock diffusers)" + (ONESTEP_SCHEDULER_NOTE if format == "onestep" else ""),
             loader="import torch\nfrom diffusers import DiffusionPipeline",
             load_call="DiffusionPipeline.from_pretrained({path!r})",
             call_args=self._call_args(teacher, steps),
             scheduler=_scheduler_line(scheduler),
-            notes=self._notes(student, teacher, steps, name),
+            notes=self._notes(student, teacher, steps, name, format),
             max_abs_diff=diff, tolerance=tol, guidance=self._guidance(teacher, steps))
 
     def _call_args(self, teacher, steps):
@@ -656,7 +680,7 @@ class _AdapterExporter(Exporter):
         return ("off: `guidance_scale=1.0` (the student was distilled with the teacher's guidance, if any, built "
                 "in; classifier-free guidance would double the passes and change the result)")
 
-    def _notes(self, student, teacher, steps, pipeline_name) -> list[str]:
+    def _notes(self, student, teacher, steps, pipeline_name, format="diffusers") -> list[str]:
         site = student.time_embedding_name
         denoiser = getattr(teacher, "denoiser_name", "unet")
         notes = [f"The student is the teacher's {denoiser} trained as an average-velocity field "
@@ -664,7 +688,17 @@ class _AdapterExporter(Exporter):
                  f"{steps}-step grid t - r = 1/{steps} at every step, so that embedding is one constant vector, "
                  f"folded into the bias of `{site}`'s last linear layer: the exported {denoiser} is a "
                  f"plain network of the teacher's architecture."]
-        if self.vp_family:
+        if self.vp_family and format == "onestep":
+            notes.append(
+                "The teacher is a VP model (eps/v prediction at integer timesteps), which cannot reach flow time "
+                "t = 1: there the student keeps the model's x0 and re-noises with the input noise itself, and its "
+                "uniform flow-time grid falls between the model's timesteps, so no diffusers scheduler takes its "
+                f"steps for k >= 2. `onestep.pipelines.StudentVPScheduler` does: its timesteps are the model's "
+                f"(fractional) timesteps of the uniform {steps}-step grid and its step is onestep's own. "
+                f"**Call it with `num_inference_steps={steps}`** (the folded t - r; other values are refused). "
+                "Loading needs onestep installed (`pip install onestep`): model_index.json names the scheduler "
+                "by its module, `onestep.pipelines`.")
+        elif self.vp_family:
             notes.append(
                 "The teacher is a VP model (eps/v prediction at integer timesteps), which cannot reach flow time "
                 f"t = 1; there onestep asks it at timestep {teacher.time.num_train_timesteps - 1} and keeps its x0 "
@@ -822,7 +856,7 @@ class SD3Exporter(_AdapterExporter):
 class FluxExporter(_AdapterExporter):
     family = "FLUX.1: FluxTransformer2DModel on 2x2-packed VAE latents, rectified flow"
 
-    def scheduler(self, teacher, steps):
+    def scheduler(self, teacher, steps, format="diffusers"):
         return flow_scheduler(steps, pipeline_sets_sigmas=True)
 
     def call_kwargs(self, teacher, steps):
@@ -884,17 +918,17 @@ class PixelDDPMExporter(_AdapterExporter):
             raise ExportError(f"the UNet outputs {unet.config.out_channels} channels for {unet.config.in_channels} "
                               "(learned variances), which DDIM's step cannot take; sample with onestep")
         backbone = folded_backbone(student, steps, unet.dtype)
-        scheduler = self.scheduler(teacher, steps)
+        scheduler = self.scheduler(teacher, steps, format)
         pipe = DDPMPipeline(unet=backbone, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         diff, tol = self.self_check(student, teacher, pipe, steps)
         pipe.save_pretrained(out, safe_serialization=True)
         return ExportResult(
-            pipeline="`DDPMPipeline` (stock diffusers)",
+            pipeline="`DDPMPipeline` (stock diffusers)" + (ONESTEP_SCHEDULER_NOTE if format == "onestep" else ""),
             loader="import torch\nfrom diffusers import DiffusionPipeline",
             load_call="DiffusionPipeline.from_pretrained({path!r})",
             call_args=f"batch_size=4, num_inference_steps={steps}",
-            scheduler=_scheduler_line(scheduler), notes=self._notes(student, teacher, steps, "DDPMPipeline"),
+            scheduler=_scheduler_line(scheduler), notes=self._notes(student, teacher, steps, "DDPMPipeline", format),
             max_abs_diff=diff, tolerance=tol)
 
     @torch.no_grad()

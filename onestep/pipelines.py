@@ -1,4 +1,6 @@
-"""`OneStepPipeline`: a diffusers pipeline for onestep's average-velocity pixel students.
+"""`OneStepPipeline`: a diffusers pipeline for onestep's average-velocity pixel students, and
+`StudentVPScheduler`: the k-step sampler of students of VP teachers (SD, SDXL, pixel DDPM) as a scheduler
+for the teachers' own stock pipelines (both need onestep installed to load).
 
 A student u(z, r, t) has two time inputs, so no stock diffusers pipeline can drive it at every step
 count (one step count at a time can: see `onestep.export`, which folds the interval embedding into a
@@ -20,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -116,3 +120,99 @@ class OneStepPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+class StudentVPScheduler(SchedulerMixin, ConfigMixin):
+    r"""The k-step sampler of a onestep student of a VP teacher (SD1.x/2.x, SDXL, pixel DDPM UNets) as a
+    diffusers scheduler, for the teacher's own stock pipeline (`--format onestep`).
+
+    No diffusers scheduler takes such a student's steps for k >= 2 (see `onestep.export`): above the VP
+    schedule (flow time t = 1) the student keeps only the model's x0 and re-noises with the input noise
+    itself, and its uniform flow-time grid falls between the model's integer timesteps. This scheduler
+    runs onestep's own step: its `timesteps` are the model's (fractional) timesteps of the uniform grid
+    1 = t_0 > ... > t_k = 0, the latents between steps are the model's native inputs there (so pipelines
+    that do not call `scale_model_input`, like DDPMPipeline, work too), and `step` converts the model
+    output to the flow velocity with `onestep.teachers.vp.DiscreteVPModelTime` - the student's own code -
+    and moves z_r = z_t - (t - r) v. The last step returns the flow sample at t = 0 (the data).
+
+    The backbone it drives has the student's interval embedding folded in for t - r = 1/k, so the
+    scheduler accepts only that k (`num_inference_steps`).
+
+    Loading needs onestep installed: `DiffusionPipeline.from_pretrained(DIR)` imports this class by the
+    module path the folder's model_index.json names (`onestep.pipelines`).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, teacher_scheduler_config: dict | None = None, prediction_type: str = "epsilon",
+                 num_inference_steps: int = 1, num_train_timesteps: int = 1000):
+        from onestep.teachers.vp import DiscreteVPModelTime
+
+        teacher = {k: v for k, v in (teacher_scheduler_config or {}).items() if not k.startswith("_")}
+        teacher.setdefault("num_train_timesteps", num_train_timesteps)
+        self._time = DiscreteVPModelTime(teacher, prediction_type)
+        self.init_noise_sigma = 1.0  # flow noise at t = 1 is the model's input there as it is
+        self.timesteps = None
+        self._times: list[float] = []
+        self._step_index = None
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, **kwargs) -> None:
+        from onestep.paths import batch_time
+        from onestep.sampling import time_grid
+
+        k = self.config.num_inference_steps
+        if num_inference_steps != k:
+            raise ValueError(f"this pipeline's UNet holds the student's interval embedding for {k} steps: call it "
+                             f"with num_inference_steps={k} (got {num_inference_steps})")
+        self._times = time_grid(k, dtype=torch.float64).tolist()
+        like = torch.zeros(1)  # the sampler's times are float32 tensors
+        self.timesteps = torch.cat([self._time.schedule.timestep(batch_time(t, like)) for t in self._times[:-1]]).to(device)
+        self._step_index = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample  # the latents are kept in the model's native coordinates
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
+        """(outside mask shaped like `like`, a, b) at flow times t, as the adapter computes them (the
+        model's input is then bit for bit the one onestep's sampler gives it)."""
+        from onestep import paths
+
+        sched = self._time.schedule
+        a, b = paths.vp_coefficients(sched.alpha_bar(sched.timestep(t)))
+        outside = ((t > sched.t_max) | (t < sched.t_min)).reshape(-1, *([1] * (like.ndim - 1)))
+        return outside, a.to(like.dtype), b.to(like.dtype)
+
+    def _flow_to_native(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from onestep import paths
+
+        outside, a, b = self._coefficients(t, x)
+        return torch.where(outside, paths.flow_to_vp_x(x, t), paths.flow_to_gaussian_x(x, a, b))
+
+    def _native_to_flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from onestep import paths
+
+        outside, a, b = self._coefficients(t, x)
+        hyp = torch.hypot(1 - t, t).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.where(outside, x * hyp, paths.gaussian_to_flow_x(x, a, b))
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, **kwargs):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        from onestep.paths import batch_time
+
+        if self._step_index is None:
+            raise ValueError("call set_timesteps before step")
+        t, r = self._times[self._step_index], self._times[self._step_index + 1]
+        t_batch = batch_time(t, sample)
+        x = self._native_to_flow(sample, t_batch)
+        v = self._time.velocity(lambda x_native, k: model_output, x, t_batch)
+        z = x - (t - r) * v  # the student's step, as onestep.sampling.sample_avg_velocity takes it
+        self._step_index += 1
+        prev = z if r <= 0 else self._flow_to_native(z, batch_time(r, z))
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

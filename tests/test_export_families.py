@@ -290,10 +290,38 @@ exec(compile({snippet(Path(jobs['sd3-k2'][1]) / 'README.md')!r}, "model card", "
 
 @pytest.mark.parametrize("family", ["stable_diffusion", "sdxl"])
 def test_vp_students_refuse_more_than_one_step(runs, family, tmp_path):
-    with pytest.raises(ExportError, match="only at --steps 1") as e:
+    with pytest.raises(ExportError, match="only at --steps 1.*--format onestep --steps 2") as e:
         export_run(runs[family], tmp_path / "k2", steps=2)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "k2").exists()
+    with pytest.raises(ExportError, match="--format diffusers"):  # flow families need no onestep scheduler
+        export_run(runs["sd3"], tmp_path / "os", format="onestep", steps=2)
+
+
+@pytest.mark.parametrize("family,steps", [("stable_diffusion", 2), ("sdxl", 3)])
+def test_vp_students_at_k_steps_run_in_the_stock_pipeline_with_onestep_scheduler(runs, family, steps, tmp_path):
+    """--format onestep: the teacher's stock pipeline class with onestep.pipelines.StudentVPScheduler, loaded by
+    DiffusionPipeline.from_pretrained (onestep installed), equals the student's k-step sampler."""
+    from diffusers import DiffusionPipeline
+
+    out = export_run(runs[family], tmp_path / "os", format="onestep", steps=steps)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["onestep.pipelines", "StudentVPScheduler"]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == index["_class_name"] and type(pipe).__module__.startswith("diffusers.")
+    want, noise = expected_latents(runs[family], steps, 21)
+    got = pipe(prompt=[PROMPT], latents=noise.clone(), num_inference_steps=steps, height=SIDE, width=SIDE,
+               output_type="latent", **CALLS[family]).images
+    diff = (got - want).abs().max().item()
+    print(f"\n{family} k={steps} (StudentVPScheduler): max |pipeline - onestep sampler| {diff:.2e}")
+    assert diff < TOL
+    wrong, _ = expected_latents(runs[family], steps, 21, zero_interval=True)
+    assert (got - wrong).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match=f"num_inference_steps={steps}"):
+        pipe(prompt=[PROMPT], num_inference_steps=steps + 1, height=SIDE, width=SIDE, output_type="latent")
+    card = (out / "README.md").read_text()
+    assert "StudentVPScheduler" in card and "needs onestep installed" in card
 
 
 def test_reexport_is_byte_identical_and_card_names_the_scheduler(runs, tmp_path):
@@ -449,6 +477,11 @@ def test_pixel_ddpm_student_exports_to_ddpm_pipeline(tmp_path):
     assert (got - want).abs().max().item() < TOL
     with pytest.raises(ExportError, match="only at --steps 1"):
         export_run(run, tmp_path / "e2", steps=2)
+    onestep_k3 = export_run(run, tmp_path / "e4", format="onestep", steps=3)  # DDPMPipeline + StudentVPScheduler
+    pipe = DiffusionPipeline.from_pretrained(onestep_k3)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=3, num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    assert (got - (student.sample(noise, steps=3) / 2 + 0.5).clamp(0, 1)).abs().max().item() < TOL
     with pytest.raises(ExportError, match="no load_lora_weights"):
         export_run(run, tmp_path / "e3", format="lora")
 
@@ -468,7 +501,7 @@ def test_families_without_a_stock_pipeline_explain_what_to_use(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no stock diffusers pipeline" in err and "build_student" in err, err
     rc = main(["export", "--run", str(cond), "--out", str(tmp_path / "y"), "--format", "onestep"])
-    assert rc == 2 and "use --format diffusers" in capsys.readouterr().err
+    assert rc == 2 and "DDPMPipeline takes no class labels" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
