@@ -602,7 +602,7 @@ class _AdapterExporter(Exporter):
         if format == "lora" and not self.lora:
             raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
                               "--format lora for it: use --format diffusers" + (" or onestep" if self.vp_family else ""))
-        if self.vp_family and steps != 1 and format != "onestep":
+        if self.vp_family and steps != 1 and format == "diffusers":
             raise ExportError(
                 f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
                 f"diffusers scheduler only at --steps 1: from t = 1 the student re-noises with the input noise "
@@ -657,7 +657,8 @@ class _AdapterExporter(Exporter):
         if not isinstance(student, TeacherStudent):
             raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
         backbone = folded_backbone(student, steps, next(teacher.backbone().parameters()).dtype)
-        scheduler = self.scheduler(teacher, steps, format)
+        # a VP student's LoRA for k >= 2 needs onestep's scheduler, as --format onestep does
+        scheduler = self.scheduler(teacher, steps, "onestep" if format == "lora" and steps != 1 else format)
         if format == "lora":
             return self._write_lora(student, teacher, backbone, scheduler, info, out, steps)
         pipe = self.stock_pipeline(teacher, backbone, scheduler)
@@ -745,6 +746,7 @@ class _AdapterExporter(Exporter):
                               f"or use --format diffusers")
         pipe_cls = type(teacher.pipeline)
         pipe_cls.save_lora_weights(out, **{f"{teacher.denoiser_name}_lora_layers": layers}, safe_serialization=True)
+        sched_module = type(scheduler).__module__.split(".")[0]  # diffusers, or onestep (StudentVPScheduler)
         scheduler.save_pretrained(out / "scheduler")
         # the round trip users will make: the teacher's pipeline, this folder's LoRA and scheduler
         pipe = self.stock_pipeline(teacher, copy.deepcopy(teacher.backbone()), scheduler)
@@ -755,7 +757,8 @@ class _AdapterExporter(Exporter):
         del pipe
         teacher_path = info.cfg.teacher.get("path")
         sched_cls = type(scheduler).__name__
-        notes = self._notes(student, teacher, steps, pipe_cls.__name__)
+        notes = self._notes(student, teacher, steps, pipe_cls.__name__,
+                            "diffusers" if sched_module == "diffusers" else "onestep")
         notes.insert(0, (
             f"A LoRA of the student's {teacher.denoiser_name} on the teacher's: every changed weight's difference "
             f"from the teacher (with the interval embedding folded in first) factored by truncated SVD at rank "
@@ -765,8 +768,11 @@ class _AdapterExporter(Exporter):
             + (f" **Above the tolerance {LORA_TOL:g}: this LoRA only approximates the student** (exported with "
                f"--allow-lora-residual)." if worst > LORA_TOL else "")))
         return ExportResult(
-            pipeline=f"`{pipe_cls.__name__}` of the teacher + this LoRA (`load_lora_weights`) and scheduler",
-            loader=f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}",
+            pipeline=f"`{pipe_cls.__name__}` of the teacher + this LoRA (`load_lora_weights`) and scheduler"
+                     + (ONESTEP_SCHEDULER_NOTE if sched_module != "diffusers" else ""),
+            loader=(f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}" if sched_module == "diffusers"
+                    else f"import torch\nfrom diffusers import {pipe_cls.__name__}\n"
+                         f"from {type(scheduler).__module__} import {sched_cls}"),
             load_call=f"{pipe_cls.__name__}.from_pretrained({teacher_path!r})",
             setup=["pipe.load_lora_weights({path!r})",
                    f"pipe.scheduler = {sched_cls}.from_pretrained({{path!r}}, subfolder=\"scheduler\")"],
@@ -824,7 +830,7 @@ def lora_from_delta(teacher_net, student_net, rank: int):
         layers[f"{name}.lora_B.weight"] = b.to(w.dtype).contiguous()
         if any_bias:
             bias = after.get(f"{name}.bias")
-            layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else
+            layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else
                                              (bias.double() - before[f"{name}.bias"].double()).to(w.dtype))
         count += 1
     if not layers:

@@ -324,6 +324,25 @@ def test_vp_students_at_k_steps_run_in_the_stock_pipeline_with_onestep_scheduler
     assert "StudentVPScheduler" in card and "needs onestep installed" in card
 
 
+def test_vp_lora_at_two_steps_uses_the_onestep_scheduler(lora_runs, teacher_dirs, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from onestep.pipelines import StudentVPScheduler
+
+    out = export_run(lora_runs["stable_diffusion"], tmp_path / "l", format="lora", steps=2, lora_rank=2)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_dirs["stable_diffusion"])
+    pipe.load_lora_weights(out)
+    pipe.scheduler = StudentVPScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    want, noise = expected_latents(lora_runs["stable_diffusion"], 2, 8)
+    got = pipe(prompt=[PROMPT], latents=noise.clone(), num_inference_steps=2, height=SIDE, width=SIDE,
+               output_type="latent", **CALLS["stable_diffusion"]).images
+    assert (got - want).abs().max().item() < TOL
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet(out / "README.md"), "model card", "exec"), {})  # imports StudentVPScheduler from onestep
+    assert (tmp_path / "sample.png").is_file()
+
+
 def test_reexport_is_byte_identical_and_card_names_the_scheduler(runs, tmp_path):
     out = tmp_path / "again"
 
