@@ -6,6 +6,7 @@ from onestep import paths
 from onestep.objectives.lightning import Lightning, LightningConfig, trailing_timesteps
 from onestep.sampling import solve_ode
 from onestep.student import AvgVelocityField, MLPAvgVelocity
+from onestep.teachers.gmm import GMMTeacher
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 32, 128])
@@ -144,9 +145,33 @@ def test_adversarial_steps_train_only_their_player(gmm_teacher):
         assert all(g is None or g.abs().sum() == 0 for g in rest)
 
 
-def test_progressive_mse_approaches_the_flow_map(gmm_teacher):
-    """Spec §8(h)(4): 8 -> 4 -> 2 -> 1 with MSE on the mixture; the one-step student lands far closer to the
-    exact flow map Phi_{1 -> 0} than the teacher's one Euler step (the student at initialisation)."""
+class VPMixtureTeacher(GMMTeacher):
+    """The mixture seen as a discrete VP eps-prediction model (SD's scaled-linear 1000-step schedule): the
+    exact posterior eps at integer timesteps, turned into flow time by the VP adapters' own DiscreteVPModelTime
+    (log-SNR interpolation between steps; above the top step, pure noise and the x0 prediction)."""
+
+    def __init__(self, mixture):
+        from onestep.teachers.vp import DiscreteVPModelTime
+
+        super().__init__(mixture)
+        self.time = DiscreteVPModelTime({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                         "num_train_timesteps": 1000}, "epsilon")
+
+    def _velocity(self, x, t, cond):
+        def predict(x_native, k):
+            a, b = paths.vp_coefficients(self.time.schedule.alpha_bar(k))
+            return self.mixture.posterior(x_native, a.to(x.dtype), b.to(x.dtype), cond)[1]
+        return self.time.velocity(predict, x, t)
+
+
+@pytest.mark.parametrize("family", ["flow", pytest.param("vp", marks=pytest.mark.slow)])   # vp: ~35 s
+def test_progressive_mse_approaches_the_flow_map(gmm_teacher, family):
+    """Spec §8(h)(4): 8 -> 4 -> 2 -> 1 with MSE on the mixture, with the flow-time teacher (uniform grid) and a
+    VP teacher (trailing timesteps, pure noise at the top); the one-step student lands far closer to the exact
+    flow map Phi_{1 -> 0} than one Euler step of the exact velocity (the student at initialisation)."""
+    exact_teacher = gmm_teacher
+    if family == "vp":
+        gmm_teacher = VPMixtureTeacher(exact_teacher.mixture)
     torch.manual_seed(0)
     student = MLPAvgVelocity(2, hidden=64, time_scale=1.0, interval_scale=1.0)
     obj = lightning(student, gmm_teacher, teacher_steps=32, stages=[8, 4, 2, 1], stage_iters=[150] * 4, mse_stages=4)
@@ -158,8 +183,9 @@ def test_progressive_mse_approaches_the_flow_map(gmm_teacher):
         loss.backward()
         opt.step()
     z = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    exact = gmm_teacher.flow_map(z, torch.ones(256, dtype=torch.float64), torch.zeros(256, dtype=torch.float64))
-    euler = z - gmm_teacher.velocity(z, 1.0)
+    assert obj.grid_kind == ("trailing" if family == "vp" else "uniform")
+    exact = exact_teacher.flow_map(z, torch.ones(256, dtype=torch.float64), torch.zeros(256, dtype=torch.float64))
+    euler = z - exact_teacher.velocity(z, 1.0)
     with torch.no_grad():
         one = student.double().sample(z, steps=1)
     err, err_euler = (one - exact).norm(dim=1).mean(), (euler - exact).norm(dim=1).mean()
