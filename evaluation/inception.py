@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -136,7 +137,9 @@ def load_inception(mode: str = "clean", weights: str | Path | None = None, devic
         kind = "pytorch"
     else:
         try:
-            net = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it is this file's format
+                warnings.simplefilter("ignore", FutureWarning)
+                net = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise InceptionWeightsError(f"cannot load TorchScript Inception {path} ({type(e).__name__}); expected "
                                         f"{TORCHSCRIPT_FILE} from {TORCHSCRIPT_URL}") from None

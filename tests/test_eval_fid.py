@@ -190,6 +190,7 @@ class _FakeTorchscriptInception(nn.Module):
         return self.layers((x - 128) / 128)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_inception_loads_a_local_torchscript_file(tmp_path):
     path = tmp_path / "my-inception.pt"
     torch.jit.script(_FakeTorchscriptInception()).save(str(path))

@@ -37,7 +37,8 @@ def test_feature_throughput_benchmark_runs(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_throughput.py"
     out = tmp_path / "ft.json"
-    argv, sys.argv = sys.argv, [str(script), "--batch-size", "64", "--repeats", "2", "--out", str(out)]
+    argv, sys.argv = sys.argv, [str(script), "--batch-size", "64", "--repeats", "1",
+                            "--inception-batch-size", "1", "--out", str(out)]
     try:
         with pytest.raises(SystemExit) as e:
             runpy.run_path(str(script), run_name="__main__")
