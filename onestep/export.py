@@ -678,15 +678,16 @@ class _AdapterExporter(Exporter):
         return ", ".join([f"prompt={CARD_PROMPT!r}"] + [f"{k}={v!r}" for k, v in self.call_kwargs(teacher, steps).items()])
 
     def _guidance(self, teacher, steps) -> str:
-        return ("off: `guidance_scale=1.0` (the student was distilled with the teacher's guidance, if any, built "
-                "in; classifier-free guidance would double the passes and change the result)")
+        return ("off: `guidance_scale=1.0`; the student's sampler makes one pass per step without classifier-free "
+                "guidance (guidance used in distillation, if any, is in its weights)")
 
     def _notes(self, student, teacher, steps, pipeline_name, format="diffusers") -> list[str]:
         site = student.time_embedding_name
         denoiser = getattr(teacher, "denoiser_name", "unet")
         notes = [f"The student is the teacher's {denoiser} trained as an average-velocity field "
                  f"u(z, r, t) whose t - r enters through an extra embedding added to `{site}`. On the uniform "
-                 f"{steps}-step grid t - r = 1/{steps} at every step, so that embedding is one constant vector, "
+                 f"{steps}-step grid t - r = {'1' if steps == 1 else f'1/{steps}'} at every step, so that embedding "
+                 f"is one constant vector, "
                  f"folded into the bias of `{site}`'s last linear layer: the exported {denoiser} is a "
                  f"plain network of the teacher's architecture."]
         if self.vp_family and format == "onestep":
@@ -706,7 +707,8 @@ class _AdapterExporter(Exporter):
                 "prediction, so the student's single step returns that x0. `DDIMScheduler` with "
                 "`timestep_spacing=\"trailing\"` (one step at the last timestep) and `set_alpha_to_one=True` (the step "
                 "lands on alpha_bar = 1) returns exactly that x0. **This folder is exact only for "
-                "`num_inference_steps=1`**: for k >= 2 no diffusers scheduler takes the student's steps.")
+                "`num_inference_steps=1`**: for k >= 2 no diffusers scheduler takes the student's steps (export "
+                "with `--format onestep --steps k`, which uses onestep's scheduler).")
         else:
             notes.append(
                 "The teacher is a rectified-flow model: the scheduler's sigmas are flow times, and with shift 1 and "
