@@ -768,7 +768,10 @@ class _AdapterExporter(Exporter):
             f"{report['modules']} modules carry a LoRA; the largest relative residual "
             f"||delta - B A|| / ||delta|| is {worst:.3g} (in `{worst_name}`)."
             + (f" **Above the tolerance {LORA_TOL:g}: this LoRA only approximates the student** (exported with "
-               f"--allow-lora-residual)." if worst > LORA_TOL else "")))
+               f"--allow-lora-residual)." if worst > LORA_TOL else "")
+            + (" `pipe.fuse_lora()` is not possible for it: peft cannot merge LoRA biases into layers that have "
+               "none (changed here); use it unfused, or `--format diffusers` for merged weights."
+               if report["unfusable"] else "")))
         return ExportResult(
             pipeline=f"`{pipe_cls.__name__}` of the teacher + this LoRA (`load_lora_weights`) and scheduler"
                      + (ONESTEP_SCHEDULER_NOTE if sched_module != "diffusers" else ""),
@@ -803,7 +806,7 @@ def lora_from_delta(teacher_net, student_net, rank: int):
     worst = ("none", 0.0)
     any_bias = any(not torch.equal(after[f"{m}.bias"], before[f"{m}.bias"])
                    for m in changed if f"{m}.bias" in after)
-    count = 0
+    count, biasless = 0, 0
     for name in changed:
         module = modules.get(name)
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or (set(
@@ -832,12 +835,13 @@ def lora_from_delta(teacher_net, student_net, rank: int):
         layers[f"{name}.lora_B.weight"] = b.to(w.dtype).contiguous()
         if any_bias:
             bias = after.get(f"{name}.bias")
+            biasless += bias is None
             layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else
                                              (bias.double() - before[f"{name}.bias"].double()).to(w.dtype))
         count += 1
     if not layers:
         raise ExportError("the student's backbone equals the teacher's: there is no LoRA to export")
-    return layers, {"worst": worst, "modules": count}
+    return layers, {"worst": worst, "modules": count, "unfusable": biasless > 0}
 
 
 @register_exporter("stable_diffusion")

@@ -409,6 +409,9 @@ exec(compile({snippet(Path(folders['stable_diffusion']) / 'README.md')!r}, "mode
         assert (got[f] - wrong).abs().max().item() > 1e-3, f
     card = (Path(folders["sd3"]) / "README.md").read_text()
     assert "load_lora_weights" in card and "largest relative residual" in card
+    # a rank-1 change of a layer without bias plus the folded bias: lora_bias for all, which fuse_lora refuses
+    sd_card = (Path(folders["stable_diffusion"]) / "README.md").read_text()
+    assert "`pipe.fuse_lora()` is not possible" in sd_card
 
 
 def _perturb_lora_student(student, seed):
