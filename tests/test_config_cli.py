@@ -14,7 +14,7 @@ from onestep.config import ConfigError, load_config
     (["teacher.name=nope"], "teacher.name: unknown teacher 'nope'; allowed: digits, "),
     (["train.stepz=3"], "unknown key train.stepz; allowed: checkpoint_every, clip_grad_norm"),
     (["stepz=3"], "unknown key stepz; allowed: data, eval, name, objective"),
-    (["student.size=3"], "unknown key student.size; allowed: attention, backbone, init, interval_embedding"),
+    (["student.size=3"], "unknown key student.size; allowed: attention, backbone, gradient_checkpointing, init, interval_embedding"),
     (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
     (["eval.student_steps=[0,1]"], "eval.student_steps must list step counts >= 1"),
     (["data.name=gmm"], "data.name=gmm draws from the teacher's mixture"),
