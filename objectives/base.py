@@ -143,6 +143,11 @@ def sample_intervals(obj: Objective, n: int, *, sampler: str, mu: float, sigma: 
     return r, t, is_equal
 
 
+def autocast_off(device: torch.device):
+    """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 (spec §9)."""
+    return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)
+
+
 @contextlib.contextmanager
 def frozen_eval(module: nn.Module):
     """Target passes: eval mode (no dropout) and no autocast, restored afterwards."""

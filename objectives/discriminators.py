@@ -111,6 +111,11 @@ class FeatureDiscriminator(nn.Module):
         return out.to(torch.promote_types(out.dtype, torch.float32))  # logits in fp32 under autocast
 
 
+def head_input(feature: torch.Tensor) -> torch.Tensor:
+    """A feature as the heads take it: transformer tokens [B, N, C] become [B, C, N]; others unchanged."""
+    return feature.transpose(1, 2) if feature.dim() == 3 else feature
+
+
 def module_features(module: nn.Module, layers: Sequence[str], run: Callable[[], object]) -> list[torch.Tensor]:
     """Outputs of `module`'s submodules named in `layers` while `run()` executes (forward hooks, always
     removed). For discriminators on a network that is not a teacher, e.g. SMT's score network."""

@@ -29,15 +29,11 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults
-from onestep.objectives.discriminators import FeatureDiscriminator
+from onestep.objectives.discriminators import FeatureDiscriminator, head_input
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
 from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config
 from onestep.registry import OBJECTIVES
 from onestep.trigflow import HALF_PI, consistency_x0, sample_trig_time
-
-
-def _as_head_input(feature: torch.Tensor) -> torch.Tensor:
-    return feature.transpose(1, 2) if feature.dim() == 3 else feature   # tokens [B, N, C] -> [B, C, N]
 
 
 class LADDDiscriminator(nn.Module):
@@ -50,12 +46,12 @@ class LADDDiscriminator(nn.Module):
         device, dtype = module_device_dtype(teacher)
         x = torch.zeros(2, *teacher.sample_shape, device=device, dtype=dtype)
         with torch.no_grad():
-            example = [_as_head_input(f) for f in teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype),
+            example = [head_input(f) for f in teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype),
                                                                    None, self.layers)]
         self.heads = FeatureDiscriminator(example, hidden=hidden)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, frozen_heads: bool = False) -> torch.Tensor:
-        feats = [_as_head_input(f) for f in self.teacher.features(x_t, t, cond, self.layers)]
+        feats = [head_input(f) for f in self.teacher.features(x_t, t, cond, self.layers)]
         if frozen_heads:
             return call_with_frozen_parameters(self.heads, feats, t)
         return self.heads(feats, t)

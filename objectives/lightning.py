@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
-from onestep.objectives.discriminators import FeatureDiscriminator, module_features
+from onestep.objectives.discriminators import FeatureDiscriminator, head_input, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
 from onestep.registry import OBJECTIVES
@@ -61,7 +61,8 @@ class LightningConfig:
     stage_iters: List[int] = field(default_factory=lambda: [250, 250, 250, 250])  # training steps per stage
     mse_stages: int = 1                 # the first this-many stages use MSE, the rest are adversarial
     conditional_share: float = 0.5      # share of an adversarial stage with the conditional discriminator
-    mse_weight: float = 0.0             # optional MSE term in adversarial stages (0: adversarial only)
+    adv_weight: float = 1.0             # weight of the adversarial term in adversarial stages
+    mse_weight: float = 0.0             # optional MSE term in adversarial stages (0: adversarial only, as the paper)
     guidance: Optional[float] = None    # the teacher's CFG scale (first stage)
     grid: str = "auto"                  # "auto" (trailing for discrete VP teachers), "uniform" or "trailing"
     disc_layers: Optional[List[str]] = None   # encoder layers the heads read (None: the mid block / last hidden)
@@ -90,10 +91,6 @@ def default_encoder_layers(net: nn.Module) -> list[str]:
                 count = len(getattr(net.backbone, blocks))
                 return [f"backbone.{blocks}.{min(count - 1, max(1, count // 4))}"]
     raise ValueError(f"no default encoder layer for {type(net).__name__}: set objective.disc_layers")
-
-
-def _as_head_input(feature: torch.Tensor) -> torch.Tensor:
-    return feature.transpose(1, 2) if feature.dim() == 3 else feature   # tokens [B, N, C] -> [B, C, N]
 
 
 @OBJECTIVES.register("lightning")
@@ -144,8 +141,8 @@ class Lightning(Objective):
         if not 0 <= cfg.mse_stages <= len(cfg.stages) or not 0.0 <= cfg.conditional_share <= 1.0:
             raise ConfigError(f"objective.mse_stages must be in [0, {len(cfg.stages)}] and conditional_share in "
                               f"[0, 1], got {cfg.mse_stages}, {cfg.conditional_share}")
-        if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or len(cfg.betas) != 2:
-            raise ConfigError("objective.disc_hidden must be >= 1, mse_weight >= 0 and betas two numbers")
+        if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or cfg.adv_weight < 0 or len(cfg.betas) != 2:
+            raise ConfigError("objective.disc_hidden must be >= 1, adv_weight and mse_weight >= 0 and betas two numbers")
 
     # --- schedule ----------------------------------------------------------------------------------
     @property
@@ -235,7 +232,7 @@ class Lightning(Objective):
     def _encoder_features(self, x, t, cond=None, frozen: bool = False) -> list[torch.Tensor]:
         net = self.disc_backbone
         run = (lambda: call_with_frozen_parameters(net, x, t, t, cond)) if frozen else (lambda: net(x, t, t, cond))
-        return [_as_head_input(f) for f in module_features(net, self.disc_layers, run)]
+        return [head_input(f) for f in module_features(net, self.disc_layers, run)]
 
     def disc_logits(self, x_next, t_next, x_cur, t_cur, conditional: bool, cond=None, frozen: bool = False):
         """One logit per sample: D(x_t', x_t) (conditional) or D(x_t'); heads and encoder frozen if `frozen`."""
@@ -279,7 +276,7 @@ class Lightning(Objective):
             return {"student": mse, "log/loss": mse.detach(), **logs}
         logit_fake = self.disc_logits(pred, t_next, x_cur, t_cur, phase == "conditional", cond, frozen=True)
         loss_adv = F.softplus(-logit_fake).mean()
-        loss = loss_adv + cfg.mse_weight * mse
+        loss = cfg.adv_weight * loss_adv + cfg.mse_weight * mse
         logs["log/loss_adv"] = loss_adv.detach()
         return {"student": loss, "log/loss": loss.detach(), **logs}
 

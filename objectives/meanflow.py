@@ -30,7 +30,8 @@ import torch
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, anchor_tensor, frozen_eval, sample_intervals
+from onestep.objectives.base import (Objective, OptimDefaults, anchor_tensor, autocast_off, frozen_eval,
+                                     sample_intervals)
 from onestep.registry import OBJECTIVES
 from onestep.teachers.base import NULL_LABEL
 
@@ -149,7 +150,7 @@ class MeanFlow(Objective):
         fn = lambda z, r_, t_: self.student(z, r_, t_, cond)  # noqa: E731
         dr, dt = self.time_tangents
         tangents = (v, torch.full_like(r, dr), torch.full_like(t, dt))
-        no_autocast = _autocast_off(z_t.device)
+        no_autocast = autocast_off(z_t.device)
         if self.cfg.jvp == "finite_difference":
             u = fn(z_t, r, t)
             h = self.cfg.fd_step
@@ -191,7 +192,3 @@ class MeanFlow(Objective):
             logs["log/mse_interval"] = delta.detach()[~is_equal].mean() / x[0].numel()
         return {"student": loss, **logs}
 
-
-def _autocast_off(device: torch.device):
-    # JVPs in fp32 (spec §9): switch autocast off for the device the tensors live on
-    return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)

@@ -34,7 +34,7 @@ from torch import nn
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.base import Objective, OptimDefaults, autocast_off, frozen_eval
 from onestep.registry import OBJECTIVES
 from onestep.student import sinusoidal_embedding
 from onestep.trigflow import HALF_PI, sample_trig_time, teacher_trig_field, trig_field
@@ -133,7 +133,7 @@ class SCMLoss(nn.Module):
         fn = lambda y_, s_: self.student_trig(y_, s_, cond)  # noqa: E731
         cs = torch.cos(s) * torch.sin(s)
         tangents = (paths.expand_like(cs, y) * dyds, cs)
-        with torch.no_grad(), _autocast_off(y.device):
+        with torch.no_grad(), autocast_off(y.device):
             if self.cfg.jvp == "single":
                 return torch.func.jvp(fn, (y, s), tangents)
             h = self.cfg.fd_step
@@ -213,8 +213,4 @@ class SCM(Objective):
     def loss(self, batch, step):
         loss, logs = self.scm(batch, step)
         return {"student": loss, "log/loss": loss.detach(), **logs}
-
-
-def _autocast_off(device: torch.device):
-    return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)
 

@@ -215,11 +215,11 @@ def _save_flux(cfg: dict, folder: Path, class_conditional: bool) -> dict:
     return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
 
 
-def _save_sana(cfg: dict, folder: Path, class_conditional: bool) -> dict:
+def tiny_sana_pipeline(tok):
+    """A SanaPipeline with a 2-block transformer, a tiny DC-AE and a 1-layer Gemma2 around tokenizer `tok`."""
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
-    tok = clip_tokenizer(folder / "vocab")
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
                                          num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
@@ -233,8 +233,12 @@ def _save_sana(cfg: dict, folder: Path, class_conditional: bool) -> dict:
                         downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41)
     gemma = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4))
-    pipe = SanaPipeline(tokenizer=tok, text_encoder=gemma.eval(), vae=vae.eval(), transformer=transformer.eval(),
+    return SanaPipeline(tokenizer=tok, text_encoder=gemma.eval(), vae=vae.eval(), transformer=transformer.eval(),
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def _save_sana(cfg: dict, folder: Path, class_conditional: bool) -> dict:
+    pipe = tiny_sana_pipeline(clip_tokenizer(folder / "vocab"))
     pipe.save_pretrained(folder / "pipe")
     return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
 
@@ -259,4 +263,4 @@ def save_tiny_teacher(name: str, teacher_cfg: dict, folder: str | Path, class_co
 
 
 __all__ = ["TINY_CLASSES", "TINY_RESOLUTION", "TINY_SEQUENCE", "TINY_SAVERS", "save_tiny_teacher", "clip_tokenizer",
-           "clip_text_encoder", "t5_encoder", "tiny_vae", "tiny_pixel_unet", "tiny_sd_unet"]
+           "clip_text_encoder", "t5_encoder", "tiny_vae", "tiny_pixel_unet", "tiny_sd_unet", "tiny_sana_pipeline"]

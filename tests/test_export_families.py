@@ -98,24 +98,9 @@ def _flux(tok):
 
 
 def _sana(tok):
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
+    from onestep.teachers.tiny import tiny_sana_pipeline
 
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
-                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                         cross_attention_dim=8, caption_channels=8, sample_size=8)
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                        downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41)
-    gemma = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=4))
-    return SanaPipeline(tokenizer=tok, text_encoder=gemma.eval(), vae=vae.eval(), transformer=transformer.eval(),
-                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return tiny_sana_pipeline(tok)
 
 
 BUILDERS = {"stable_diffusion": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sana": _sana}
