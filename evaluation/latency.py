@@ -22,18 +22,7 @@ def images_per_second(generate_fn: Callable[[], object], batch_size: int, warmup
     `warmup` untimed calls first (CUDA context, cuDNN autotuning, allocator caches, compilation),
     then the median over `repeats` timed calls, each bracketed by CUDA synchronisation.
     """
-    if batch_size <= 0 or repeats <= 0 or warmup < 0:
-        raise ValueError(f"need batch_size > 0, repeats > 0, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    for _ in range(warmup):
-        generate_fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        generate_fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times)
+    return measure_latency(generate_fn, batch_size, warmup=warmup, repeats=repeats)["images_per_s"]
 
 
 # ------------------------------------------------------------------ `onestep bench latency`

@@ -193,13 +193,11 @@ def _save_sd3(cfg: dict, folder: Path, class_conditional: bool) -> dict:
     return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
 
 
-def _save_flux(cfg: dict, folder: Path, class_conditional: bool) -> dict:
+def tiny_flux_pipeline(tok, guidance_embeds: bool = True):
+    """A FluxPipeline with one double and one single block, dynamic shifting, around tokenizer `tok`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    tok = clip_tokenizer(folder / "vocab")
     torch.manual_seed(0)
-    # FLUX.1-dev is guidance-distilled (guidance embedding); schnell is not
-    guidance_embeds = "schnell" not in str(cfg.get("path", "")).lower()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                          pooled_projection_dim=8, guidance_embeds=guidance_embeds,
@@ -211,7 +209,13 @@ def _save_flux(cfg: dict, folder: Path, class_conditional: bool) -> dict:
                                      use_post_quant_conv=False),
                         text_encoder=clip_text_encoder(len(tok), hidden=8, seed=1), tokenizer=tok,
                         text_encoder_2=t5_encoder(len(tok), d_model=16), tokenizer_2=tok)
-    pipe.save_pretrained(folder / "pipe")
+    return pipe
+
+
+def _save_flux(cfg: dict, folder: Path, class_conditional: bool) -> dict:
+    # FLUX.1-dev is guidance-distilled (guidance embedding); schnell is not
+    guidance_embeds = "schnell" not in str(cfg.get("path", "")).lower()
+    tiny_flux_pipeline(clip_tokenizer(folder / "vocab"), guidance_embeds).save_pretrained(folder / "pipe")
     return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
 
 
@@ -263,4 +267,4 @@ def save_tiny_teacher(name: str, teacher_cfg: dict, folder: str | Path, class_co
 
 
 __all__ = ["TINY_CLASSES", "TINY_RESOLUTION", "TINY_SEQUENCE", "TINY_SAVERS", "save_tiny_teacher", "clip_tokenizer",
-           "clip_text_encoder", "t5_encoder", "tiny_vae", "tiny_pixel_unet", "tiny_sd_unet", "tiny_sana_pipeline"]
+           "clip_text_encoder", "t5_encoder", "tiny_vae", "tiny_pixel_unet", "tiny_sd_unet", "tiny_flux_pipeline", "tiny_sana_pipeline"]

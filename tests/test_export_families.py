@@ -8,7 +8,6 @@ prompt and noise."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from test_export import NO_ONESTEP as BLOCK_ONESTEP, snippet
 from tiny_models import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_sd_unet, tiny_vae
 
 from onestep.build import build_student, build_teacher
@@ -199,18 +199,8 @@ def expected_latents(run: Path, steps: int, seed: int, zero_interval: bool = Fal
     return student.sample(noise, student.adapter.encode_prompt([PROMPT]), steps=steps), noise
 
 
-def snippet(readme: Path) -> str:
-    return re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
-
-
-# a process in which importing onestep fails: what loads here needs stock diffusers only
-NO_ONESTEP = """
-import sys
-class _NoOnestep:
-    def find_spec(self, name, path=None, target=None):
-        if name == "onestep" or name.startswith("onestep."):
-            raise ImportError("onestep is blocked in this process")
-sys.meta_path.insert(0, _NoOnestep())
+# a process in which importing onestep fails (test_export's preamble), with this file's helpers
+NO_ONESTEP = BLOCK_ONESTEP + """
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 from safetensors.torch import load_file, save_file

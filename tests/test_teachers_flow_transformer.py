@@ -118,22 +118,9 @@ def test_sd3_without_t5_and_errors(sd3_dir, tmp_path, monkeypatch):
 
 
 def _flux_dir(root, guidance_embeds):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from onestep.teachers.tiny import tiny_flux_pipeline
 
-    tok = clip_tokenizer(root / "vocab")
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=8, guidance_embeds=guidance_embeds,
-                                         axes_dims_rope=(2, 2, 4))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer.eval(), scheduler=scheduler,
-                        vae=tiny_vae(shift_factor=0.1, scaling_factor=0.3, use_quant_conv=False,
-                                     use_post_quant_conv=False),
-                        text_encoder=clip_text_encoder(len(tok), hidden=8, seed=1), tokenizer=tok,
-                        text_encoder_2=t5_encoder(len(tok), d_model=16), tokenizer_2=tok)
-    pipe.save_pretrained(root / "pipe")
+    tiny_flux_pipeline(clip_tokenizer(root / "vocab"), guidance_embeds).save_pretrained(root / "pipe")
     return root / "pipe"
 
 
