@@ -44,6 +44,11 @@ class Objective(nn.Module):
         """Raise ConfigError for bad options. `teacher` is `...` when only the config is known
         (checked at load time, before any model is built) and the teacher or None afterwards."""
 
+    @classmethod
+    def configure_rebuilt_student(cls, student: nn.Module, cfg, steps_done: int) -> None:
+        """Set on a student rebuilt from a checkpoint without its objective (export, evaluation) what
+        this objective had set on it after `steps_done` training steps. Default: nothing to set."""
+
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"student": [p for p in self.student.parameters() if p.requires_grad]}

@@ -22,9 +22,21 @@ the model pure noise at its last timestep, SDXL-Lightning's schedule fix); "unif
 the continuous trailing grid) for flow-time teachers. Each stage's student initialises the next (it is
 the same network, trained on). Students may be full or LoRA (`student.lora_rank`) alike.
 
-Not implemented: switching the backbone to x0 ("sample") prediction for the 1-step stage, which
-SDXL-Lightning needs for eps-prediction teachers (ill-conditioned at pure noise); velocity-parameterised
-students (flow teachers, onestep's own) do not need it, x0 = z - u(z, 0, 1) being well conditioned.
+x0 ("sample") prediction in the 1-step stage (spec §8(d)/(e)). A student of an eps-prediction VP teacher
+sees pure noise at t = 1, where its one step is x0 = (x - sqrt(1 - abar) eps^) / sqrt(abar): sqrt(abar_999)
+= 0.068 on SD/SDXL's schedule, so every error of eps^ comes out 14.6 times larger. From the first step of
+the 1-step stage on, the student's backbone output is therefore read as x0 (`one_step_prediction`: "auto"
+= "sample" for eps-prediction students and no change for the others; or "epsilon", "sample",
+"v_prediction"), through the VP time map's own conversion (onestep.paths.prediction_to_velocity), and its
+one step returns that output itself. The reading is a function of the stage, so of the step: the loss
+sets it for the step it trains; a checkpoint after N steps holds weights last trained at step N - 1 and
+takes that step's reading, both when the trainer restores the objective (`previous_stage`, before any
+loss runs) and when export / evaluation rebuild the student (`configure_rebuilt_student`); the exported
+diffusers scheduler then says prediction_type="sample". Velocity-parameterised students (flow-time
+teachers, digits and MLP students) need no switch: x0 = z - u(z, 0, 1) is well conditioned. Measured on
+the VP mixture toy (tests/test_lightning.py, the teacher's 8 trailing steps -> 1 step, 150 steps): the
+student reading x0 ends 0.23 from the stage's target, reading eps 0.43, whose loss jumps to 12.3 after
+the first Adam step (reading x0: at most 0.70).
 """
 from __future__ import annotations
 
@@ -45,6 +57,8 @@ from onestep.objectives.distribution_matching import (
 from onestep.registry import OBJECTIVES
 
 GRIDS = ("auto", "uniform", "trailing")
+#: how a 1-step stage reads a VP student's backbone output ("auto": "sample" for eps-prediction students)
+ONE_STEP_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
 
 
 def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -72,6 +86,25 @@ class LightningConfig:
     disc_lr: Optional[float] = None     # None: lr
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    one_step_prediction: str = "auto"   # the 1-step stage's reading of a VP student's backbone output (see above)
+
+
+def stage_at(stage_iters, step: int) -> tuple[int, int]:
+    """(stage index, iteration within the stage) of a training step; steps past the last stage stay in it."""
+    start = 0
+    for k, iters in enumerate(stage_iters):
+        if step < start + iters or k == len(stage_iters) - 1:
+            return k, step - start
+        start += iters
+    raise AssertionError
+
+
+def stage_prediction_type(cfg: LightningConfig, stage: int, base: str | None) -> str | None:
+    """What the student's backbone predicts in `stage`: `base` (its teacher's; None for velocity students)
+    except in a 1-step stage, where `one_step_prediction` decides ("auto": x0 instead of eps)."""
+    if base is None or cfg.stages[stage] != 1 or (cfg.one_step_prediction == "auto" and base != "epsilon"):
+        return base
+    return "sample" if cfg.one_step_prediction == "auto" else cfg.one_step_prediction
 
 
 def default_encoder_layers(net: nn.Module) -> list[str]:
@@ -106,9 +139,20 @@ class Lightning(Objective):
         if self.grid_kind == "trailing" and not self.vp:
             raise ConfigError("objective.grid=trailing needs a discrete VP teacher (unet, stable_diffusion, sdxl); "
                               "use grid=uniform (or auto) for flow-time teachers")
-        # the previous stage's student, frozen; a submodule from the start so checkpoints always hold it
+        # what the student's backbone predicts before any switch: its teacher's type (None: a velocity)
+        self.base_prediction = getattr(student, "prediction_type", None)
+        if cfg.one_step_prediction != "auto" and self.base_prediction is None:
+            raise ConfigError(f"objective.one_step_prediction={cfg.one_step_prediction} needs a student built from a "
+                              f"discrete VP teacher (unet, stable_diffusion, sdxl); {type(student).__name__} predicts a "
+                              "velocity, which needs no switch: use auto")
+        # the previous stage's student, frozen; a submodule from the start so checkpoints always hold it. A
+        # copy of the student before any switch: only the last stage can have 1 step, so every previous
+        # model (a stage with >= 2 steps) reads its backbone as the teacher does
         self.previous = copy.deepcopy(student).requires_grad_(False).eval()
+        # the last stage whose first step has run (0 before stage 1): so the stage of the weights
         self.register_buffer("previous_stage", torch.tensor(0, dtype=torch.long))
+        self.use_stage_prediction(0)
+        self.register_load_state_dict_post_hook(Lightning._after_load)
         self.adversarial = len(cfg.stages) > cfg.mse_stages
         if self.adversarial:
             self.disc_backbone = trainable_copy_of_backbone(teacher, student).requires_grad_(cfg.train_disc_backbone)
@@ -141,6 +185,9 @@ class Lightning(Objective):
         if not 0 <= cfg.mse_stages <= len(cfg.stages) or not 0.0 <= cfg.conditional_share <= 1.0:
             raise ConfigError(f"objective.mse_stages must be in [0, {len(cfg.stages)}] and conditional_share in "
                               f"[0, 1], got {cfg.mse_stages}, {cfg.conditional_share}")
+        if cfg.one_step_prediction not in ONE_STEP_PREDICTIONS:
+            raise ConfigError(f"objective.one_step_prediction must be one of {', '.join(ONE_STEP_PREDICTIONS)}, "
+                              f"got {cfg.one_step_prediction!r}")
         if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or cfg.adv_weight < 0 or len(cfg.betas) != 2:
             raise ConfigError("objective.disc_hidden must be >= 1, adv_weight and mse_weight >= 0 and betas two numbers")
 
@@ -151,12 +198,26 @@ class Lightning(Objective):
 
     def stage_of(self, step: int) -> tuple[int, int]:
         """(stage index, iteration within the stage); steps past the last stage stay in it."""
-        start = 0
-        for k, iters in enumerate(self.cfg.stage_iters):
-            if step < start + iters or k == len(self.cfg.stage_iters) - 1:
-                return k, step - start
-            start += iters
-        raise AssertionError
+        return stage_at(self.cfg.stage_iters, step)
+
+    # --- what the student's backbone predicts ------------------------------------------------------
+    def use_stage_prediction(self, stage: int) -> None:
+        """Read the student's backbone output as `stage` wants (x0 from the 1-step stage of an eps student on)."""
+        kind = stage_prediction_type(self.cfg, stage, self.base_prediction)
+        if kind is not None:
+            self.student.set_prediction_type(kind)
+
+    def _after_load(self, incompatible_keys) -> None:
+        # a restored checkpoint's student reads its backbone as at its last trained step, before any loss runs
+        self.use_stage_prediction(int(self.previous_stage))
+
+    @classmethod
+    def configure_rebuilt_student(cls, student, cfg: LightningConfig, steps_done: int) -> None:
+        """A checkpoint after `steps_done` steps holds weights last trained in the stage of step steps_done - 1."""
+        base = getattr(student, "prediction_type", None)
+        kind = stage_prediction_type(cfg, stage_at(cfg.stage_iters, max(steps_done - 1, 0))[0], base)
+        if kind is not None:
+            student.set_prediction_type(kind)
 
     def phase(self, step: int) -> str:
         """"mse", "conditional" or "unconditional" at this training step."""
@@ -250,6 +311,7 @@ class Lightning(Objective):
         cfg = self.cfg
         stage, j = self.stage_of(step)
         self.sync_previous(stage)
+        self.use_stage_prediction(stage)
         phase = self.phase(step)
         x, cond = batch["x"], batch.get("cond")
         n, dev, dt = x.shape[0], x.device, x.dtype

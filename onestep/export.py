@@ -129,12 +129,17 @@ def load_student(info: RunInfo):
     from safetensors.torch import load_file
 
     from onestep.build import build_student, build_teacher
+    from onestep.config import section_config
+    from onestep.registry import OBJECTIVES
 
     try:
         teacher = build_teacher(info.cfg)
         student = build_student(info.cfg, teacher)
     except FileNotFoundError as e:  # the student's architecture comes from the teacher's files
         raise ExportError(f"cannot rebuild the student: {str(e).splitlines()[0]}") from None
+    # what the objective had set on the student by this checkpoint (e.g. Lightning's 1-step x0 prediction)
+    objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
+    objective.configure_rebuilt_student(student, objective_cfg, info.step)
     if info.weights == "ema":
         # ema.safetensors holds the student's parameters under their own names
         state = load_file(info.checkpoint / "ema.safetensors")
@@ -611,16 +616,19 @@ class _AdapterExporter(Exporter):
                 f"onestep's StudentVPScheduler; loading needs onestep installed)")
 
     # -- per family ------------------------------------------------------------------------------
-    def scheduler(self, teacher, steps: int, format: str = "diffusers"):
+    def scheduler(self, adapter, steps: int, format: str = "diffusers"):
+        """The scheduler that takes the student's steps. `adapter`: the student's (`student.adapter`), whose
+        VP time map carries the student's own prediction type, which may differ from the teacher's (a
+        Lightning 1-step student predicts x0 where its teacher predicts eps)."""
         if self.vp_family and format == "onestep":
             from onestep.pipelines import StudentVPScheduler
 
-            time = teacher.time
+            time = adapter.time
             return StudentVPScheduler(teacher_scheduler_config=dict(time.scheduler_config),
                                       prediction_type=time.prediction_type, num_inference_steps=steps,
                                       num_train_timesteps=time.num_train_timesteps)
         if self.vp_family:
-            return vp_one_step_scheduler(teacher.time)
+            return vp_one_step_scheduler(adapter.time)
         return flow_scheduler(steps)
 
     def call_kwargs(self, teacher, steps: int) -> dict:
@@ -658,7 +666,7 @@ class _AdapterExporter(Exporter):
             raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
         backbone = folded_backbone(student, steps, next(teacher.backbone().parameters()).dtype)
         # a VP student's LoRA for k >= 2 needs onestep's scheduler, as --format onestep does
-        scheduler = self.scheduler(teacher, steps, "onestep" if format == "lora" and steps != 1 else format)
+        scheduler = self.scheduler(student.adapter, steps, "onestep" if format == "lora" and steps != 1 else format)
         if format == "lora":
             return self._write_lora(student, teacher, backbone, scheduler, info, out, steps)
         pipe = self.stock_pipeline(teacher, backbone, scheduler)
@@ -716,6 +724,12 @@ class _AdapterExporter(Exporter):
                 "z + (sigma_next - sigma) u is the student's step z_r = z_t - (t - r) u(z_t, r, t). "
                 f"**This folder is exact only for `num_inference_steps={steps}`** (the folded t - r is 1/{steps}); "
                 "export again with `--steps` for another step count.")
+        if self.vp_family and student.prediction_type != teacher.time.prediction_type:
+            notes.append(
+                f"The student's {denoiser} predicts {student.prediction_type} where the teacher's predicts "
+                f"{teacher.time.prediction_type}: its objective switched it (SDXL-Lightning's 1-step stage predicts "
+                "x0, \"sample\", as eps is ill-conditioned at pure noise), so the scheduler says "
+                f"`prediction_type=\"{student.prediction_type}\"`.")
         return notes
 
     @torch.no_grad()
@@ -868,7 +882,7 @@ class SD3Exporter(_AdapterExporter):
 class FluxExporter(_AdapterExporter):
     family = "FLUX.1: FluxTransformer2DModel on 2x2-packed VAE latents, rectified flow"
 
-    def scheduler(self, teacher, steps, format="diffusers"):
+    def scheduler(self, adapter, steps, format="diffusers"):
         return flow_scheduler(steps, pipeline_sets_sigmas=True)
 
     def call_kwargs(self, teacher, steps):
@@ -930,7 +944,7 @@ class PixelDDPMExporter(_AdapterExporter):
             raise ExportError(f"the UNet outputs {unet.config.out_channels} channels for {unet.config.in_channels} "
                               "(learned variances), which DDIM's step cannot take; sample with onestep")
         backbone = folded_backbone(student, steps, unet.dtype)
-        scheduler = self.scheduler(teacher, steps, format)
+        scheduler = self.scheduler(student.adapter, steps, format)
         pipe = DDPMPipeline(unet=backbone, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         diff, tol = self.self_check(student, teacher, pipe, steps)

@@ -238,6 +238,26 @@ class TeacherStudent(AvgVelocityField):
         """The teacher adapter computing with this student's backbone (VAE, prompts, null condition)."""
         return self._adapter
 
+    @property
+    def prediction_type(self) -> str | None:
+        """What the backbone's output is read as ("epsilon", "sample", "v_prediction") for students of
+        discrete VP teachers; None for the others, whose adapters take the output as a velocity or
+        precondition it themselves."""
+        return getattr(getattr(self._adapter, "time", None), "prediction_type", None)
+
+    def set_prediction_type(self, prediction_type: str) -> None:
+        """Read the backbone's output as `prediction_type` from now on (copies made later inherit it).
+
+        E.g. SDXL-Lightning's 1-step student predicts x0 where its eps teacher is ill-conditioned. The
+        adapter clone gets a new time map; the teacher's (and those of earlier copies) stay as they are.
+        """
+        if self.prediction_type is None:
+            raise ValueError(f"the student of a {type(self._adapter).__name__} has no prediction type to set: "
+                             "only students of discrete VP teachers (unet, stable_diffusion, sdxl) have one")
+        time = self._adapter.time
+        if prediction_type != time.prediction_type:
+            self._adapter.time = type(time)(time.scheduler_config, prediction_type)
+
     def forward(self, z, r, t, cond=None):
         t = paths.batch_time(t, z)
         r = paths.batch_time(r, z)
