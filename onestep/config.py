@@ -265,6 +265,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got a list")
             values = OmegaConf.to_container(layer)
             _check_run_keys(values, source)
+            train = values.get("train")
+            if isinstance(train, dict) and train.get("mixed_precision") is False:
+                train["mixed_precision"] = "no"  # YAML 1.1 reads a bare `no` as false
             cfg = _merge(cfg, values)
         # interpolations (${...}) are resolved here, so their errors are config errors too
         run = OmegaConf.to_object(cfg)

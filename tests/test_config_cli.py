@@ -39,6 +39,14 @@ def test_shipped_configs_load():
     assert cfg.train.steps == 7 and cfg.objective["anchor_share"] == 0.5
 
 
+def test_mixed_precision_no_is_not_read_as_false(tmp_path):
+    # YAML 1.1 reads a bare `no` as false: both the command line and a config file must still mean "no"
+    assert load_config("demo", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"
+
+
 def test_cli_config_error_exits_2_with_one_line(capsys, tmp_path):
     rc = main(["distill", "--config", "demo", "objective.nope=1", f"output_dir={tmp_path}"])
     err = capsys.readouterr().err
