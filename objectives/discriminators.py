@@ -6,17 +6,22 @@ A `FeatureDiscriminator` holds one head per feature map and returns the logits o
 concatenated, [B, K]; a caller that wants one number per sample averages over K (f-distill's
 density ratio is exp(mean_K logits)).
 
-Heads by feature rank:
+Heads by feature rank, each feature as the network produced it:
     [B, C]        vector features (e.g. the Gaussian-mixture teacher's [x_t, v]): all of them are
                   concatenated and go through one MLP -> [B, 1]
-    [B, C, N]     token features (transformers; transpose [B, N, C] first): Conv1d(k=1) block ->
-                  residual Conv1d(k=9) block -> spectral-norm Conv1d(k=1) -> one logit per token [B, N]
+    [B, N, C]     token features (transformer blocks, e.g. SD3/FLUX/SANA teachers' `features`): read as
+                  [B, C, N] by Conv1d(k=1) block -> residual Conv1d(k=9) block -> spectral-norm Conv1d(k=1)
+                  -> one logit per token [B, N]
     [B, C, H, W]  feature maps (UNets): conv 3x3 -> GroupNorm -> SiLU -> conv 3x3 -> GroupNorm -> SiLU
                   -> conv 1x1 -> one logit per position [B, H W]
 Every head also sees the noise level t (a sinusoidal embedding added after its first layer): the
 features already depend on t, but one head then serves every noise level with an explicit cue.
 Heads normalise per sample (GroupNorm, never BatchNorm), so splitting a batch across processes does
 not change any logit.
+
+The token layout is converted inside `FeatureDiscriminator` (construction and forward alike), so every
+objective hands it features exactly as `Teacher.features` or `module_features` return them; a caller
+that joins two features along channels (Lightning's conditional head) uses `concat_channels`.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ class ConvHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """LADD's head (spec §7.3) on token features [B, C, N]."""
+    """LADD's head (spec §7.3) on token features channels first, [B, C, N] (FeatureDiscriminator transposes)."""
 
     def __init__(self, channels: int, hidden: int, emb_dim: int):
         super().__init__()
@@ -97,7 +102,7 @@ class FeatureDiscriminator(nn.Module):
         self.other_index = [i for i, r in enumerate(ranks) if r != 2]
         head = {3: TokenHead, 4: ConvHead}
         self.heads = nn.ModuleList(
-            head[ranks[i]](example_features[i].shape[1], hidden, emb_dim) for i in self.other_index)
+            head[ranks[i]](channels_first(example_features[i]).shape[1], hidden, emb_dim) for i in self.other_index)
 
     def forward(self, features: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
         t_emb = sinusoidal_embedding(t.reshape(-1).float() * self.time_scale, self.emb_dim)
@@ -106,14 +111,34 @@ class FeatureDiscriminator(nn.Module):
             vec = torch.cat([features[i].flatten(1) for i in self.vector_index], dim=1)
             logits.append(self.vector_head(vec, t_emb.to(vec.dtype)))
         for i, head in zip(self.other_index, self.heads):
-            logits.append(head(features[i], t_emb.to(features[i].dtype)))
+            logits.append(head(channels_first(features[i]), t_emb.to(features[i].dtype)))
         out = torch.cat(logits, dim=1)
         return out.to(torch.promote_types(out.dtype, torch.float32))  # logits in fp32 under autocast
 
 
-def head_input(feature: torch.Tensor) -> torch.Tensor:
+def channels_first(feature: torch.Tensor) -> torch.Tensor:
     """A feature as the heads take it: transformer tokens [B, N, C] become [B, C, N]; others unchanged."""
     return feature.transpose(1, 2) if feature.dim() == 3 else feature
+
+
+def concat_channels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two features of one layout joined along their channels: the last axis of tokens [B, N, C], axis 1
+    of vectors [B, C] and maps [B, C, H, W]."""
+    return torch.cat([first, second.to(first.dtype)], dim=-1 if first.dim() == 3 else 1)
+
+
+#: diffusers blocks that return (text_stream, image_stream): SD3's joint blocks (text None in the last one),
+#: FLUX's double and single blocks. A discriminator reads the image tokens, as the teacher adapters'
+#: `features` do (teachers/flow_transformer.py).
+TWO_STREAM_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def block_feature(module: nn.Module, output) -> torch.Tensor:
+    """The activation a hooked block's output carries: the image stream of a two-stream block, else the
+    first element of a tuple (diffusers UNet down blocks return (hidden_states, skips)) or the output."""
+    if not isinstance(output, (tuple, list)):
+        return output
+    return output[-1] if type(module).__name__ in TWO_STREAM_BLOCKS else output[0]
 
 
 def module_features(module: nn.Module, layers: Sequence[str], run: Callable[[], object]) -> list[torch.Tensor]:
@@ -126,8 +151,8 @@ def module_features(module: nn.Module, layers: Sequence[str], run: Callable[[], 
     found: dict[str, torch.Tensor] = {}
 
     def keep(name):
-        def hook(_module, _args, output):
-            found[name] = output[0] if isinstance(output, (tuple, list)) else output
+        def hook(module, _args, output):
+            found[name] = block_feature(module, output)
         return hook
 
     handles = [modules[name].register_forward_hook(keep(name)) for name in layers]

@@ -2,7 +2,8 @@
 
 `LADDDiscriminator`: trainable heads (objectives/discriminators.py) on the **frozen teacher's** features
 at noised inputs. Only the heads train; the teacher stays frozen and its hooks are removed after every call
-(Teacher.features). Transformer token features [B, N, C] are transposed to the heads' [B, C, N].
+(Teacher.features). Transformer token features [B, N, C] go to the heads as they are (FeatureDiscriminator
+reads them channels first).
 
 `scm_ladd`, strict G/D alternation (even steps: student, odd steps: heads):
 * G: L = scm_weight L_sCM + adv_weight L_adv (1.0 and 0.5), with L_adv = -mean D(fake). The adversarial
@@ -29,7 +30,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults
-from onestep.objectives.discriminators import FeatureDiscriminator, head_input
+from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
 from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config
 from onestep.registry import OBJECTIVES
@@ -46,12 +47,11 @@ class LADDDiscriminator(nn.Module):
         device, dtype = module_device_dtype(teacher)
         x = torch.zeros(2, *teacher.sample_shape, device=device, dtype=dtype)
         with torch.no_grad():
-            example = [head_input(f) for f in teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype),
-                                                                   None, self.layers)]
+            example = teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype), None, self.layers)
         self.heads = FeatureDiscriminator(example, hidden=hidden)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, frozen_heads: bool = False) -> torch.Tensor:
-        feats = [head_input(f) for f in self.teacher.features(x_t, t, cond, self.layers)]
+        feats = self.teacher.features(x_t, t, cond, self.layers)
         if frozen_heads:
             return call_with_frozen_parameters(self.heads, feats, t)
         return self.heads(feats, t)

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
-from onestep.objectives.discriminators import FeatureDiscriminator, head_input, module_features
+from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
 from onestep.registry import OBJECTIVES
@@ -161,7 +161,7 @@ class Lightning(Objective):
                 example = self._encoder_features(*self._example_input())
             except ValueError as e:
                 raise ConfigError(f"objective.disc_layers: {e}") from None
-            pair = [torch.cat([f, f], dim=1) for f in example]
+            pair = [concat_channels(f, f) for f in example]
             self.disc_conditional = FeatureDiscriminator(pair, hidden=cfg.disc_hidden)
             self.disc_unconditional = FeatureDiscriminator(example, hidden=cfg.disc_hidden)
 
@@ -293,7 +293,7 @@ class Lightning(Objective):
     def _encoder_features(self, x, t, cond=None, frozen: bool = False) -> list[torch.Tensor]:
         net = self.disc_backbone
         run = (lambda: call_with_frozen_parameters(net, x, t, t, cond)) if frozen else (lambda: net(x, t, t, cond))
-        return [head_input(f) for f in module_features(net, self.disc_layers, run)]
+        return module_features(net, self.disc_layers, run)
 
     def disc_logits(self, x_next, t_next, x_cur, t_cur, conditional: bool, cond=None, frozen: bool = False):
         """One logit per sample: D(x_t', x_t) (conditional) or D(x_t'); heads and encoder frozen if `frozen`."""
@@ -302,7 +302,7 @@ class Lightning(Objective):
         if conditional:
             with torch.no_grad():   # the start point is a constant for both players
                 start = self._encoder_features(x_cur, t_cur, cond)
-            feats = [torch.cat([f, s.to(f.dtype)], dim=1) for f, s in zip(feats, start)]
+            feats = [concat_channels(f, s) for f, s in zip(feats, start)]
         logits = call_with_frozen_parameters(head, feats, t_next) if frozen else head(feats, t_next)
         return logits.mean(1)
 

@@ -65,9 +65,16 @@ from onestep.objectives.distribution_matching import (
 )
 from onestep.objectives.fdistill import check_time_options
 from onestep.registry import OBJECTIVES
+from onestep.teachers.base import Teacher
 
 GENERATOR_WEIGHTS = ("adaptive", "dmd", "none")
 SCORE_WEIGHTINGS = ("velocity", "edm")
+
+
+def stack_conditions(*conds):
+    """Conditions stacked along the batch, None staying None: class labels and prompt embeddings
+    (PromptCondition, which torch.cat does not take) alike."""
+    return None if conds[0] is None else Teacher.cat_conditions(conds)
 
 
 class MixtureScore(nn.Module):
@@ -238,9 +245,9 @@ class SMT(Objective):
     def mixture_x0(self, x_t, t, alphas: list[torch.Tensor], cond=None) -> list[torch.Tensor]:
         """Denoisers of several mixtures at the same x_t, in one batched no-grad call."""
         k = len(alphas)
-        rep = lambda v: None if v is None else torch.cat([v] * k)  # noqa: E731
+        rep = lambda v: torch.cat([v] * k)  # noqa: E731
         with frozen_eval(self.score_net):
-            x0 = self.score_net.x0(rep(x_t), rep(t), torch.cat(alphas), rep(cond))
+            x0 = self.score_net.x0(rep(x_t), rep(t), torch.cat(alphas), stack_conditions(*[cond] * k))
         return list(x0.chunk(k))
 
     def bottleneck_logits(self, x_t, t, cond=None, frozen: bool = False) -> torch.Tensor:
@@ -321,9 +328,8 @@ class SMT(Objective):
         with torch.no_grad():
             target_real = self.real_velocity_target(x_real.to(acc), eps_real.to(acc), xt_real.to(acc), t.to(acc),
                                                     cond).to(acc)
-        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         v = self.score_net(torch.cat([xt_real, xt_fake]), torch.cat([t, t]), torch.cat([alpha, alpha]),
-                           both(cond, cond)).to(acc)
+                           stack_conditions(cond, cond)).to(acc)
         v_real, v_fake = v.chunk(2)
         err_real = (v_real - target_real).pow(2).flatten(1).mean(1)
         err_fake = (v_fake - (eps_fake - x_fake).to(acc)).pow(2).flatten(1).mean(1)
@@ -348,8 +354,8 @@ class SMT(Objective):
         t_fake, t_real = t_fake.to(dt), t_real.to(dt)
         xt_fake = paths.interpolate(x_fake, self.randn(*x_real.shape, device=dev).to(dt), t_fake)
         xt_real = paths.interpolate(x_real, self.randn(*x_real.shape, device=dev).to(dt), t_real)
-        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-        logits = self.bottleneck_logits(torch.cat([xt_fake, xt_real]), torch.cat([t_fake, t_real]), both(cond, cond))
+        logits = self.bottleneck_logits(torch.cat([xt_fake, xt_real]), torch.cat([t_fake, t_real]),
+                                        stack_conditions(cond, cond))
         l_fake, l_real = logits.chunk(2)
         return ((1 - alpha)[:, None] * F.softplus(l_fake)).mean() + (alpha[:, None] * F.softplus(-l_real)).mean()
 

@@ -430,7 +430,8 @@ def test_discriminator_heads_for_vector_token_and_map_features():
     from onestep.objectives.distribution_matching import call_with_frozen_parameters
 
     torch.manual_seed(0)
-    feats = [torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 16, 7), torch.randn(3, 8, 4, 4)]
+    # tokens as transformers return them, [B, N, C]: 7 tokens of 16 channels
+    feats = [torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 7, 16), torch.randn(3, 8, 4, 4)]
     disc = FeatureDiscriminator(feats, hidden=16)
     t = torch.rand(3)
     logits = disc(feats, t)
