@@ -45,9 +45,10 @@ class Objective(nn.Module):
         (checked at load time, before any model is built) and the teacher or None afterwards."""
 
     @classmethod
-    def configure_rebuilt_student(cls, student: nn.Module, cfg, steps_done: int) -> None:
+    def configure_rebuilt_student(cls, student: nn.Module, cfg, steps_done: int, teacher=None) -> None:
         """Set on a student rebuilt from a checkpoint without its objective (export, evaluation) what
-        this objective had set on it after `steps_done` training steps. Default: nothing to set."""
+        this objective had set on it after `steps_done` training steps (e.g. Lightning's sampling grid
+        from `teacher`'s schedule). Default: nothing to set."""
 
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

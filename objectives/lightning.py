@@ -18,9 +18,12 @@ alternate (even iterations of a stage: student; odd: discriminator).
 
 Grids in flow time: "trailing" for discrete VP teachers (diffusers' `timestep_spacing="trailing"`
 timesteps 999, 999 - 1000/N, ... mapped to flow time, the first replaced by t = 1: the adapter then feeds
-the model pure noise at its last timestep, SDXL-Lightning's schedule fix); "uniform" ([1, 1 - 1/N, ..., 0],
-the continuous trailing grid) for flow-time teachers. Each stage's student initialises the next (it is
-the same network, trained on). Students may be full or LoRA (`student.lora_rank`) alike.
+the model pure noise at its last timestep, SDXL-Lightning's schedule fix; DiscreteVPSchedule.trailing_grid);
+"uniform" ([1, 1 - 1/N, ..., 0], the continuous trailing grid) for flow-time teachers. The student carries
+its grid (`student.trailing_schedule`, set here and by `configure_rebuilt_student`), so
+`student.sample(noise, steps=k)` (evaluation, export, benchmarks) samples the grid it was trained on. Each
+stage's student initialises the next (it is the same network, trained on). Students may be full or LoRA
+(`student.lora_rank`) alike.
 
 x0 ("sample") prediction in the 1-step stage (spec §8(d)/(e)). A student of an eps-prediction VP teacher
 sees pure noise at t = 1, where its one step is x0 = (x - sqrt(1 - abar) eps^) / sqrt(abar): sqrt(abar_999)
@@ -59,13 +62,6 @@ from onestep.registry import OBJECTIVES
 GRIDS = ("auto", "uniform", "trailing")
 #: how a 1-step stage reads a VP student's backbone output ("auto": "sample" for eps-prediction students)
 ONE_STEP_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
-
-
-def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """round(T - i T / N) - 1 for i = 0..N-1: e.g. N = 4 -> [999, 749, 499, 249] (spec §8(a))."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
 
 
 @dataclass
@@ -139,6 +135,8 @@ class Lightning(Objective):
         if self.grid_kind == "trailing" and not self.vp:
             raise ConfigError("objective.grid=trailing needs a discrete VP teacher (unet, stable_diffusion, sdxl); "
                               "use grid=uniform (or auto) for flow-time teachers")
+        # the student samples on the grid it trains on (None: the uniform grid, its sampler's default)
+        student.trailing_schedule = teacher.time.schedule if self.grid_kind == "trailing" else None
         # what the student's backbone predicts before any switch: its teacher's type (None: a velocity)
         self.base_prediction = getattr(student, "prediction_type", None)
         if cfg.one_step_prediction != "auto" and self.base_prediction is None:
@@ -212,8 +210,12 @@ class Lightning(Objective):
         self.use_stage_prediction(int(self.previous_stage))
 
     @classmethod
-    def configure_rebuilt_student(cls, student, cfg: LightningConfig, steps_done: int) -> None:
-        """A checkpoint after `steps_done` steps holds weights last trained in the stage of step steps_done - 1."""
+    def configure_rebuilt_student(cls, student, cfg: LightningConfig, steps_done: int, teacher=None) -> None:
+        """The grid the student trained on (as __init__ sets it), and its reading of the backbone: a checkpoint
+        after `steps_done` steps holds weights last trained in the stage of step steps_done - 1."""
+        vp_model = teacher if teacher is not None else getattr(student, "adapter", None)  # the adapter: same schedule
+        schedule = getattr(getattr(vp_model, "time", None), "schedule", None)
+        student.trailing_schedule = schedule if cfg.grid != "uniform" else None
         base = getattr(student, "prediction_type", None)
         kind = stage_prediction_type(cfg, stage_at(cfg.stage_iters, max(steps_done - 1, 0))[0], base)
         if kind is not None:
@@ -248,11 +250,7 @@ class Lightning(Objective):
         """The `steps`-step grid in flow time, 1 = t_0 > ... > t_steps = 0 (float64)."""
         if self.grid_kind == "uniform":
             return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
-        schedule = self.teacher.time.schedule
-        ks = torch.tensor(trailing_timesteps(steps, schedule.num_train_timesteps), dtype=torch.float64)
-        times = schedule.flow_t(ks).to(torch.float64)
-        times[0] = 1.0   # pure noise at the first timestep
-        return torch.cat([times, torch.zeros(1, dtype=torch.float64)]).to(device)
+        return self.teacher.time.schedule.trailing_grid(steps).to(device)
 
     @torch.no_grad()
     def previous_jump(self, stage: int, x: torch.Tensor, index: torch.Tensor, cond=None) -> torch.Tensor:
@@ -279,10 +277,6 @@ class Lightning(Objective):
         if stage >= 1 and int(self.previous_stage) != stage:
             self.previous.load_state_dict(self.student.state_dict())
             self.previous_stage.fill_(stage)
-
-    @torch.no_grad()
-    def sample(self, noise, cond=None, steps: int = 1, times=None):
-        return self.student.sample(noise, cond, steps=steps, times=self.grid(steps) if times is None else times)
 
     # --- the discriminator -------------------------------------------------------------------------
     def _example_input(self):

@@ -139,7 +139,7 @@ def load_student(info: RunInfo):
         raise ExportError(f"cannot rebuild the student: {str(e).splitlines()[0]}") from None
     # what the objective had set on the student by this checkpoint (e.g. Lightning's 1-step x0 prediction)
     objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
-    objective.configure_rebuilt_student(student, objective_cfg, info.step)
+    objective.configure_rebuilt_student(student, objective_cfg, info.step, teacher)
     if info.weights == "ema":
         # ema.safetensors holds the student's parameters under their own names
         state = load_file(info.checkpoint / "ema.safetensors")
@@ -1249,6 +1249,12 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
         # the consistency sampler re-noises with fresh noise between steps: no deterministic pipeline does
         raise ExportError(f"this student samples with the {student.sampler} sampler, whose steps re-noise with "
                           f"fresh noise; only --steps 1 (the same single step) exports exactly")
+    if getattr(student, "trailing_schedule", None) is not None and steps != 1:
+        # t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
+        raise ExportError(f"this student samples on the trailing timestep grid it was trained on (lightning with a "
+                          f"VP teacher), whose steps differ in t - r, so its interval embedding cannot be folded into "
+                          f"one {steps}-step backbone; only --steps 1 (the grid [1, 0]) exports exactly; sample "
+                          f"{steps} steps with onestep (student.sample)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -65,6 +65,7 @@ __all__ = [
     "prediction_to_velocity",
     "velocity_to_prediction",
     "DiscreteVPSchedule",
+    "trailing_timesteps",
 ]
 
 #: Prediction types understood by :func:`prediction_to_velocity`, in diffusers' names, plus "flow"
@@ -345,6 +346,14 @@ def velocity_to_prediction(
 # 4. discrete VP schedules (DDPM's 1000 steps) at continuous time
 
 
+def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers' `timestep_spacing="trailing"`: round(T - i T / N) - 1 for i = 0..N-1, e.g. N = 4 ->
+    [999, 749, 499, 249] (spec §8(a))."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
+
+
 class DiscreteVPSchedule:
     """A discrete VP schedule (``alphas_cumprod``, N entries) seen at continuous time.
 
@@ -498,6 +507,16 @@ class DiscreteVPSchedule:
         ab = flow_t_to_vp_alpha_bar(self.flow_t(k))
         ab = torch.where(w == 0, ac[lo], torch.where(w == 1, ac[lo + 1], ab))
         return ab.to(device, out_dtype)
+
+    def trailing_grid(self, steps: int) -> torch.Tensor:
+        """The `steps`-step flow-time grid at the trailing timesteps, float64: 1 = t_0 > t(k_1) > ... > 0.
+
+        The first point is pure noise, flow time 1 rather than t(N-1) = t_max (SDXL-Lightning samples from
+        pure noise at its first timestep), and the last is the data, t = 0. One step is [1, 0], the
+        uniform grid."""
+        times = self.flow_t(torch.tensor(trailing_timesteps(steps, self.num_train_timesteps), dtype=torch.float64))
+        times[0] = 1.0
+        return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
     def __repr__(self) -> str:
         return (

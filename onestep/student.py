@@ -26,13 +26,23 @@ class AvgVelocityField(nn.Module):
     #: (jump to the data with u(z, 0, t), re-noise; consistency-trained students, e.g. sCM). The objective
     #: that trains a student sets it (Objective.student_sampler).
     sampler: str = "avg_velocity"
+    #: the grid `sample` takes when given no `times`: None for the sampler's own (uniform for "avg_velocity"),
+    #: or a discrete VP schedule (onestep.paths.DiscreteVPSchedule) whose trailing grid the student was
+    #: trained on (Lightning with VP teachers: Lightning sets it, and configure_rebuilt_student on students
+    #: rebuilt from its checkpoints), so evaluation, export and benchmarks sample the trained grid.
+    trailing_schedule = None
 
     def velocity(self, z, t, cond=None):
         return self(z, t, t, cond)
 
+    def default_times(self, steps: int) -> torch.Tensor | None:
+        """The `steps`-step grid `sample` takes by default (None: the sampler's own)."""
+        return None if self.trailing_schedule is None else self.trailing_schedule.trailing_grid(steps)
+
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond=None, steps: int = 1,
                times: Sequence[float] | None = None) -> torch.Tensor:
+        times = self.default_times(steps) if times is None else times
         if self.sampler == "consistency":
             from onestep.sampling import sample_consistency
 
@@ -78,7 +88,8 @@ class AvgVelocityUNet(AvgVelocityField):
         # a plain velocity model: u(z, r, t) ~ v(z, t) is the Euler step
         from onestep.sampling import solve_ode
 
-        return solve_ode(lambda z, t: self(z, t, t, cond), noise, steps=steps, times=times)
+        return solve_ode(lambda z, t: self(z, t, t, cond), noise, steps=steps,
+                         times=self.default_times(steps) if times is None else times)
 
     @classmethod
     def from_velocity_unet(cls, unet, time_scale: float = 1000.0, interval_scale: float | None = None) -> "AvgVelocityUNet":

@@ -1,9 +1,12 @@
 """Progressive adversarial distillation (spec §8(h)): trailing grids, stage targets, pure noise, schedule."""
+import json
+
 import pytest
 import torch
 
 from onestep import paths
-from onestep.objectives.lightning import Lightning, LightningConfig, trailing_timesteps
+from onestep.objectives.lightning import Lightning, LightningConfig
+from onestep.paths import trailing_timesteps
 from onestep.sampling import solve_ode
 from onestep.student import AvgVelocityField, MLPAvgVelocity
 from onestep.teachers.gmm import GMMTeacher
@@ -492,3 +495,63 @@ save_file({{"latents": run(pipe, "stable_diffusion", noise, dict(guidance_scale=
     as_eps = copy.deepcopy(rebuilt)
     as_eps.set_prediction_type("epsilon")   # what an export with the teacher's scheduler would have been
     assert (got - as_eps.sample(noise, cond, steps=1)).abs().max().item() > 1e-2
+
+
+# --- the student carries the grid it trains on ---------------------------------------------------------------
+
+LIGHTNING_RUN = ("objective.name=lightning", "objective.teacher_steps=8", "objective.stages=[4,2,1]",
+                 "objective.stage_iters=[1,1,1]", "objective.mse_stages=3")
+
+
+def test_vp_students_sample_the_trailing_grid_they_train_on(tmp_path):
+    """A tiny pixel DDPM's lightning student: `student.sample(noise, steps=k)` (what eval, export and the
+    benchmarks call) is sampling on `objective.grid(k)`, the trailing grid, not the uniform one; for the
+    student the trainer builds and for one rebuilt from a checkpoint (`load_student`, as export / eval do).
+    Export at k = 1 (grid [1, 0]): stock DDPMPipeline + 1-step trailing DDIM reproduces the rebuilt student;
+    k >= 2 is refused (t - r differs per step, so the interval embedding cannot be folded)."""
+    from diffusers import DiffusionPipeline
+    from test_export_families import _pixel_teacher_dir, make_run
+
+    from onestep.build import build_objective, build_student
+    from onestep.export import ExportError, export_run, load_run, load_student
+    from onestep.sampling import time_grid
+
+    run = make_run(tmp_path, "unet", _pixel_teacher_dir(tmp_path / "teacher"), extra=LIGHTNING_RUN)
+    info = load_run(run)
+    rebuilt, teacher = load_student(info)                 # the checkpoint's (perturbed) weights
+    obj = build_objective(info.cfg, build_student(info.cfg, teacher), teacher)   # as the trainer builds them
+    assert obj.grid_kind == "trailing"
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    for k in (2, 4):
+        grid = obj.grid(k)
+        assert torch.equal(rebuilt.default_times(k), grid) and torch.equal(obj.student.default_times(k), grid)
+        for name, student in (("trained", obj.student), ("rebuilt", rebuilt)):
+            got = student.sample(noise, steps=k)
+            assert torch.equal(got, student.sample(noise, steps=k, times=grid))
+            uniform = (got - student.sample(noise, steps=k, times=time_grid(k, dtype=torch.float64))).abs().max().item()
+            print(f"\n{name} student, {k} steps: max |default - uniform grid| {uniform:.3f}")
+            assert uniform > 1e-2
+        assert torch.equal(obj.sample(noise, steps=k), obj.student.sample(noise, steps=k))
+    out = export_run(run, tmp_path / "k1", steps=1)      # its self-check compares with rebuilt.sample(steps=1)
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "trailing"
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    want = (rebuilt.sample(noise, steps=1, times=obj.grid(1)) / 2 + 0.5).clamp(0, 1)
+    diff = (got - want).abs().max().item()
+    print(f"stock DDPMPipeline (1-step trailing DDIM) vs the rebuilt student on obj.grid(1): {diff:.2e}")
+    assert diff < 1e-4
+    for k in (2, 4):
+        with pytest.raises(ExportError, match="trailing timestep grid"):
+            export_run(run, tmp_path / f"k{k}", format="onestep", steps=k)
+
+
+def test_flow_time_teachers_keep_the_uniform_grid(gmm_teacher):
+    torch.manual_seed(0)
+    obj = lightning(MLPAvgVelocity(2), gmm_teacher, teacher_steps=8, stages=[4, 2, 1], stage_iters=[1, 1, 1],
+                    mse_stages=3)
+    assert obj.grid_kind == "uniform" and obj.student.trailing_schedule is None
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    for k in (2, 4):
+        assert torch.equal(obj.grid(k), torch.linspace(1.0, 0.0, k + 1, dtype=torch.float64))
+        assert torch.equal(obj.student.sample(noise, steps=k), obj.student.sample(noise, steps=k, times=obj.grid(k)))
