@@ -38,6 +38,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed
+    precision; runs trained one after another in one process (benchmarks, tests) may differ. Only the
+    AcceleratorState is dropped: the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, teacher=None):
         from accelerate import Accelerator
@@ -47,6 +58,7 @@ class Trainer:
         tc = cfg.train
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
+        _allow_new_mixed_precision(tc.mixed_precision)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
         self.accelerator = Accelerator(
             cpu=tc.device == "cpu",

@@ -265,11 +265,12 @@ def test_smd_real_branch_regresses_onto_the_teacher():
     from onestep.student import student_from_teacher
 
     smd = SMD(student_from_teacher(teacher), teacher, SMDConfig(critic_gan_weight=0.0, gan_weight=0.0))
-    x = torch.randn(4, 1, 16, 16).clamp(-1, 1)
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     out = smd.loss({"x": x, "cond": None}, 0)
     # at step 0 the mixture net is an exact copy of the teacher for every alpha: the real branch, whose
-    # target is the teacher's denoiser (velocity), has zero error; the fake branch does not
-    assert out["log/score_real_mse"] == 0.0 and out["log/score_fake_mse"] > 0
+    # target is the teacher's denoiser (velocity), has zero error up to float rounding (the net and the
+    # teacher run on batches of different sizes); the fake branch does not
+    assert out["log/score_real_mse"] < 1e-12 and out["log/score_fake_mse"] > 1e-3
     smt = SMT(student_from_teacher(teacher), None, SMTConfig(critic_gan_weight=0.0, gan_weight=0.0))
     assert smt.loss({"x": x, "cond": None}, 0)["log/score_real_mse"] > 0   # SMT: the data target eps - x
 
