@@ -3,11 +3,13 @@
     python benchmarks/objectives.py [--only splitmeanflow] [--steps N]
     python benchmarks/objectives.py --only meanflow --from-run runs/X   # score a finished recipe run
 
-Each objective `X` is trained with its recipe `configs/digits_X.yaml`; its EMA student is scored with
-the demo's protocol (N held-out-sized sample sets from fixed noise, digits-FID against the training
-split) at the recipe's `eval.student_steps` (1 unless it lists more), next to the teacher's 50-step
-Euler score. Prints a table and writes benchmarks/results/objectives.json as {"rows": [{"objective",
-"steps", "digits_fid", "teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
+Each objective `X` is trained with its recipe `configs/digits_X.yaml`, and with every variant recipe
+`configs/digits_X_<variant>.yaml` whose objective is X (e.g. `digits_fdistill_reverse_kl`); `--only`
+takes objective or recipe names. Its EMA student is scored with the demo's protocol (N held-out-sized
+sample sets from fixed noise, digits-FID against the training split) at the recipe's
+`eval.student_steps` (1 unless it lists more), next to the teacher's 50-step Euler score. Prints a
+table and writes benchmarks/results/objectives.json as {"rows": [{"objective", "recipe", "steps",
+"digits_fid", "teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
 """
 from __future__ import annotations
 
@@ -26,25 +28,25 @@ def main() -> None:
     from onestep.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="objective names (default: every distillation objective)")
+    ap.add_argument("--only", nargs="*", help="objective or recipe names (default: every distillation objective)")
     ap.add_argument("--steps", type=int, help="override train.steps (quick checks; not for the committed table)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--output-dir", default="runs/benchmarks")
     ap.add_argument("--from-run", type=Path, help="score this finished run of the (single, --only) objective's "
                     "recipe instead of training; its config must equal the recipe's")
     args = ap.parse_args()
-    if args.from_run and (not args.only or len(args.only) != 1):
-        ap.error("--from-run needs exactly one objective in --only")
-
     load_builtin()
-    names = [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).distillation]
-    names = [n for n in names if not args.only or n in args.only]
+    recipes = [(name, recipe) for name in OBJECTIVES.names() if OBJECTIVES.get(name).distillation
+               for recipe in recipes_of(name)]
+    recipes = [(n, r) for n, r in recipes if not args.only or n in args.only or r in args.only]
+    if args.from_run and len(recipes) != 1:
+        ap.error(f"--from-run needs --only naming exactly one recipe, got {[r for _, r in recipes]}")
     rows, protocol = [], None
-    for name in names:
+    for name, recipe in recipes:
         overrides = [f"output_dir={args.output_dir}", "train.progress=false", "eval.teacher_steps=[50]"]
         if args.steps:
             overrides.append(f"train.steps={args.steps}")
-        cfg = load_config(find_config(f"digits_{name}"), overrides)
+        cfg = load_config(find_config(recipe), overrides)
         if args.from_run:
             teacher, student, train_steps, train_seconds = finished_run(args.from_run, cfg)
             device = "cpu"
@@ -58,27 +60,40 @@ def main() -> None:
         by = {(r["model"], r["steps"]): r for r in result["rows"]}
         # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
         for k in cfg.eval.student_steps:
-            rows.append({"objective": name, "steps": k, "digits_fid": by[("student", k)]["digits_fid"],
+            rows.append({"objective": name, "recipe": recipe, "steps": k, "digits_fid": by[("student", k)]["digits_fid"],
                          "teacher50_digits_fid": by[("teacher", 50)]["digits_fid"],
                          "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
             if args.from_run:
                 rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
-            print(f"{name}: {rows[-1]}", flush=True)
+            print(f"{recipe}: {rows[-1]}", flush=True)
         protocol = result["protocol"]
 
-    print("\n| objective | student steps | digits-FID | teacher 50-step | ratio | train steps | train s |")
+    print("\n| recipe | student steps | digits-FID | teacher 50-step | ratio | train steps | train s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['objective']} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
+        print(f"| {r['recipe']} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
               f"{r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {r['train_steps']} | {r['train_seconds']:.0f} |")
-    # rows of objectives not run this time (--only) are kept from the previous results
+    # rows of recipes not run this time (--only) are kept from the previous results
     if args.out.is_file():
-        ran = {r["objective"] for r in rows}
-        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["objective"] not in ran]
-        rows = sorted(kept + rows, key=lambda r: (r["objective"], r["steps"]))
+        ran = {r["recipe"] for r in rows}
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["recipe"] not in ran]
+        rows = sorted(kept + rows, key=lambda r: (r["objective"], r["recipe"], r["steps"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def recipes_of(objective: str) -> list[str]:
+    """`digits_<objective>` and its variants `digits_<objective>_*` whose objective is `objective`
+    (so `digits_scm_ladd` is scm_ladd's recipe, not a variant of scm)."""
+    from importlib import resources
+
+    from onestep.config import find_config, load_config
+
+    shipped = sorted(f.name[:-5] for f in resources.files("onestep.configs").iterdir() if f.name.endswith(".yaml"))
+    variants = [n for n in shipped if n.startswith(f"digits_{objective}_")
+                and load_config(find_config(n)).objective["name"] == objective]
+    return [f"digits_{objective}"] + variants
 
 
 def finished_run(run_dir: Path, recipe):
