@@ -87,7 +87,8 @@ def targets(rows) -> list[tuple[str, float, str, float, bool]]:
 
 def markdown(report: dict) -> str:
     lines = [f"# onestep demo: {report['run']}", "",
-             f"Training: {report['train_steps']} SplitMeanFlow steps in {report['train_seconds']:.0f} s; "
+             f"Training: {report['train_steps']} SplitMeanFlow steps ({report['train_precision']}) in "
+             f"{report['train_seconds']:.0f} s; "
              f"evaluation {report['eval_seconds']:.0f} s.", "",
              "| model | steps | digits-FID | images/s |", "|---|---|---|---|"]
     for r in report["rows"]:
@@ -130,7 +131,9 @@ def run_demo(cfg: RunConfig, resume: bool = True, trainer=None) -> dict:
     start = time.perf_counter()
     result = evaluate_digits(trainer.teacher, trainer.ema_student(), cfg, trainer.accelerator.device)
     eval_seconds = time.perf_counter() - start
-    report = {"run": cfg.name, "train_steps": trainer.step, "train_seconds": round(train_seconds, 1),
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.train.mixed_precision]
+    report = {"run": cfg.name, "train_steps": trainer.step, "train_precision": precision,
+              "train_seconds": round(train_seconds, 1),
               "eval_seconds": round(eval_seconds, 1), "rows": result["rows"], "protocol": result["protocol"]}
     report["targets"] = [{"what": w, "value": round(v, 4), "target": f"{op} {g}", "met": bool(m)}
                          for w, v, op, g, m in targets(report["rows"])]
