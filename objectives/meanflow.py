@@ -7,8 +7,9 @@ so d/dt u is one Jacobian-vector product with tangent (v, 0, 1) on the inputs (z
     delta = sum over all dims (u - u_tgt)^2          (per sample)
     loss  = mean( delta / sg[(delta + c)^p] )         (adaptive weight)
 v_g is the teacher's velocity (distillation, with the teacher's CFG) or eps - x (training from data).
-With labels and `cfg_omega`, MeanFlow's own CFG mixes the student's conditional and null velocities into
-v_g (spec §4(b)); v_g is both the regression term and the JVP tangent.
+With conditions and `cfg_omega`, MeanFlow's own CFG mixes the student's conditional and null velocities
+into v_g (spec §4(b)); v_g is both the regression term and the JVP tangent. Conditions are class labels
+(null: label -1) or prompt conditions of text teachers (null: the teacher's, the empty prompt).
 
 Two ways to get dudt (spec §4(i)), `jvp`:
     "single": (u, dudt) = torch.func.jvp(...) in one call; the gradient reaches the parameters through u;
@@ -33,7 +34,7 @@ from onestep.config import ConfigError
 from onestep.objectives.base import (Objective, OptimDefaults, anchor_tensor, autocast_off, frozen_eval,
                                      sample_intervals)
 from onestep.registry import OBJECTIVES
-from onestep.teachers.base import NULL_LABEL
+from onestep.teachers.base import NULL_LABEL, Teacher
 
 JVP_MODES = ("single", "split", "finite_difference")
 
@@ -54,10 +55,10 @@ class MeanFlowConfig:
     adaptive_c: float = 1e-3
     jvp: str = "single"              # "single", "split" or "finite_difference", see the module docstring
     fd_step: float = 1e-2            # h of jvp=finite_difference
-    cfg_omega: Optional[float] = None  # MeanFlow's own CFG (class-conditional, velocity=data): omega
+    cfg_omega: Optional[float] = None  # MeanFlow's own CFG (conditional students, velocity=data): omega
     cfg_kappa: float = 0.0           # ... and kappa; effective guidance omega / (1 - kappa)
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # t range where CFG mixing applies
-    class_dropout: float = 0.1       # share of labels replaced by the null label when cfg_omega is set
+    class_dropout: float = 0.1       # share of conditions replaced by the null condition when cfg_omega is set
     lr: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
 
@@ -113,16 +114,31 @@ class MeanFlow(Objective):
         return r.to(device), t.to(device), is_equal.to(device)
 
     # --- v_g ---------------------------------------------------------------------------------
+    def null_condition_like(self, cond):
+        """The null condition for the batch of conditions `cond`: label -1 for class labels; for prompt
+        conditions the teacher's (the student's adapter's without one), which encoded the prompts."""
+        if isinstance(cond, torch.Tensor):
+            return torch.full_like(cond, NULL_LABEL)
+        source = self.teacher if self.teacher is not None else self.student.adapter
+        embeds = cond.prompt_embeds
+        return source.null_condition(len(cond), embeds.device).to(dtype=embeds.dtype)
+
     def drop_labels(self, cond):
-        """MeanFlow's CFG training: replace a share `class_dropout` of the labels by the null label."""
+        """MeanFlow's CFG training: replace a share `class_dropout` of the conditions (class labels or
+        prompt conditions) by the null condition. Returns (conditions, dropped [B] bool)."""
         if cond is None or self.cfg.cfg_omega is None:
             return cond, None
-        dropped = (self.rand(cond.shape[0]) < self.cfg.class_dropout).to(cond.device)
-        return torch.where(dropped, torch.full_like(cond, NULL_LABEL), cond), dropped
+        null = self.null_condition_like(cond)
+        dropped = self.rand(len(cond)) < self.cfg.class_dropout
+        if isinstance(cond, torch.Tensor):
+            dropped = dropped.to(cond.device)
+            return torch.where(dropped, null, cond), dropped
+        dropped = dropped.to(cond.prompt_embeds.device)
+        return cond.select(~dropped, null), dropped
 
     def guided_velocity(self, v, z_t, t, cond, dropped):
         """v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) inside the CFG
-        interval, for samples whose label was kept; v elsewhere. The student's terms have no gradient."""
+        interval, for samples whose condition was kept; v elsewhere. The student's terms have no gradient."""
         cfg = self.cfg
         if cond is None or cfg.cfg_omega is None:
             return v
@@ -131,8 +147,9 @@ class MeanFlow(Objective):
         if not mix.any():
             return v
         with frozen_eval(self.student):
-            null = torch.full_like(cond, NULL_LABEL)
-            both = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([cond, null]))
+            null = self.null_condition_like(cond)
+            both = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]),
+                                Teacher.cat_conditions([cond, null]))
             u_cond, u_null = both.to(v.dtype).chunk(2)
         omega, kappa = cfg.cfg_omega, cfg.cfg_kappa
         guided = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null
