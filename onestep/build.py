@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from onestep.config import RunConfig, section_config
+from onestep.config import ConfigError, RunConfig, section_config
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
 
@@ -36,6 +36,18 @@ def build_student(cfg: RunConfig, teacher):
 
 
 def _build_student(cfg: RunConfig, teacher):
+    from onestep.student import AvgVelocityUNet
+
+    student = _new_student(cfg, teacher)
+    if cfg.student.time_smoothing > 0:
+        if not isinstance(student, AvgVelocityUNet):
+            raise ConfigError(f"student.time_smoothing is implemented for UNet2DModel students (the digits UNet), "
+                              f"not {type(student).__name__}; set it to 0")
+        student.smooth_time_embedding(cfg.student.time_smoothing)
+    return student
+
+
+def _new_student(cfg: RunConfig, teacher):
     from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
 
     s = cfg.student

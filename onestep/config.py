@@ -35,6 +35,9 @@ class StudentSection:
     # the interval embedding sees interval_scale * (t - r); None: the backbone's time scale (1000 for the
     # digits UNet). MeanFlow prefers 1: the JVP differentiates along t, and 1000 (t - r) makes du/dt huge
     interval_scale: Optional[float] = None
+    # std (flow time) of a Gaussian jitter of t that the student's time embeddings are averaged over, at
+    # init (AvgVelocityUNet.smooth_time_embedding; digits UNet students). 0: none. MeanFlow/sCM: ~0.005
+    time_smoothing: float = 0.0
     # the student's attention: sdpa | xformers | math | fused (null: the backbone's own). JVPs (MeanFlow)
     # need math or fused; fused is onestep's blockwise kernel with forward-mode AD (onestep.kernels)
     attention: Optional[str] = None
@@ -388,6 +391,8 @@ def validate(run: RunConfig) -> None:
     if scale is not None and not (scale > 0 and math.isfinite(scale)):
         raise ConfigError(f"student.interval_scale must be a finite number > 0 (or null: the backbone's time "
                           f"scale), got {scale}")
+    if not (run.student.time_smoothing >= 0 and math.isfinite(run.student.time_smoothing)):
+        raise ConfigError(f"student.time_smoothing must be a finite number >= 0, got {run.student.time_smoothing}")
     # combinations
     teacher_name = run.teacher.get("name")
     if run.student.init == "teacher" and not has_teacher:

@@ -82,6 +82,32 @@ class AvgVelocityUNet(AvgVelocityField):
         return self.unet(z, t * self.time_scale, class_labels=class_labels).sample
 
     @torch.no_grad()
+    def smooth_time_embedding(self, sigma: float) -> "AvgVelocityUNet":
+        """Replace the time embeddings by their average over a Gaussian jitter of t (std `sigma`, flow time).
+
+        The UNet's sinusoids of s = scale * t average to E[sin(w (s + d))] = exp(-w^2 d_s^2 / 2) sin(w s)
+        (cos alike) for d ~ N(0, d_s^2), d_s = scale * sigma: each frequency's column of the first Linear
+        after the projection is scaled by that factor, in the weights, so the student stays a stock
+        diffusers UNet. Why: embedded as 1000 t, the channels up to 1000 rad per unit of flow time carry a
+        fine-scale jitter that is harmless to the output but dominates d/dt, which MeanFlow's and sCM's
+        JVPs differentiate (benchmarks/time_smoothing.py measures both effects on the digits teacher).
+        The interval embedding (t - r at `interval_scale`) is averaged alike.
+        """
+        proj = self.unet.time_proj
+        half = proj.num_channels // 2
+        # diffusers' get_timestep_embedding: frequencies scale * exp(-ln(10000) i / (half - shift))
+        exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - proj.downscale_freq_shift)
+        freqs = proj.scale * exponent.exp()
+        layers = [(self.unet.time_embedding.linear_1, self.time_scale)]
+        if self.has_interval_embedding:
+            layers.append((self.unet.class_embedding.linear_1, self.interval_scale))
+        for linear, scale in layers:
+            damping = torch.exp(-0.5 * (freqs * scale * sigma) ** 2)
+            damping = torch.cat([damping, damping, torch.ones(proj.num_channels % 2, dtype=torch.float64)])
+            linear.weight.mul_(damping.to(linear.weight)[None, :])  # sin and cos halves share the frequencies
+        return self
+
+    @torch.no_grad()
     def sample(self, noise, cond=None, steps: int = 1, times=None):
         if self.has_interval_embedding:
             return super().sample(noise, cond, steps=steps, times=times)

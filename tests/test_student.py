@@ -1,4 +1,6 @@
 """Students: zero-initialised interval embedding, and the k-step sampler."""
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -75,3 +77,51 @@ def test_digits_teacher_features_by_layer_name_and_hooks_removed():
     with pytest.raises(ValueError, match="not in AvgVelocityUNet"):
         teacher.features(x, 0.5, layers=["unet.nope"])
     assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_time_smoothing_is_the_jitter_average_of_the_embedding():
+    """smooth_time_embedding(sigma) folds E_d[sinusoids(scale (t + d))], d ~ N(0, sigma^2), into the first
+    Linear of both time embeddings; reference: Gauss-Hermite quadrature of the unsmoothed layers."""
+    import numpy as np
+
+    teacher = random_digits_teacher()
+    plain = student_from_teacher(teacher, interval_scale=300.0).double()
+    with torch.no_grad():
+        plain.unet.class_embedding.linear_2.weight.normal_()  # the interval path must matter too
+    smooth = copy.deepcopy(plain).smooth_time_embedding(0.004)
+    nodes, weights = np.polynomial.hermite.hermgauss(80)   # int exp(-x^2) f(x) dx
+    jitter = torch.tensor(nodes * np.sqrt(2) * 0.004)
+    w = torch.tensor(weights / np.sqrt(np.pi))
+    t = torch.tensor([0.13, 0.5, 0.91], dtype=torch.float64)
+    for layer, scale in ((lambda m: m.unet.time_embedding.linear_1, 1000.0),
+                         (lambda m: m.unet.class_embedding.linear_1, 300.0)):
+        proj = plain.unet.time_proj
+        averaged = sum(wi * proj((t + d) * scale) for wi, d in zip(w, jitter))
+        expect = layer(plain)(averaged.double())
+        got = layer(smooth)(proj(t * scale).double())
+        # diffusers computes the sinusoids in float32 (arguments up to ~1000 rad): ~1e-5 is its rounding
+        assert (got - expect).abs().max() < 2e-5
+        assert (layer(plain)(proj(t * scale).double()) - expect).abs().max() > 1e-2   # it does change
+
+
+def test_time_smoothing_makes_the_time_derivative_of_the_digits_teacher_smooth():
+    """The shipped digits teacher embeds 1000 t: its exact d/dt disagrees with a +-0.001 central
+    difference by ~13 % (fine-scale jitter); averaged over sigma = 0.005 the two agree (measured 0.09 %)
+    while the velocity itself moves by < 1 % (measured 0.44 %)."""
+    teacher = DigitsTeacher.from_pretrained()
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((16,), 0.7)
+
+    def mismatch(student):
+        f = lambda s: student(x, s - 0.3, s)  # noqa: E731
+        with torch.no_grad():
+            _, jvp = torch.func.jvp(f, (t,), (torch.ones_like(t),))
+            fd = (f(t + 1e-3) - f(t - 1e-3)) / 2e-3
+        return ((jvp - fd).norm() / fd.norm()).item()
+
+    plain = student_from_teacher(teacher)
+    smooth = student_from_teacher(teacher).smooth_time_embedding(0.005)
+    assert mismatch(plain) > 0.05 and mismatch(smooth) < 0.01
+    with torch.no_grad():
+        v = teacher.velocity(x, t)
+        assert ((smooth(x, t, t) - v).norm() / v.norm()).item() < 0.01
