@@ -23,6 +23,7 @@ from onestep.config import ConfigError, load_config
     (["objective.flow_ratio=abc"], "objective.flow_ratio"),
     (["train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not allowed; allowed: no, bf16, fp16"),
     (["objective.flow_ratio=0.2"], "objective.flow_ratio must be in [0.5, 1]"),  # before any model is built
+    (["student.time_smoothing=-0.01"], "student.time_smoothing must be a finite number >= 0"),
 ])
 def test_config_errors_name_the_key(overrides, expect):
     with pytest.raises(ConfigError) as e:
@@ -71,3 +72,12 @@ def test_list_prints_registries(capsys):
     assert out[0] == "teachers:" and "  digits" in out and "  gmm" in out
     assert "objectives:" in out and "  splitmeanflow" in out and "  flow_matching" in out
     assert "metrics:" in out and "  digits_fid" in out
+
+
+def test_time_smoothing_needs_a_unet_student():
+    from onestep.build import build_student, build_teacher
+
+    cfg = load_config("demo", ["teacher.name=gmm", "data.name=gmm", "student.init=scratch", "student.backbone=mlp",
+                               "student.time_smoothing=0.01"])
+    with pytest.raises(ConfigError, match="student.time_smoothing is implemented for UNet2DModel students"):
+        build_student(cfg, build_teacher(cfg))
