@@ -120,8 +120,26 @@ def finished_run(run_dir: Path, recipe):
         raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")
     info = load_run(run_dir)
     student, teacher = load_student(info)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return teacher, student, info.step, json.loads(lines[-1])["time_s"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return teacher, student, info.step, train_seconds(records)
+
+
+def train_seconds(records: list[dict]) -> float:
+    """Wall time to the last step from metrics.jsonl records, across resumes. Each resumed segment
+    restarts its clock; the steps a killed segment ran past its last checkpoint are re-run by the
+    next, so a segment counts only up to the step where the next one picks up."""
+    segments, current = [], []
+    for rec in records:
+        if current and (rec["step"] <= current[-1]["step"] or rec["time_s"] < current[-1]["time_s"]):
+            segments.append(current)
+            current = []
+        current.append(rec)
+    segments.append(current)
+    total = 0.0
+    for seg, nxt in zip(segments, segments[1:] + [None]):
+        upto = [r for r in seg if nxt is None or r["step"] < nxt[0]["step"]]
+        total += upto[-1]["time_s"] if upto else 0.0
+    return total
 
 
 if __name__ == "__main__":
