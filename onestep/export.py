@@ -37,8 +37,8 @@ Two kinds of student export ``--steps 1`` only, in every format (k >= 2: a one-l
 students of discrete VP teachers (unet, stable_diffusion, sdxl), which sample diffusers' trailing grid,
 where t - r changes from step to step, so no one vector folds their interval embedding (and
 StudentVPScheduler takes the uniform grid); and consistency-sampled students (scm, scm_ladd), whose
-steps re-noise with fresh noise. Lightning students of flow-time teachers sample the uniform grid and
-export like any other.
+steps re-noise with fresh noise (their OneStepPipeline also refuses k >= 2 at call time). Lightning
+students of flow-time teachers sample the uniform grid and export like any other.
 
 Every export is written to a temporary folder beside ``out`` and renamed into place, holds weights
 only as safetensors, and is byte-for-byte reproducible: exporting the same checkpoint into the same
@@ -63,6 +63,19 @@ WEIGHTS = ("ema", "trained")
 MANIFEST = "onestep_export.json"
 #: a fold or a scheduler grid that reproduces the student's sampler less closely than this is a bug
 SELF_CHECK_TOL = 1e-4
+
+
+# t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
+TRAILING_ONLY_K1 = ("this student samples on the trailing timestep grid it was trained on (lightning with a VP "
+                    "teacher), whose steps differ in t - r, so its interval embedding cannot be folded into one "
+                    "{steps}-step backbone; only --steps 1 (the grid [1, 0]) exports exactly, in every format; "
+                    "sample {steps} steps with onestep (student.sample)")
+
+
+def _trains_on_trailing_grid(cfg) -> bool:
+    """A lightning run whose grid is trailing (its default for VP teachers, which is where this is asked)."""
+    objective = cfg.objective
+    return objective.get("name") == "lightning" and objective.get("grid", "auto") != "uniform"
 
 
 class ExportError(ValueError):
@@ -317,8 +330,11 @@ class PixelUNetExporter(Exporter):
 
         from onestep.pipelines import OneStepPipeline
 
+        # consistency-sampled students re-noise between steps, which this pipeline does not: 1 step only
+        only_one = getattr(student, "sampler", "avg_velocity") != "avg_velocity"
         pipe = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
-                               default_num_inference_steps=steps, interval_scale=student.interval_scale)
+                               default_num_inference_steps=steps, interval_scale=student.interval_scale,
+                               max_num_inference_steps=1 if only_one else None)
         diff = _self_check(student, pipe, steps)
         pipe.save_pretrained(out, safe_serialization=True)
         return ExportResult(
@@ -331,7 +347,9 @@ class PixelUNetExporter(Exporter):
             notes=[
                 "The UNet keeps its second time embedding of t - r (`class_embed_type=\"timestep\"`, class "
                 f"label {student.interval_scale:g} (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) on the uniform "
-                f"grid for any `num_inference_steps` (default {steps}).",
+                + (f"grid for any `num_inference_steps` (default {steps})." if not only_one else
+                   f"grid; this student was trained with the {student.sampler} sampler, so the pipeline takes "
+                   f"`num_inference_steps=1` only (max_num_inference_steps 1)."),
                 "Load it with `OneStepPipeline.from_pretrained`: diffusers' `DiffusionPipeline.from_pretrained` "
                 "resolves only pipeline classes defined inside diffusers (other code needs "
                 "`trust_remote_code=True`). For a folder that stock diffusers loads, export with "
@@ -616,6 +634,9 @@ class _AdapterExporter(Exporter):
         if format == "lora" and not self.lora:
             raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
                               "--format lora for it: use --format diffusers" + (" or onestep" if self.vp_family else ""))
+        if self.vp_family and steps != 1 and _trains_on_trailing_grid(cfg):
+            # said here, before any other format advice: no format exports these students at k >= 2
+            raise ExportError(TRAILING_ONLY_K1.format(steps=steps))
         if self.vp_family and steps != 1 and format == "diffusers":
             raise ExportError(
                 f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
@@ -1259,11 +1280,7 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
         raise ExportError(f"this student samples with the {student.sampler} sampler, whose steps re-noise with "
                           f"fresh noise; only --steps 1 (the same single step) exports exactly")
     if getattr(student, "trailing_schedule", None) is not None and steps != 1:
-        # t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
-        raise ExportError(f"this student samples on the trailing timestep grid it was trained on (lightning with a "
-                          f"VP teacher), whose steps differ in t - r, so its interval embedding cannot be folded into "
-                          f"one {steps}-step backbone; only --steps 1 (the grid [1, 0]) exports exactly; sample "
-                          f"{steps} steps with onestep (student.sample)")
+        raise ExportError(TRAILING_ONLY_K1.format(steps=steps))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -55,16 +55,20 @@ class OneStepPipeline(DiffusionPipeline):
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): shift 1; it receives the uniform grid as `sigmas`.
         default_num_inference_steps (`int`): the step count the student was exported for.
         interval_scale (`float`): the interval embedding's class label is interval_scale * (t - r).
+        max_num_inference_steps (`int`, *optional*): the most steps this student was trained to take with
+            this sampler (1 for consistency-trained students, whose own sampler re-noises between steps);
+            None: any.
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
-                 default_num_inference_steps: int = 1, interval_scale: float = 1000.0):
+                 default_num_inference_steps: int = 1, interval_scale: float = 1000.0,
+                 max_num_inference_steps: int | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(default_num_inference_steps=default_num_inference_steps,
-                                interval_scale=interval_scale)
+                                interval_scale=interval_scale, max_num_inference_steps=max_num_inference_steps)
         if self.has_interval_embedding:
             unet.class_embedding.register_forward_pre_hook(_cast_to_weight_dtype)
 
@@ -90,6 +94,10 @@ class OneStepPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         steps = self.config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        most = self.config.get("max_num_inference_steps")
+        if most is not None and steps > most:
+            raise ValueError(f"num_inference_steps={steps}, but this student was exported for at most {most} step(s) "
+                             f"(its training sampler is not this pipeline's k-step sampler)")
         device = self._execution_device
         dtype = self.unet.dtype
         if latents is None:

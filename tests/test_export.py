@@ -131,7 +131,7 @@ def test_onestep_pipeline_runs_the_sampler_at_any_step_count(run_dir, student, t
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "OneStepPipeline"
     pipe = OneStepPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.config.default_num_inference_steps == 2
+    assert pipe.config.default_num_inference_steps == 2 and pipe.config.max_num_inference_steps is None
     for k in (1, 2, 4):
         want, noise = expected_images(student, k)
         got = pipe(latents=noise, num_inference_steps=k, output_type="pt").images
@@ -144,6 +144,27 @@ def test_onestep_pipeline_runs_the_sampler_at_any_step_count(run_dir, student, t
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet(out / "README.md"), "model card", "exec"), {})
     assert (tmp_path / "sample.png").is_file()
+
+
+def test_consistency_student_exports_one_step_only(run_dir, tmp_path):
+    """An sCM student samples by jumping to the data and re-noising with fresh noise between steps, which
+    OneStepPipeline's k-step update does not do: the export is 1 step, and the pipeline refuses more."""
+    from onestep.pipelines import OneStepPipeline
+
+    cfg = load_config("digits_scm", [f"output_dir={tmp_path}", "name=scm", f"teacher.path={run_dir.parent / 'teacher'}",
+                                     "train.steps=1", "train.checkpoint_every=1", "data.batch_size=4",
+                                     "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
+    Trainer(cfg).fit()
+    with pytest.raises(ExportError, match="re-noise"):
+        export_run(tmp_path / "scm", tmp_path / "k2", format="onestep", steps=2)
+    out = export_run(tmp_path / "scm", tmp_path / "k1", format="onestep", steps=1)
+    pipe = OneStepPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.max_num_inference_steps == 1
+    assert pipe(batch_size=2, output_type="pt").images.shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="at most 1 step"):
+        pipe(batch_size=2, num_inference_steps=2)
+    assert "`num_inference_steps=1` only" in (out / "README.md").read_text()
 
 
 def test_reexport_is_byte_identical_and_holds_only_safetensors(run_dir, tmp_path):
