@@ -1,14 +1,14 @@
 """The one training loop, for every objective, through accelerate.
 
 The objective returns one loss per optimizer group; the trainer owns everything else: accelerate
-`prepare` (device, DDP, mixed precision), one AdamW + warm-up schedule per group, the groups active
+`prepare` (device, DDP, mixed precision), one AdamW per group on one LR schedule, the groups active
 at each step, gradient accumulation and clipping, the student's EMA, checkpoints and exact resume,
 a non-finite-loss guard, tensorboard scalars + metrics.jsonl, a progress bar and PNG sample grids.
 
 Checkpoint layout (runs/<name>/checkpoints/step-XXXXXX/):
     trainable.safetensors    student + auxiliary nets (never the frozen teacher)
     ema.safetensors          EMA of the student's parameters
-    optim-<group>.pt / sched-<group>.pt   tensors only: loaded with torch.load(weights_only=True)
+    optim-<group>.pt         tensors only: loaded with torch.load(weights_only=True)
     rng-<rank>.safetensors   per process: the objective's and the data's generators, torch's RNGs
     state.json               step, EMA step, counters
     checksums.json           SHA-256 of every file above
@@ -83,16 +83,14 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
 
         self.groups = self.objective.param_groups()
-        self.optimizers, self.schedulers = {}, {}
+        self.optimizers, self.base_lr = {}, {}
         for g, params in self.groups.items():
             d = self.objective.default_optim(g)
             lr = tc.lr if tc.lr is not None else d.lr
             wd = tc.weight_decay if tc.weight_decay is not None else d.weight_decay
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
-            self.optimizers[g] = opt
-            self.schedulers[g] = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+            self.optimizers[g] = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
+            self.base_lr[g] = lr
         names = list(self.groups)
-        # schedulers stay unprepared: accelerate would step them once per process per step
         prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names])
         self.model = prepared[0]
         self.optimizers = dict(zip(names, prepared[1:]))
@@ -106,7 +104,11 @@ class Trainer:
         self.nonfinite_total = 0
 
     def lr_factor(self, step: int) -> float:
-        """Linear warm-up, constant, then a linear decay to 0 over the last `decay_steps` steps."""
+        """Linear warm-up, constant, then a linear decay to 0 over the last `decay_steps` steps.
+
+        A function of the training step, the same for every group: a group that is updated only on some
+        steps (a generator every few critic steps, G/D alternation) follows the run's clock, not a count
+        of its own updates, so `decay_steps` means the last steps of the run for all of them."""
         tc = self.cfg.train
         warm = min(1.0, (step + 1) / (tc.warmup_steps + 1))
         if tc.decay_steps <= 0:
@@ -158,7 +160,6 @@ class Trainer:
                   tmp / "ema.safetensors")
         for g in self.groups:
             torch.save(self.optimizers[g].state_dict(), tmp / f"optim-{g}.pt")
-            torch.save(self.schedulers[g].state_dict(), tmp / f"sched-{g}.pt")
         if acc.scaler is not None:
             torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
         state = {"step": self.step, "ema_optimization_step": self.ema.optimization_step,
@@ -185,7 +186,7 @@ class Trainer:
         """Files every checkpoint of this run must hold (checked against its checksums on resume)."""
         return ("trainable.safetensors", "ema.safetensors", "state.json",
                 f"rng-{self.accelerator.process_index}.safetensors",
-                *(f"optim-{g}.pt" for g in self.groups), *(f"sched-{g}.pt" for g in self.groups))
+                *(f"optim-{g}.pt" for g in self.groups))
 
     def load_checkpoint(self, path: Path) -> None:
         obj = self.unwrapped
@@ -199,7 +200,6 @@ class Trainer:
         load = lambda f: torch.load(path / f, map_location="cpu", weights_only=True)  # noqa: E731
         for g in self.groups:
             self.optimizers[g].load_state_dict(load(f"optim-{g}.pt"))
-            self.schedulers[g].load_state_dict(load(f"sched-{g}.pt"))
         if self.accelerator.scaler is not None and (path / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(load("grad_scaler.pt"))
         rng_file = path / f"rng-{self.accelerator.process_index}.safetensors"
@@ -251,6 +251,9 @@ class Trainer:
         acc, tc = self.accelerator, self.cfg.train
         logs: dict[str, float] = {}
         groups = self.objective.active_groups(self.step)
+        for g in groups:
+            for pg in self.optimizers[g].param_groups:
+                pg["lr"] = self.base_lr[g] * self.lr_factor(self.step)
         finite = True
         for _ in range(tc.grad_accum):
             with acc.accumulate(self.model):
@@ -277,7 +280,6 @@ class Trainer:
                     for g in groups:
                         if finite:
                             self.optimizers[g].step()
-                            self.schedulers[g].step()
                         self.optimizers[g].zero_grad(set_to_none=True)
                     if not finite and acc.scaler is not None:
                         acc.scaler.update()  # clipping unscaled the grads: reset the scaler's state
@@ -324,7 +326,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs['loss']:.4g}")
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 scalars = {k: v for k, v in logs.items() if isinstance(v, float)}
-                scalars["lr"] = self.schedulers[next(iter(self.groups))].get_last_lr()[0]
+                scalars["lr"] = self.base_lr[next(iter(self.groups))] * self.lr_factor(self.step - 1)  # the step just taken
                 acc.log(scalars, step=self.step)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:

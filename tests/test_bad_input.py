@@ -708,7 +708,7 @@ def resume_argv(runs: Path) -> list[str]:
     return ["distill", "--config", runs / "run" / "config.yaml", f"output_dir={runs}", "name=run"]
 
 
-@pytest.mark.parametrize("file,how", [("optim-student.pt", "torch.save"), ("sched-student.pt", "pickle")])
+@pytest.mark.parametrize("file,how", [("optim-student.pt", "torch.save"), ("optim-student.pt", "pickle")])
 def test_malicious_pickle_in_a_checkpoint_is_refused(file, how, trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs, ckpt = copy_run(trained_run, tmp_path)

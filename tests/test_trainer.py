@@ -160,3 +160,26 @@ def test_benchmark_train_seconds_across_resumes():
     resumed = [{"step": s, "time_s": float(s - 20) + 5} for s in (30, 40)]   # restarts its clock at step 20
     assert train_seconds(first) == 30.0
     assert train_seconds(first + resumed) == 20.0 + 25.0
+
+
+def test_every_group_follows_the_runs_lr_schedule(tmp_path):
+    """f-distill updates its generator every third step (critic_steps 2): each group's update at step s
+    uses base_lr(group) * lr_factor(s), the run's clock, so the generator's LR also decays to ~0 over
+    the last decay_steps (counting its own updates instead, it would still be at its full LR)."""
+    cfg = gmm_cfg(tmp_path, "groups", 12, **{"objective.name": "fdistill", "objective.critic_steps": 2,
+                                               "objective.lr": 1e-3, "objective.fake_score_lr": 2e-3,
+                                               "train.warmup_steps": 2, "train.decay_steps": 6})
+    t = Trainer(cfg)
+    seen = []
+    for g, opt in t.optimizers.items():
+        def record(*a, _g=g, _opt=opt, _step=opt.step, **k):
+            seen.append((t.step, _g, _opt.param_groups[0]["lr"]))
+            return _step(*a, **k)
+        opt.step = record
+    t.fit()
+    assert t.base_lr["student"] == 1e-3 and t.base_lr["fake_score"] == 2e-3
+    assert {g for _, g, _ in seen} == set(t.base_lr) and {"student", "fake_score"} <= set(t.base_lr)
+    for step, g, lr in seen:
+        assert lr == pytest.approx(t.base_lr[g] * t.lr_factor(step), rel=1e-12), (step, g)
+    generator = [(s, lr) for s, g, lr in seen if g == "student"]
+    assert [s for s, _ in generator] == [2, 5, 8, 11] and generator[-1][1] == pytest.approx(1e-3 / 6)
