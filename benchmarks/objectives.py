@@ -127,7 +127,8 @@ def finished_run(run_dir: Path, recipe):
 def train_seconds(records: list[dict]) -> float:
     """Wall time to the last step from metrics.jsonl records, across resumes. Each resumed segment
     restarts its clock; the steps a killed segment ran past its last checkpoint are re-run by the
-    next, so a segment counts only up to the step where the next one picks up."""
+    next, so a segment counts only up to the step where the next one picks up. A heuristic on logged
+    records: the time between a segment's last log and its checkpoint is not counted."""
     segments, current = [], []
     for rec in records:
         if current and (rec["step"] <= current[-1]["step"] or rec["time_s"] < current[-1]["time_s"]):

@@ -72,6 +72,15 @@ TRAILING_ONLY_K1 = ("this student samples on the trailing timestep grid it was t
                     "sample {steps} steps with onestep (student.sample)")
 
 
+def student_sampler(cfg) -> str:
+    """The sampler the run's objective trains its student for (as onestep.build sets `student.sampler`)."""
+    from onestep.registry import OBJECTIVES, load_builtin
+
+    load_builtin()
+    name = cfg.objective.get("name")
+    return OBJECTIVES.get(name).student_sampler if name in OBJECTIVES else "avg_velocity"
+
+
 def _trains_on_trailing_grid(cfg) -> bool:
     """A lightning run whose grid is trailing (its default for VP teachers, which is where this is asked)."""
     objective = cfg.objective
@@ -1270,15 +1279,17 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
     _check_out(out)
     info = load_run(run, checkpoint, weights)
     exporter = exporter_for(info.cfg)
+    sampler = student_sampler(info.cfg)
+    if sampler != "avg_velocity" and steps != 1:
+        # said before any family's format advice: the consistency sampler re-noises with fresh noise
+        # between steps, which no deterministic pipeline does, in any format
+        raise ExportError(f"this student samples with the {sampler} sampler, whose steps re-noise with fresh "
+                          f"noise; only --steps 1 (the same single step) exports exactly, in every format")
     exporter.check(info.cfg, format, steps)
     if lora_rank is None:  # a LoRA-trained student's delta has its training rank (exactly, merged)
         lora_rank = getattr(info.cfg.student, "lora_rank", 0) or LORA_RANK
     exporter.lora_rank, exporter.allow_lora_residual = lora_rank, bool(allow_lora_residual)
     student, teacher = load_student(info)
-    if getattr(student, "sampler", "avg_velocity") != "avg_velocity" and steps != 1:
-        # the consistency sampler re-noises with fresh noise between steps: no deterministic pipeline does
-        raise ExportError(f"this student samples with the {student.sampler} sampler, whose steps re-noise with "
-                          f"fresh noise; only --steps 1 (the same single step) exports exactly")
     if getattr(student, "trailing_schedule", None) is not None and steps != 1:
         raise ExportError(TRAILING_ONLY_K1.format(steps=steps))
 

@@ -320,3 +320,14 @@ def test_interval_scale_is_honoured_by_the_fold_and_the_pipeline(tmp_path):
         wrong_images = wrong(batch_size=3, num_inference_steps=k, output_type="np",
                              generator=torch.Generator().manual_seed(0)).images
         assert abs(torch.from_numpy(wrong_images).permute(0, 3, 1, 2) - want).max() > 1e-3
+
+
+def test_vp_consistency_student_is_told_one_step_in_every_format(tmp_path):
+    """An sCM student of a VP teacher at --steps 2: the refusal names the re-noising sampler in every format,
+    not the VP family's advice to use --format onestep (which would refuse it too)."""
+    from test_export_families import _pixel_teacher_dir, make_run
+
+    run = make_run(tmp_path, "unet", _pixel_teacher_dir(tmp_path / "teacher"), extra=("objective.name=scm",))
+    for format in ("diffusers", "onestep"):
+        with pytest.raises(ExportError, match="re-noise with fresh noise.*in every format"):
+            export_run(run, tmp_path / f"out-{format}", format=format, steps=2)
