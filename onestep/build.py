@@ -28,11 +28,15 @@ def build_student(cfg: RunConfig, teacher):
             raise ConfigError(f"student.attention={cfg.student.attention}: {e}") from None
     # the k-step sampler the objective trains the student for (e.g. sCM's consistency sampler), also
     # for students rebuilt from a checkpoint without their objective (export, evaluation)
+    student.sampler = student_sampler(cfg)
+    return student
+
+
+def student_sampler(cfg: RunConfig) -> str:
+    """The sampler the run's objective trains its student for ("avg_velocity" unless it says otherwise)."""
     load_builtin()
     name = cfg.objective.get("name")
-    if name in OBJECTIVES:
-        student.sampler = OBJECTIVES.get(name).student_sampler
-    return student
+    return OBJECTIVES.get(name).student_sampler if name in OBJECTIVES else "avg_velocity"
 
 
 def _build_student(cfg: RunConfig, teacher):

@@ -65,26 +65,25 @@ MANIFEST = "onestep_export.json"
 SELF_CHECK_TOL = 1e-4
 
 
-# t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
-TRAILING_ONLY_K1 = ("this student samples on the trailing timestep grid it was trained on (lightning with a VP "
-                    "teacher), whose steps differ in t - r, so its interval embedding cannot be folded into one "
-                    "{steps}-step backbone; only --steps 1 (the grid [1, 0]) exports exactly, in every format; "
-                    "sample {steps} steps with onestep (student.sample)")
+def one_step_only(cfg, exporter) -> str | None:
+    """Why this run's student exports --steps 1 only, in every format (None: it exports any k). Asked from
+    the config, before any family's format advice and before loading weights."""
+    from onestep.build import student_sampler
 
-
-def student_sampler(cfg) -> str:
-    """The sampler the run's objective trains its student for (as onestep.build sets `student.sampler`)."""
-    from onestep.registry import OBJECTIVES, load_builtin
-
-    load_builtin()
-    name = cfg.objective.get("name")
-    return OBJECTIVES.get(name).student_sampler if name in OBJECTIVES else "avg_velocity"
-
-
-def _trains_on_trailing_grid(cfg) -> bool:
-    """A lightning run whose grid is trailing (its default for VP teachers, which is where this is asked)."""
+    sampler = student_sampler(cfg)
+    if sampler != "avg_velocity":
+        # the consistency sampler re-noises with fresh noise between steps, which no deterministic pipeline does
+        return (f"this student samples with the {sampler} sampler, whose steps re-noise with fresh noise; only "
+                f"--steps 1 (the same single step) exports exactly, in every format")
     objective = cfg.objective
-    return objective.get("name") == "lightning" and objective.get("grid", "auto") != "uniform"
+    if (getattr(exporter, "vp_family", False) and objective.get("name") == "lightning"
+            and objective.get("grid", "auto") != "uniform"):  # lightning's grid for VP teachers: trailing
+        # t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
+        return ("this student samples on the trailing timestep grid it was trained on (lightning with a VP "
+                "teacher), whose steps differ in t - r, so its interval embedding cannot be folded into one "
+                "backbone for k >= 2 steps; only --steps 1 (the grid [1, 0]) exports exactly, in every format; "
+                "sample k steps with onestep (student.sample)")
+    return None
 
 
 class ExportError(ValueError):
@@ -643,9 +642,6 @@ class _AdapterExporter(Exporter):
         if format == "lora" and not self.lora:
             raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
                               "--format lora for it: use --format diffusers" + (" or onestep" if self.vp_family else ""))
-        if self.vp_family and steps != 1 and _trains_on_trailing_grid(cfg):
-            # said here, before any other format advice: no format exports these students at k >= 2
-            raise ExportError(TRAILING_ONLY_K1.format(steps=steps))
         if self.vp_family and steps != 1 and format == "diffusers":
             raise ExportError(
                 f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
@@ -1279,19 +1275,13 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
     _check_out(out)
     info = load_run(run, checkpoint, weights)
     exporter = exporter_for(info.cfg)
-    sampler = student_sampler(info.cfg)
-    if sampler != "avg_velocity" and steps != 1:
-        # said before any family's format advice: the consistency sampler re-noises with fresh noise
-        # between steps, which no deterministic pipeline does, in any format
-        raise ExportError(f"this student samples with the {sampler} sampler, whose steps re-noise with fresh "
-                          f"noise; only --steps 1 (the same single step) exports exactly, in every format")
+    if steps != 1 and (why := one_step_only(info.cfg, exporter)):
+        raise ExportError(why)
     exporter.check(info.cfg, format, steps)
     if lora_rank is None:  # a LoRA-trained student's delta has its training rank (exactly, merged)
         lora_rank = getattr(info.cfg.student, "lora_rank", 0) or LORA_RANK
     exporter.lora_rank, exporter.allow_lora_residual = lora_rank, bool(allow_lora_residual)
     student, teacher = load_student(info)
-    if getattr(student, "trailing_schedule", None) is not None and steps != 1:
-        raise ExportError(TRAILING_ONLY_K1.format(steps=steps))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

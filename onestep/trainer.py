@@ -251,9 +251,10 @@ class Trainer:
         acc, tc = self.accelerator, self.cfg.train
         logs: dict[str, float] = {}
         groups = self.objective.active_groups(self.step)
+        factor = self.lr_factor(self.step)
         for g in groups:
             for pg in self.optimizers[g].param_groups:
-                pg["lr"] = self.base_lr[g] * self.lr_factor(self.step)
+                pg["lr"] = self.base_lr[g] * factor
         finite = True
         for _ in range(tc.grad_accum):
             with acc.accumulate(self.model):
