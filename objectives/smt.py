@@ -31,8 +31,16 @@ each draw replaced with probability `point_mass_prob` by a uniform draw from {0,
 fake score every generator update uses; alpha = 1 the real one).
 
 SMD (`smd`, distillation): generator and mixture net start from the teacher, and the real branch's target
-x_real is replaced by the teacher's denoiser at the same noisy point (the public code's SMD; the paper's
-explicit D s_p + (1 - D) s_fake parameterisation is not implemented).
+x_real is replaced by the teacher's denoiser at the same noisy point. Two mixture nets (`mixture`):
+    "amortized" (the public code's SMD): the one alpha-conditioned net above, started from the teacher.
+        Its alpha = 1 output is only as close to the teacher as training keeps it; on digits it drifted
+        from the teacher by more than the real-fake difference the generator needs (README).
+    "explicit" (the paper's SMD): v_alpha = D v_p + (1 - D) v_fake with D = sigmoid(l(x_t, t) + logit alpha),
+        v_p the frozen teacher, v_fake a trainable copy of it and l a head on the teacher's features
+        (l -> log p_t / q_t at the optimum). alpha = 1 is the teacher exactly and alpha = 0 the fake
+        score, so P_alpha - P_0 = D (P_1 - P_0): "dmd" weighting gives the paper's (D / alpha) x DMD's
+        direction, "adaptive" DMD's own. The GAN terms use l itself; its critic term is the plain
+        logistic loss softplus(l(fake)) + softplus(-l(real)), whose optimum is the same log p_t / q_t.
 
 Schedule: the score net trains every step; the student also trains every `score_steps`-th step (the
 last of each cycle). Both losses of such a step come from one forward, so that step's score update uses
@@ -61,7 +69,7 @@ from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
 from onestep.objectives.discriminators import FeatureDiscriminator, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, karras_sigmas, module_device_dtype, one_step_generate, pseudo_target_loss,
-    sample_noise_levels, sample_shape_of,
+    sample_noise_levels, sample_shape_of, trainable_copy_of_backbone,
 )
 from onestep.objectives.fdistill import check_time_options
 from onestep.registry import OBJECTIVES
@@ -110,6 +118,63 @@ class MixtureScore(nn.Module):
         raise ValueError(f"no default bottleneck for {type(self.net).__name__}: set objective.gan_layers")
 
 
+class ExplicitMixtureScore(nn.Module):
+    """SMD's explicit mixture (spec §6(b)): v_alpha(x_t, t) = D v_p + (1 - D) v_fake, D = sigmoid(l + logit alpha).
+
+    `fake`: a trainable velocity net called at r = t; `head`: discriminator heads on the teacher's
+    features, whose mean logit is l. The teacher is frozen and not a submodule (the objective owns it)."""
+
+    def __init__(self, teacher, fake: nn.Module, head: nn.Module, feature_layers=None, guidance=None):
+        super().__init__()
+        self.fake, self.head = fake, head
+        self.feature_layers, self.guidance = feature_layers, guidance
+        self._teacher = (teacher,)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def logits(self, x_t, t, cond=None, frozen: bool = False) -> torch.Tensor:
+        """l(x_t, t) [B]; `frozen`: the head gets no gradient, x_t still does (through the teacher)."""
+        t = paths.batch_time(t, x_t)
+        feats = self.teacher.features(x_t, t, cond, self.feature_layers)
+        out = call_with_frozen_parameters(self.head, feats, t) if frozen else self.head(feats, t)
+        return out.mean(1)
+
+    def components(self, x_t, t, cond=None):
+        """(v_p, v_fake, l) at x_t in fp32; gradients reach the fake net and the head only."""
+        t = paths.batch_time(t, x_t)
+        with frozen_eval(self.teacher):
+            v_p = self.teacher.velocity(x_t, t, cond, self.guidance)
+            feats = self.teacher.features(x_t, t, cond, self.feature_layers)
+        v_fake = self.fake(x_t, t, t, cond)
+        acc = torch.promote_types(v_fake.dtype, torch.float32)
+        return v_p.to(acc), v_fake.to(acc), self.head(feats, t).mean(1).to(acc)
+
+    @staticmethod
+    def mix(v_p, v_fake, logit, alpha) -> torch.Tensor:
+        alpha = alpha.to(logit.dtype)
+        d = torch.sigmoid(logit + torch.logit(alpha.clamp(1e-12, 1 - 1e-12)))
+        d = torch.where(alpha >= 1, torch.ones_like(d), torch.where(alpha <= 0, torch.zeros_like(d), d))
+        return paths.expand_like(d, v_p) * v_p + paths.expand_like(1 - d, v_fake) * v_fake
+
+    def forward(self, x_t, t, alpha, cond=None):
+        return self.mix(*self.components(x_t, t, cond), paths.batch_time(alpha, x_t))
+
+    def x0(self, x_t, t, alpha, cond=None):
+        t = paths.batch_time(t, x_t)
+        return paths.velocity_to_x0(x_t, t, self(x_t, t, alpha, cond).to(x_t.dtype))
+
+    def x0_many(self, x_t, t, alphas: list[torch.Tensor], cond=None) -> list[torch.Tensor]:
+        """Denoisers of several mixtures from one teacher and one fake-net pass."""
+        t = paths.batch_time(t, x_t)
+        parts = self.components(x_t, t, cond)
+        return [paths.velocity_to_x0(x_t, t, self.mix(*parts, paths.batch_time(a, x_t)).to(x_t.dtype)) for a in alphas]
+
+
+MIXTURES = ("amortized", "explicit")
+
+
 @dataclass
 class SMTConfig:
     score_steps: int = 5                 # score updates per generator update
@@ -152,8 +217,10 @@ class SMT(Objective):
         self.check_config(cfg, teacher)
         self.score_net = score_net if score_net is not None else self.default_score_net(student, teacher)
         self.score_net.requires_grad_(True)
+        self.explicit = isinstance(self.score_net, ExplicitMixtureScore)
         self.gan_head = None
-        if cfg.gan_weight > 0 or cfg.critic_gan_weight > 0:
+        # the explicit mixture's logit head is its own GAN discriminator
+        if (cfg.gan_weight > 0 or cfg.critic_gan_weight > 0) and not self.explicit:
             try:
                 self.gan_layers = list(cfg.gan_layers) if cfg.gan_layers else self.score_net.default_bottleneck()
                 example = self._example_bottleneck(student)
@@ -244,6 +311,9 @@ class SMT(Objective):
     # --- the mixture net ----------------------------------------------------------------------------------
     def mixture_x0(self, x_t, t, alphas: list[torch.Tensor], cond=None) -> list[torch.Tensor]:
         """Denoisers of several mixtures at the same x_t, in one batched no-grad call."""
+        if hasattr(self.score_net, "x0_many"):
+            with frozen_eval(self.score_net):
+                return self.score_net.x0_many(x_t, t, alphas, cond)
         k = len(alphas)
         rep = lambda v: torch.cat([v] * k)  # noqa: E731
         with frozen_eval(self.score_net):
@@ -251,8 +321,11 @@ class SMT(Objective):
         return list(x0.chunk(k))
 
     def bottleneck_logits(self, x_t, t, cond=None, frozen: bool = False) -> torch.Tensor:
-        """GAN logits [B, K]: the head on the mixture net's bottleneck at alpha = 1/2. `frozen`: neither the
-        net's nor the head's parameters get a gradient (generator phase); x_t still does."""
+        """GAN logits [B, K]: the head on the mixture net's bottleneck at alpha = 1/2 (the explicit mixture:
+        its logit l, [B, 1]). `frozen`: neither the net's nor the head's parameters get a gradient
+        (generator phase); x_t still does."""
+        if self.explicit:
+            return self.score_net.logits(x_t, t, cond, frozen=frozen)[:, None]
         half = torch.full_like(paths.batch_time(t, x_t), 0.5)
         if frozen:
             run = lambda: call_with_frozen_parameters(self.score_net, x_t, t, half, cond)  # noqa: E731
@@ -304,7 +377,7 @@ class SMT(Objective):
         loss_dm = pseudo_target_loss(x, g)
         loss = loss_dm
         logs = {"log/loss_dm": loss_dm.detach()}
-        if self.gan_head is not None and cfg.gan_weight > 0:
+        if (self.gan_head is not None or self.explicit) and cfg.gan_weight > 0:
             t_gan, _ = self.sample_times(n, cfg.score_time_range, dev)
             t_gan = t_gan.to(dt)
             eps_gan = self.randn(*x.shape, device=dev).to(dt)
@@ -340,7 +413,7 @@ class SMT(Objective):
         loss = loss_score
         logs = {"log/loss_score": loss_score.detach(), "log/score_real_mse": err_real.detach().mean(),
                 "log/score_fake_mse": err_fake.detach().mean()}
-        if self.gan_head is not None and cfg.critic_gan_weight > 0:
+        if (self.gan_head is not None or self.explicit) and cfg.critic_gan_weight > 0:
             loss_critic = self.gan_critic_loss(x_real, x_fake, cond)
             loss = loss + cfg.critic_gan_weight * loss_critic
             logs["log/loss_gan_critic"] = loss_critic.detach()
@@ -357,6 +430,8 @@ class SMT(Objective):
         logits = self.bottleneck_logits(torch.cat([xt_fake, xt_real]), torch.cat([t_fake, t_real]),
                                         stack_conditions(cond, cond))
         l_fake, l_real = logits.chunk(2)
+        if self.explicit:  # l must estimate log p_t / q_t itself: unweighted logistic loss
+            return F.softplus(l_fake).mean() + F.softplus(-l_real).mean()
         return ((1 - alpha)[:, None] * F.softplus(l_fake)).mean() + (alpha[:, None] * F.softplus(-l_real)).mean()
 
 
@@ -365,6 +440,8 @@ class SMDConfig(SMTConfig):
     point_mass_prob: float = 0.25
     lr: float = 5e-5
     score_lr: float = 5e-5
+    mixture: str = "amortized"           # "amortized" (one alpha-conditioned net) or "explicit" (the paper's)
+    feature_layers: Optional[List[str]] = None  # explicit: teacher layers the logit head reads (None: defaults)
 
 
 @OBJECTIVES.register("smd")
@@ -377,10 +454,27 @@ class SMD(SMT):
     def uses_teacher_init(self, teacher) -> bool:
         return teacher is not None and teacher.backbone() is not None
 
+    def default_score_net(self, student, teacher):
+        if self.cfg.mixture == "amortized":
+            return super().default_score_net(student, teacher)
+        fake = trainable_copy_of_backbone(teacher, student)
+        device, dtype = module_device_dtype(fake)
+        x = torch.zeros(2, *sample_shape_of(teacher, student), device=device, dtype=dtype)
+        try:
+            with torch.no_grad():
+                example = teacher.features(x, torch.full((2,), 0.5, device=device, dtype=dtype), None,
+                                           self.cfg.feature_layers)
+        except ValueError as e:  # a layer name the teacher's backbone does not have
+            raise ConfigError(f"objective.feature_layers: {e}") from None
+        head = FeatureDiscriminator(example, hidden=self.cfg.head_hidden)
+        return ExplicitMixtureScore(teacher, fake, head, self.cfg.feature_layers, self.cfg.guidance)
+
     @staticmethod
     def check_config(cfg: SMDConfig, teacher=...) -> None:
         if teacher is None:
             raise ConfigError("objective smd distils a teacher: set teacher.name (or use smt to train from data)")
+        if cfg.mixture not in MIXTURES:
+            raise ConfigError(f"objective.mixture must be one of {', '.join(MIXTURES)}, got {cfg.mixture!r}")
         SMT.check_config(cfg, teacher)
 
     def real_velocity_target(self, x_real, eps, x_t, t, cond):

@@ -10,7 +10,7 @@ from torch import nn
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.smt import SMD, SMT, MixtureScore, SMDConfig, SMTConfig
+from onestep.objectives.smt import SMD, SMT, ExplicitMixtureScore, MixtureScore, SMDConfig, SMTConfig
 from onestep.student import MLPAvgVelocity
 from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 
@@ -323,3 +323,85 @@ def test_smd_with_a_diffusers_adapter_teacher():
     assert out["log/score_real_mse"] == 0.0            # every mixture starts as the teacher, its target
     out = obj.loss(batch, GENERATOR_STEP)
     assert torch.isfinite(out["student"]) and torch.isfinite(out["score"])
+
+
+# --- SMD's explicit mixture (mixture: explicit) ------------------------------------------------------------
+
+class ExactExplicitMixture(ExplicitMixtureScore):
+    """The explicit mixture with exact parts: v_p, v_q of two Gaussians and l = log p_t / q_t."""
+
+    def __init__(self, p, q):
+        super().__init__(None, nn.Identity(), nn.Identity())
+        self.p, self.q = p, q
+        self.exact_p, self.exact_q = ExactMixtureScore(p, q), ExactMixtureScore(q, q)
+        self.unused = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def components(self, x_t, t, cond=None):
+        t = paths.batch_time(t, x_t)
+        one = torch.ones_like(t)
+        log_r = log_density(x_t, t, *self.p) - log_density(x_t, t, *self.q)
+        return self.exact_p(x_t, t, one), self.exact_q(x_t, t, one) + 0 * self.unused, log_r
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_explicit_mixture_with_the_exact_log_ratio_is_the_mixture_score(alpha):
+    """D = sigmoid(log r + logit alpha) mixes v_p and v_q into the velocity of alpha p + (1 - alpha) q
+    (spec §6(h)(4)), exactly 0 and 1 at the ends."""
+    p, q = ([0.5, -0.2], 0.7), ([-0.4, 0.3], 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 2, generator=g, dtype=torch.float64) * 1.5
+    t = torch.rand(500, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    al = torch.full_like(t, alpha)
+    got = ExactExplicitMixture(p, q)(x, t, al)
+    assert torch.allclose(got, ExactMixtureScore(p, q)(x, t, al), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
+def test_explicit_mixture_generator_gradient_matches_the_closed_form(alpha):
+    mu, s, a, b, t = 0.5, 0.8, 0.6, 0.0, 0.4
+    teacher = GMMTeacher(GaussianMixture([[mu]], [s]))
+    student = AffineGenerator(a, [b])
+    cfg = SMDConfig(gan_weight=0.0, critic_gan_weight=0.0, generator_weight="none", time_range=[t, t])
+    net = ExactExplicitMixture(([mu], s), ([b], a))
+    obj = fixed_alpha(SMD(student, teacher, cfg, score_net=net).double(), alpha)
+    assert obj.explicit and obj.gan_head is None
+    obj.generator = torch.Generator().manual_seed(0)
+    n = 200_000
+    loss = obj.loss({"x": torch.zeros(n, 1, dtype=torch.float64), "cond": None}, GENERATOR_STEP)["student"]
+    estimate = torch.stack([g.reshape(()) for g in torch.autograd.grad(loss, (student.a, student.b))])
+    exact = exact_skew_jsd_gradient(alpha, mu, s, a, b, t) * t ** 2 / (1 - t) ** 2
+    err = (estimate - exact).norm() / exact.norm()
+    assert err < 0.02, (alpha, estimate.tolist(), exact.tolist(), float(err))
+
+
+def test_explicit_smd_on_the_digits_teacher():
+    """alpha = 1 is the teacher and alpha = 0 the fake net, exactly; the score loss trains the fake net
+    and the logit head (not the teacher, not the generator); the generator's GAN term reaches the
+    generator only through x; checkpoints hold the fake net and the head, not a second teacher."""
+    from onestep.student import student_from_teacher
+    from onestep.teachers.digits import DigitsTeacher
+
+    teacher = DigitsTeacher.from_pretrained()
+    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit"))
+    net = obj.score_net
+    assert isinstance(net, ExplicitMixtureScore) and obj.gan_head is None
+    assert {k.split(".")[1] for k in obj.state_dict() if k.startswith("score_net.")} == {"fake", "head"}
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(4, 1, 16, 16, generator=g), torch.full((4,), 0.4)
+    with torch.no_grad():
+        net.fake.unet.conv_out.bias.add_(0.1)   # so that fake and teacher differ
+        assert torch.equal(net(x_t, t, torch.ones(4)), teacher.velocity(x_t, t, None))
+        assert torch.equal(net(x_t, t, torch.zeros(4)), net.fake(x_t, t, t, None))
+        half = net(x_t, t, torch.full((4,), 0.5))
+        assert (half - teacher.velocity(x_t, t, None)).abs().max() > 1e-3
+    x = torch.randn(8, 1, 16, 16, generator=g).clamp(-1, 1)
+    out = obj.loss({"x": x, "cond": None}, GENERATOR_STEP)
+    assert out["log/score_real_mse"] > 0 and out["log/loss_gan"] > 0 and out["log/loss_gan_critic"] > 0
+    critics = list(net.parameters())
+    assert all(g is None for g in torch.autograd.grad(out["student"], critics, allow_unused=True, retain_graph=True))
+    grads = torch.autograd.grad(out["score"], [net.fake.unet.conv_out.bias, *net.head.parameters()], retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert all(g is None for g in torch.autograd.grad(out["score"], list(obj.student.parameters()), allow_unused=True))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ConfigError, match="mixture"):
+        SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="learned"))
