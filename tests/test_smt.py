@@ -323,6 +323,12 @@ def test_smd_with_a_diffusers_adapter_teacher():
     assert out["log/score_real_mse"] == 0.0            # every mixture starts as the teacher, its target
     out = obj.loss(batch, GENERATOR_STEP)
     assert torch.isfinite(out["student"]) and torch.isfinite(out["score"])
+    # the explicit mixture on the same adapter: its logit head reads the teacher's default features
+    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit"))
+    assert isinstance(obj.score_net.fake, TeacherStudent)
+    out = obj.loss(batch, GENERATOR_STEP)
+    # the fake net starts as a copy of the teacher: every mixture equals it up to rounding
+    assert out["log/score_real_mse"] < 1e-10 and torch.isfinite(out["student"]) and torch.isfinite(out["score"])
 
 
 # --- SMD's explicit mixture (mixture: explicit) ------------------------------------------------------------
