@@ -1,7 +1,7 @@
 """Discriminator heads on transformer teachers (tiny SD3 and SANA from onestep.teachers.tiny).
 
 Transformer blocks return tokens [B, N, C]; the token heads are Conv1d over [B, C, N]. f-distill, SMD / SMT
-and Lightning take one critic and one generator step with finite losses; every token head gives one logit
+(both mixture nets) and Lightning take one critic and one generator step with finite losses; every token head gives one logit
 per image token of the tiny model (64: SD3 16 channels, SANA 8); and the logits equal the heads applied to
 the image tokens explicitly transposed to [B, C, N] (read by the test's own hooks: SD3's joint blocks return
 (text, image) streams). The tiny FLUX has as many tokens as channels (16), so it could not tell the layouts
@@ -141,6 +141,25 @@ def test_smt_gan_heads_on_transformer_tokens(teacher, name):
     with torch.no_grad():
         logits = obj.bottleneck_logits(x_t, t, batch["cond"])
     check_token_heads(obj.gan_head, tokens, t, logits, image_tokens(teacher))
+    step_and_check(obj, batch, [0, 1], {0: ["score"], 1: ["student", "score"]})
+
+
+def test_explicit_smd_logit_head_on_transformer_tokens(teacher):
+    """SMD's explicit mixture reads the teacher's default feature layers: no gan_layers to name."""
+    from onestep.objectives.smt import SMD, SMDConfig
+
+    torch.manual_seed(0)
+    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit", score_steps=2, head_hidden=16,
+                                                                gan_weight=0.1, critic_gan_weight=0.1))
+    obj.generator = torch.Generator().manual_seed(0)
+    batch = batch_of(teacher)
+    x_t, t = noisy(teacher, batch)
+    tokens = block_tokens(teacher.backbone(), list(teacher.default_feature_layers),
+                          lambda: teacher.velocity(x_t, t, batch["cond"]))
+    with torch.no_grad():
+        logits = obj.score_net.head(teacher.features(x_t, t, batch["cond"]), t)
+        assert torch.equal(obj.bottleneck_logits(x_t, t, batch["cond"])[:, 0], logits.mean(1))
+    check_token_heads(obj.score_net.head, tokens, t, logits, image_tokens(teacher))
     step_and_check(obj, batch, [0, 1], {0: ["score"], 1: ["student", "score"]})
 
 
