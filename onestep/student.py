@@ -39,6 +39,17 @@ class AvgVelocityField(nn.Module):
         """The `steps`-step grid `sample` takes by default (None: the sampler's own)."""
         return None if self.trailing_schedule is None else self.trailing_schedule.trailing_grid(steps)
 
+    def sampler_description(self) -> str:
+        """What `sample` does without `times`, in words, for evaluation records."""
+        if self.sampler == "consistency":
+            update = "consistency: x0 = z_t - t u(z_t, 0, t), re-noised to the next time (fixed noise seed 0)"
+            grid = "consistency_times grid"
+        else:
+            update, grid = "z_r = z_t - (t - r) u(z_t, r, t)", "uniform grid"
+        if self.trailing_schedule is not None:
+            grid = "the teacher's trailing VP grid"
+        return f"{update}, {grid}"
+
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond=None, steps: int = 1,
                times: Sequence[float] | None = None) -> torch.Tensor:

@@ -521,6 +521,8 @@ def test_vp_students_sample_the_trailing_grid_they_train_on(tmp_path):
     rebuilt, teacher = load_student(info)                 # the checkpoint's (perturbed) weights
     obj = build_objective(info.cfg, build_student(info.cfg, teacher), teacher)   # as the trainer builds them
     assert obj.grid_kind == "trailing"
+    # what evaluation records as the student's sampler (onestep.demo.evaluate_digits' protocol)
+    assert rebuilt.sampler_description().endswith("the teacher's trailing VP grid")
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     for k in (2, 4):
         grid = obj.grid(k)
@@ -552,6 +554,7 @@ def test_flow_time_teachers_keep_the_uniform_grid(gmm_teacher):
     obj = lightning(MLPAvgVelocity(2), gmm_teacher, teacher_steps=8, stages=[4, 2, 1], stage_iters=[1, 1, 1],
                     mse_stages=3)
     assert obj.grid_kind == "uniform" and obj.student.trailing_schedule is None
+    assert obj.student.sampler_description() == "z_r = z_t - (t - r) u(z_t, r, t), uniform grid"
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
     for k in (2, 4):
         assert torch.equal(obj.grid(k), torch.linspace(1.0, 0.0, k + 1, dtype=torch.float64))

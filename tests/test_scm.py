@@ -170,6 +170,7 @@ def test_consistency_sampler_with_the_exact_field(gmm_teacher, exact_field):
     """Multi-step consistency sampling with the exact consistency function: every step's jump is the exact
     flow map; re-noised with known noise, the two-step result equals the hand-made chain."""
     exact_field.sampler = "consistency"
+    assert exact_field.sampler_description().startswith("consistency: ")
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     times = consistency_times(2)
     assert times[0] == 1.0 and times[-1] == 0.0
