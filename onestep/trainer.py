@@ -327,7 +327,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs['loss']:.4g}")
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 scalars = {k: v for k, v in logs.items() if isinstance(v, float)}
-                scalars["lr"] = self.base_lr[next(iter(self.groups))] * self.lr_factor(self.step - 1)  # the step just taken
+                factor = self.lr_factor(self.step - 1)  # the step just taken
+                scalars["lr"] = self.base_lr[next(iter(self.groups))] * factor
+                if len(self.groups) > 1:  # "lr" is the first group's; with critics, each group's too
+                    scalars.update({f"lr/{g}": self.base_lr[g] * factor for g in self.groups})
                 acc.log(scalars, step=self.step)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:

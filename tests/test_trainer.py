@@ -188,3 +188,9 @@ def test_every_group_follows_the_runs_lr_schedule(tmp_path):
         assert lr == pytest.approx(t.base_lr[g] * t.lr_factor(step), rel=1e-12), (step, g)
     generator = [(s, lr) for s, g, lr in seen if g == "student"]
     assert [s for s, _ in generator] == [2, 5, 8, 11] and generator[-1][1] == pytest.approx(1e-3 / 6)
+    # metrics.jsonl logs every group's LR at the step just taken
+    rows = [json.loads(l) for l in (tmp_path / "groups" / "metrics.jsonl").read_text().splitlines()]
+    assert rows
+    for r in rows:
+        for g in t.base_lr:
+            assert r[f"lr/{g}"] == pytest.approx(t.base_lr[g] * t.lr_factor(r["step"] - 1), rel=1e-12), (r["step"], g)
