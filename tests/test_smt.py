@@ -3,6 +3,7 @@ the generator gradient of an affine generator, alpha = 1 is DMD, zero gradient a
 mixture-score net fitted by the mixture denoising loss."""
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -59,6 +60,22 @@ class ExactMixtureScore(nn.Module):
 
     def x0(self, x_t, t, alpha, cond=None):
         return self.x0_and_eps(x_t, t, alpha)[0]
+
+
+class ExactExplicitMixture(ExplicitMixtureScore):
+    """The explicit mixture with exact parts: v_p, v_q of two Gaussians and l = log p_t / q_t."""
+
+    def __init__(self, p, q):
+        super().__init__(None, nn.Identity(), nn.Identity())
+        self.p, self.q = p, q
+        self.exact_p, self.exact_q = ExactMixtureScore(p, q), ExactMixtureScore(q, q)
+        self.unused = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def components(self, x_t, t, cond=None):
+        t = paths.batch_time(t, x_t)
+        one = torch.ones_like(t)
+        log_r = log_density(x_t, t, *self.p) - log_density(x_t, t, *self.q)
+        return self.exact_p(x_t, t, one), self.exact_q(x_t, t, one) + 0 * self.unused, log_r
 
 
 def no_gan(**kw):
@@ -122,13 +139,21 @@ def exact_skew_jsd_gradient(alpha, mu, s, a, b, t):
     return torch.stack(torch.autograd.grad(value, (a, b)))
 
 
+@pytest.mark.parametrize("mixture", ["amortized", "explicit"])
 @pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
-def test_generator_gradient_matches_the_closed_form(alpha):
+def test_generator_gradient_matches_the_closed_form(alpha, mixture):
+    """Both mixture nets with exact parts: the amortized net's exact mixture velocity, and SMD's explicit
+    D v_p + (1 - D) v_q with the exact log-ratio."""
     mu, s, a, b, t = 0.5, 0.8, 0.6, 0.0, 0.4
     teacher = GMMTeacher(GaussianMixture([[mu]], [s]))
     student = AffineGenerator(a, [b])
     cfg = no_gan(generator_weight="none", time_range=[t, t])
-    obj = fixed_alpha(SMT(student, teacher, cfg, score_net=ExactMixtureScore(([mu], s), ([b], a))).double(), alpha)
+    if mixture == "amortized":
+        obj = SMT(student, teacher, cfg, score_net=ExactMixtureScore(([mu], s), ([b], a)))
+    else:
+        obj = SMD(student, teacher, SMDConfig(**asdict(cfg)), score_net=ExactExplicitMixture(([mu], s), ([b], a)))
+        assert obj.explicit and obj.gan_head is None
+    obj = fixed_alpha(obj.double(), alpha)
     obj.generator = torch.Generator().manual_seed(0)
     n = 200_000
     loss = obj.loss({"x": torch.zeros(n, 1, dtype=torch.float64), "cond": None}, GENERATOR_STEP)["student"]
@@ -333,22 +358,6 @@ def test_smd_with_a_diffusers_adapter_teacher():
 
 # --- SMD's explicit mixture (mixture: explicit) ------------------------------------------------------------
 
-class ExactExplicitMixture(ExplicitMixtureScore):
-    """The explicit mixture with exact parts: v_p, v_q of two Gaussians and l = log p_t / q_t."""
-
-    def __init__(self, p, q):
-        super().__init__(None, nn.Identity(), nn.Identity())
-        self.p, self.q = p, q
-        self.exact_p, self.exact_q = ExactMixtureScore(p, q), ExactMixtureScore(q, q)
-        self.unused = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def components(self, x_t, t, cond=None):
-        t = paths.batch_time(t, x_t)
-        one = torch.ones_like(t)
-        log_r = log_density(x_t, t, *self.p) - log_density(x_t, t, *self.q)
-        return self.exact_p(x_t, t, one), self.exact_q(x_t, t, one) + 0 * self.unused, log_r
-
-
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_explicit_mixture_with_the_exact_log_ratio_is_the_mixture_score(alpha):
     """D = sigmoid(log r + logit alpha) mixes v_p and v_q into the velocity of alpha p + (1 - alpha) q
@@ -360,24 +369,6 @@ def test_explicit_mixture_with_the_exact_log_ratio_is_the_mixture_score(alpha):
     al = torch.full_like(t, alpha)
     got = ExactExplicitMixture(p, q)(x, t, al)
     assert torch.allclose(got, ExactMixtureScore(p, q)(x, t, al), rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
-def test_explicit_mixture_generator_gradient_matches_the_closed_form(alpha):
-    mu, s, a, b, t = 0.5, 0.8, 0.6, 0.0, 0.4
-    teacher = GMMTeacher(GaussianMixture([[mu]], [s]))
-    student = AffineGenerator(a, [b])
-    cfg = SMDConfig(gan_weight=0.0, critic_gan_weight=0.0, generator_weight="none", time_range=[t, t])
-    net = ExactExplicitMixture(([mu], s), ([b], a))
-    obj = fixed_alpha(SMD(student, teacher, cfg, score_net=net).double(), alpha)
-    assert obj.explicit and obj.gan_head is None
-    obj.generator = torch.Generator().manual_seed(0)
-    n = 200_000
-    loss = obj.loss({"x": torch.zeros(n, 1, dtype=torch.float64), "cond": None}, GENERATOR_STEP)["student"]
-    estimate = torch.stack([g.reshape(()) for g in torch.autograd.grad(loss, (student.a, student.b))])
-    exact = exact_skew_jsd_gradient(alpha, mu, s, a, b, t) * t ** 2 / (1 - t) ** 2
-    err = (estimate - exact).norm() / exact.norm()
-    assert err < 0.02, (alpha, estimate.tolist(), exact.tolist(), float(err))
 
 
 def test_explicit_smd_on_the_digits_teacher():
