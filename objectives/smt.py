@@ -475,6 +475,9 @@ class SMD(SMT):
             raise ConfigError("objective smd distils a teacher: set teacher.name (or use smt to train from data)")
         if cfg.mixture not in MIXTURES:
             raise ConfigError(f"objective.mixture must be one of {', '.join(MIXTURES)}, got {cfg.mixture!r}")
+        if cfg.mixture == "explicit" and cfg.gan_layers:
+            raise ConfigError("objective.gan_layers is for the amortized mixture net; the explicit mixture's logit "
+                              "head reads the teacher's objective.feature_layers")
         SMT.check_config(cfg, teacher)
 
     def real_velocity_target(self, x_real, eps, x_t, t, cond):

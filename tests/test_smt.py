@@ -402,3 +402,5 @@ def test_explicit_smd_on_the_digits_teacher():
     assert not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(ConfigError, match="mixture"):
         SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="learned"))
+    with pytest.raises(ConfigError, match="feature_layers"):
+        SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit", gan_layers=["net.unet.mid_block"]))
