@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--from-run", type=Path, help="score this finished run of the (single, --only) objective's "
                     "recipe instead of training; its config must equal the recipe's")
     args = ap.parse_args()
+    if args.noise_seeds < 1:
+        ap.error(f"--noise-seeds must be >= 1, got {args.noise_seeds}")
     load_builtin()
     recipes = [(name, recipe) for name in OBJECTIVES.names() if OBJECTIVES.get(name).distillation
                for recipe in recipes_of(name)]

@@ -150,16 +150,29 @@ def test_lr_schedule_and_logs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([t.base_lr["student"] * f for f in factors[:10]], rel=1e-12)
 
 
-def test_benchmark_train_seconds_across_resumes():
-    """benchmarks/objectives.py --from-run counts each resumed segment up to where the next picks up:
-    a run killed at step 30 after a checkpoint at 20 and resumed there took 20 s + the resumed 25 s."""
+def objectives_benchmark():
+    """benchmarks/objectives.py as a module, under its own name."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
     spec = importlib.util.spec_from_file_location("onestep_benchmark_objectives", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    train_seconds = module.train_seconds
+    return module
+
+
+def test_benchmark_seed_spread_is_over_paired_ratios():
+    """--noise-seeds: the mean and sd of the per-seed ratios student / teacher (2 / 1 and 3 / 2), not
+    the ratio of the means (5 / 3)."""
+    spread = objectives_benchmark().seed_spread([7, 8], [2.0, 3.0], [1.0, 2.0])
+    assert spread["ratio_mean"] == 1.75 and spread["ratio_sd"] == round(0.5 / 2 ** 0.5, 3)
+    assert spread["noise_seeds"] == [7, 8] and spread["teacher50_digits_fid_seeds"] == [1.0, 2.0]
+
+
+def test_benchmark_train_seconds_across_resumes():
+    """benchmarks/objectives.py --from-run counts each resumed segment up to where the next picks up:
+    a run killed at step 30 after a checkpoint at 20 and resumed there took 20 s + the resumed 25 s."""
+    train_seconds = objectives_benchmark().train_seconds
 
     first = [{"step": s, "time_s": float(s)} for s in (10, 20, 30)]          # killed after 30, checkpoint 20
     resumed = [{"step": s, "time_s": float(s - 20) + 5} for s in (30, 40)]   # restarts its clock at step 20
