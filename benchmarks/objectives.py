@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objectives.json"
@@ -31,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "objectives.json"
 
 def main() -> None:
     from onestep.config import find_config, load_config
-    from onestep.demo import evaluate_digits
+    from onestep.demo import evaluate_digits_seeds, seed_spread
     from onestep.registry import OBJECTIVES, load_builtin
     from onestep.trainer import Trainer
 
@@ -68,9 +66,8 @@ def main() -> None:
             trainer.fit(resume=False)
             train_seconds = time.perf_counter() - start
             teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
-        seeds = [cfg.eval.seed + i for i in range(args.noise_seeds)]
-        results = [evaluate_digits(teacher, student, replace(cfg, eval=replace(cfg.eval, seed=s)), device)
-                   for s in seeds]
+        results = evaluate_digits_seeds(teacher, student, cfg, device, args.noise_seeds)
+        seeds = [res["protocol"]["noise_seed"] for res in results]
         by = [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results]
         # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
         for k in cfg.eval.student_steps:
@@ -139,13 +136,6 @@ def finished_run(run_dir: Path, recipe):
     student, teacher = load_student(info)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return teacher, student, info.step, train_seconds(records)
-
-
-def seed_spread(seeds: list[int], student: list[float], teacher: list[float]) -> dict:
-    """Per-seed scores and the paired ratio's mean and sample sd (student and teacher share each seed's noise)."""
-    ratios = [s / t for s, t in zip(student, teacher)]
-    return {"noise_seeds": seeds, "digits_fid_seeds": student, "teacher50_digits_fid_seeds": teacher,
-            "ratio_mean": round(statistics.mean(ratios), 3), "ratio_sd": round(statistics.stdev(ratios), 3)}
 
 
 def train_seconds(records: list[dict]) -> float:

@@ -308,10 +308,15 @@ class SMT(Objective):
         use_point_mass = self.rand(n) < self.cfg.point_mass_prob
         return torch.where(use_point_mass, point_mass, grid).to(device)
 
+    @property
+    def has_gan_logits(self) -> bool:
+        """A GAN head on the amortized net's bottleneck, or the explicit mixture's own logit."""
+        return self.gan_head is not None or self.explicit
+
     # --- the mixture net ----------------------------------------------------------------------------------
     def mixture_x0(self, x_t, t, alphas: list[torch.Tensor], cond=None) -> list[torch.Tensor]:
         """Denoisers of several mixtures at the same x_t, in one batched no-grad call."""
-        if hasattr(self.score_net, "x0_many"):
+        if self.explicit:  # one teacher and one fake-net pass serve every alpha
             with frozen_eval(self.score_net):
                 return self.score_net.x0_many(x_t, t, alphas, cond)
         k = len(alphas)
@@ -377,7 +382,7 @@ class SMT(Objective):
         loss_dm = pseudo_target_loss(x, g)
         loss = loss_dm
         logs = {"log/loss_dm": loss_dm.detach()}
-        if (self.gan_head is not None or self.explicit) and cfg.gan_weight > 0:
+        if self.has_gan_logits and cfg.gan_weight > 0:
             t_gan, _ = self.sample_times(n, cfg.score_time_range, dev)
             t_gan = t_gan.to(dt)
             eps_gan = self.randn(*x.shape, device=dev).to(dt)
@@ -413,7 +418,7 @@ class SMT(Objective):
         loss = loss_score
         logs = {"log/loss_score": loss_score.detach(), "log/score_real_mse": err_real.detach().mean(),
                 "log/score_fake_mse": err_fake.detach().mean()}
-        if (self.gan_head is not None or self.explicit) and cfg.critic_gan_weight > 0:
+        if self.has_gan_logits and cfg.critic_gan_weight > 0:
             loss_critic = self.gan_critic_loss(x_real, x_fake, cond)
             loss = loss + cfg.critic_gan_weight * loss_critic
             logs["log/loss_gan_critic"] = loss_critic.detach()

@@ -162,9 +162,11 @@ def objectives_benchmark():
 
 
 def test_benchmark_seed_spread_is_over_paired_ratios():
-    """--noise-seeds: the mean and sd of the per-seed ratios student / teacher (2 / 1 and 3 / 2), not
+    """--noise-seeds (benchmarks/objectives.py, noise_seeds.py): the mean and sd of the per-seed ratios student / teacher (2 / 1 and 3 / 2), not
     the ratio of the means (5 / 3)."""
-    spread = objectives_benchmark().seed_spread([7, 8], [2.0, 3.0], [1.0, 2.0])
+    from onestep.demo import seed_spread
+
+    spread = seed_spread([7, 8], [2.0, 3.0], [1.0, 2.0])
     assert spread["ratio_mean"] == 1.75 and spread["ratio_sd"] == round(0.5 / 2 ** 0.5, 3)
     assert spread["noise_seeds"] == [7, 8] and spread["teacher50_digits_fid_seeds"] == [1.0, 2.0]
 

@@ -1,0 +1,42 @@
+"""Score a finished digits run on several noise seeds: how much of a digits-FID gap is the protocol's noise.
+
+    python benchmarks/noise_seeds.py runs/demo [--seeds 5] [--steps 1 2]
+
+Loads the run's last checkpoint (EMA student), scores the teacher at 50 Euler steps and the student at
+each of `--steps` under the demo's protocol on the noise seeds eval.seed, eval.seed + 1, ... and prints
+per seed scores and the paired ratio student / teacher's mean and sd (onestep.demo.seed_spread). Any run
+works, recipe or not (benchmarks/objectives.py --noise-seeds does the same for its recipe rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+
+def main() -> None:
+    from onestep.demo import evaluate_digits_seeds, seed_spread
+    from onestep.export import load_run, load_student
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1])
+    args = ap.parse_args()
+    if args.seeds < 2:
+        ap.error(f"--seeds must be >= 2 (a spread needs two), got {args.seeds}")
+    info = load_run(args.run)
+    student, teacher = load_student(info)
+    cfg = replace(info.cfg, eval=replace(info.cfg.eval, teacher_steps=[50], student_steps=args.steps))
+    results = evaluate_digits_seeds(teacher, student, cfg, "cpu", args.seeds)
+    seeds = [res["protocol"]["noise_seed"] for res in results]
+    by = [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results]
+    teacher50 = [b[("teacher", 50)] for b in by]
+    for k in args.steps:
+        spread = seed_spread(seeds, [b[("student", k)] for b in by], teacher50)
+        print(json.dumps({"run": str(args.run), "checkpoint": info.checkpoint.name, "student_steps": k, **spread}))
+
+
+if __name__ == "__main__":
+    main()
