@@ -43,29 +43,39 @@ def _build_student(cfg: RunConfig, teacher):
     from onestep.student import AvgVelocityUNet
 
     student = _new_student(cfg, teacher)
+    for key in ("time_smoothing", "time_scale"):
+        if getattr(cfg.student, key) and not isinstance(student, AvgVelocityUNet):
+            raise ConfigError(f"student.{key} is implemented for UNet2DModel students (the digits UNet), "
+                              f"not {type(student).__name__}; leave it unset")
     if cfg.student.time_smoothing > 0:
-        if not isinstance(student, AvgVelocityUNet):
-            raise ConfigError(f"student.time_smoothing is implemented for UNet2DModel students (the digits UNet), "
-                              f"not {type(student).__name__}; set it to 0")
         student.smooth_time_embedding(cfg.student.time_smoothing)
     return student
 
 
 def _new_student(cfg: RunConfig, teacher):
+    import copy
+
     from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
 
     s = cfg.student
     if s.init == "teacher":
         if teacher is None:
             raise ValueError("student.init=teacher needs a teacher; set teacher.name or student.init=scratch")
+        backbone = teacher.backbone()
+        if isinstance(backbone, AvgVelocityUNet):
+            time_scale = backbone.time_scale if s.time_scale is None else s.time_scale
+            if not s.interval_embedding:  # a velocity model: fine-tuning the teacher itself (e.g. to a dense time)
+                return AvgVelocityUNet(copy.deepcopy(backbone.unet).requires_grad_(True), time_scale)
+            return AvgVelocityUNet.from_velocity_unet(backbone.unet, time_scale, s.interval_scale)
         return student_from_teacher(teacher, s.interval_scale)
     if s.backbone == "digits_unet":
         from onestep.teachers.digits import TIME_SCALE, new_digits_unet
 
         unet = new_digits_unet()
+        time_scale = TIME_SCALE if s.time_scale is None else s.time_scale
         if s.interval_embedding:
-            return AvgVelocityUNet.from_velocity_unet(unet, TIME_SCALE, s.interval_scale)
-        return AvgVelocityUNet(unet, TIME_SCALE)
+            return AvgVelocityUNet.from_velocity_unet(unet, time_scale, s.interval_scale)
+        return AvgVelocityUNet(unet, time_scale)
     dim = teacher.sample_shape[0] if teacher is not None else 2
     return MLPAvgVelocity(dim, interval_scale=s.interval_scale)
 

@@ -111,7 +111,7 @@ def cmd_list(args) -> int:
 
 
 #: what `save_pretrained` writes into a teacher folder: an --out holding only these may be replaced
-TEACHER_FILES = {"config.json", "diffusion_pytorch_model.safetensors"}
+TEACHER_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "onestep.json"}
 
 
 def _check_teacher_out(out: Path) -> None:
@@ -133,8 +133,9 @@ def cmd_teacher_train(args) -> int:
     trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)  # resumed above (or not)
     out = Path(args.out) if args.out else trainer.run_dir / "teacher"
     if trainer.accelerator.is_main_process:
-        ema = trainer.ema_student()
-        ema.unet.save_pretrained(out, safe_serialization=True)
+        from onestep.teachers.digits import save_digits_unet
+
+        save_digits_unet(trainer.ema_student(), out)
         print(f"teacher (EMA weights) saved to {out}")
     return 0
 

@@ -38,6 +38,10 @@ class StudentSection:
     # std (flow time) of a Gaussian jitter of t that the student's time embeddings are averaged over, at
     # init (AvgVelocityUNet.smooth_time_embedding; digits UNet students). 0: none. MeanFlow/sCM: ~0.005
     time_smoothing: float = 0.0
+    # the UNet's timestep is time_scale * t (digits UNet students; null: the teacher's, 1000 for the shipped
+    # digits teacher). 1 is SANA-Sprint's "dense" time embedding (spec 7.1): a teacher fine-tuned with it
+    # (configs/digits_teacher_dense.yaml) has a smooth d/dt for the JVPs of MeanFlow and sCM
+    time_scale: Optional[float] = None
     # the student's attention: sdpa | xformers | math | fused (null: the backbone's own). JVPs (MeanFlow)
     # need math or fused; fused is onestep's blockwise kernel with forward-mode AD (onestep.kernels)
     attention: Optional[str] = None
@@ -391,6 +395,9 @@ def validate(run: RunConfig) -> None:
     if scale is not None and not (scale > 0 and math.isfinite(scale)):
         raise ConfigError(f"student.interval_scale must be a finite number > 0 (or null: the backbone's time "
                           f"scale), got {scale}")
+    tscale = run.student.time_scale
+    if tscale is not None and not (tscale > 0 and math.isfinite(tscale)):
+        raise ConfigError(f"student.time_scale must be a finite number > 0 (or null: the teacher's), got {tscale}")
     if not (run.student.time_smoothing >= 0 and math.isfinite(run.student.time_smoothing)):
         raise ConfigError(f"student.time_smoothing must be a finite number >= 0, got {run.student.time_smoothing}")
     # combinations

@@ -17,7 +17,10 @@ from onestep.registry import TEACHERS
 from onestep.student import AvgVelocityUNet
 from onestep.teachers.base import Teacher
 
-TIME_SCALE = 1000.0  # the UNet sees timestep = 1000 * flow time
+TIME_SCALE = 1000.0  # the UNet sees timestep = 1000 * flow time (unless the folder's onestep.json says otherwise)
+#: what diffusers' config.json cannot hold: {"time_scale": s}, the UNet's timestep = s * flow time. Written only
+#: for s != 1000 (e.g. the dense-time teacher, s = 1), so the shipped folder stays a plain diffusers folder
+ONESTEP_CONFIG_NAME = "onestep.json"
 
 #: the backbone of the digits teacher (about 1.0M parameters, no attention: fast on CPU)
 DIGITS_UNET_CONFIG = dict(
@@ -156,11 +159,40 @@ class DigitsTeacher(Teacher):
                                       f"missing, {len(unexpected)} unexpected (e.g. {example}); check teacher.path")
         if dtype is not None or device is not None:
             unet = unet.to(device=device, dtype=dtype)
-        return cls(AvgVelocityUNet(unet, TIME_SCALE))
+        return cls(AvgVelocityUNet(unet, _read_time_scale(path / ONESTEP_CONFIG_NAME)))
 
     @classmethod
     def from_config(cls, cfg: DigitsTeacherConfig) -> "DigitsTeacher":
         return cls.from_pretrained(cfg.path)
 
     def save_pretrained(self, path: str | Path) -> None:
-        self.model.unet.save_pretrained(path, safe_serialization=True)
+        save_digits_unet(self.model, path)
+
+
+def save_digits_unet(model: AvgVelocityUNet, path: str | Path) -> None:
+    """A velocity AvgVelocityUNet as a digits-teacher folder: diffusers' files plus onestep.json for a
+    time scale other than 1000."""
+    import json
+
+    model.unet.save_pretrained(path, safe_serialization=True)
+    sidecar = Path(path) / ONESTEP_CONFIG_NAME
+    if model.time_scale != TIME_SCALE:
+        sidecar.write_text(json.dumps({"time_scale": float(model.time_scale)}) + "\n")
+    elif sidecar.exists():  # an earlier save into this folder used another scale
+        sidecar.unlink()
+
+
+def _read_time_scale(sidecar: Path) -> float:
+    import json
+    import math
+
+    if not sidecar.is_file():
+        return TIME_SCALE
+    try:
+        scale = json.loads(sidecar.read_text(encoding="utf-8"))["time_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise TeacherWeightsError(f'{sidecar} must be a JSON object {{"time_scale": a finite number > 0}}; '
+                                  "check teacher.path") from None
+    return float(scale)

@@ -590,6 +590,10 @@ def break_teacher(folder: Path, how: str) -> None:
     elif how == "weights are a folder":
         weights.unlink()
         weights.mkdir()
+    elif how == "onestep.json not JSON":
+        (folder / "onestep.json").write_text('{"time_scale": ')
+    elif how == "onestep.json time scale 0":
+        (folder / "onestep.json").write_text('{"time_scale": 0}')
     else:
         raise ValueError(how)
 
@@ -609,6 +613,8 @@ TEACHER_BREAKS = {
     "weights of another model": (TeacherWeightsError, [WEIGHTS, "does not hold the weights config.json describes"]),
     "weights are a folder": (FileNotFoundError, [WEIGHTS]),
     "weights missing a tensor": (TeacherWeightsError, [WEIGHTS, "1 missing", "conv_out.bias"]),
+    "onestep.json not JSON": (TeacherWeightsError, ["onestep.json", "time_scale", "teacher.path"]),
+    "onestep.json time scale 0": (TeacherWeightsError, ["onestep.json", "finite number > 0", "teacher.path"]),
 }
 
 

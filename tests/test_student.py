@@ -125,3 +125,51 @@ def test_time_smoothing_makes_the_time_derivative_of_the_digits_teacher_smooth()
     with torch.no_grad():
         v = teacher.velocity(x, t)
         assert ((smooth(x, t, t) - v).norm() / v.norm()).item() < 0.01
+
+
+def test_dense_time_teacher_round_trip_and_student(tmp_path):
+    """A teacher with time scale 1 (SANA-Sprint's dense time embedding) keeps it through save/load
+    (onestep.json), and a student initialised from it sees the same timestep."""
+    from onestep.build import build_student
+    from onestep.config import load_config
+
+    teacher = random_digits_teacher()
+    teacher.model.time_scale = 1.0
+    teacher.save_pretrained(tmp_path / "dense")
+    loaded = DigitsTeacher.from_pretrained(tmp_path / "dense")
+    assert loaded.model.time_scale == 1.0
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.05, 0.5, 0.9])
+    expect = teacher.model.unet(x, t * 1.0).sample  # the UNet's timestep is t itself
+    assert (loaded.velocity(x, t) - expect).abs().max() < 1e-6
+    assert (loaded.velocity(x, t) - teacher.model.unet(x, t * 1000.0).sample).abs().max() > 1e-3
+    # saving at the default scale removes the stale sidecar: the folder is a plain diffusers folder again
+    teacher.model.time_scale = 1000.0
+    teacher.save_pretrained(tmp_path / "dense")
+    assert not (tmp_path / "dense" / "onestep.json").exists()
+    assert DigitsTeacher.from_pretrained(tmp_path / "dense").model.time_scale == 1000.0
+
+    cfg = load_config("digits_meanflow", [f"teacher.path={tmp_path / 'dense'}"])
+    loaded.model.time_scale = 1.0  # (the copy loaded before the re-save)
+    student = build_student(cfg, loaded)
+    assert student.time_scale == 1.0 and student.interval_scale == 1.0
+    with torch.no_grad():
+        assert (student(x, t, t) - loaded.velocity(x, t)).abs().max() < 1e-6
+
+
+def test_teacher_fine_tune_student_is_a_trainable_velocity_copy():
+    """configs/digits_teacher_dense: init=teacher without an interval embedding and a new time scale."""
+    from onestep.build import build_student
+    from onestep.config import load_config
+
+    teacher = random_digits_teacher()
+    cfg = load_config("digits_teacher_dense", [])
+    student = build_student(cfg, teacher)
+    assert isinstance(student, AvgVelocityUNet) and not student.has_interval_embedding
+    assert student.time_scale == 1.0 and teacher.model.time_scale == 1000.0
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.3, 0.8])
+    with torch.no_grad():  # same weights, the timestep t instead of 1000 t
+        assert (student(x, t, t) - teacher.model.unet(x, t).sample).abs().max() < 1e-6
+        student.unet.conv_out.bias.add_(1.0)  # a copy: the teacher does not move
+    assert (teacher.velocity(x, t) - teacher.model.unet(x, t * 1000).sample).abs().max() < 1e-6
