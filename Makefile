@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow install benchmarks teacher clean
+.PHONY: demo test test-slow install benchmarks teacher teacher-dense clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ benchmarks: $(STAMP)
 # Re-train the shipped digits teacher (about 40 min on 2 CPU cores).
 teacher: $(STAMP)
 	$(VENV)/bin/onestep teacher-train --out onestep/assets/digits_teacher
+
+# the shipped teacher fine-tuned with a dense time embedding (timestep = t), for MeanFlow and sCM (~5 min)
+teacher-dense: $(STAMP)
+	$(VENV)/bin/onestep teacher-train --config digits_teacher_dense --out onestep/assets/digits_teacher_dense
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,10 +32,19 @@ DIGITS_UNET_CONFIG = dict(
 )
 
 
-def shipped_weights_dir() -> Path:
+#: the weights shipped with onestep (teacher.shipped): "standard" embeds 1000 t (configs/digits_teacher.yaml);
+#: "dense" is it fine-tuned to embed t itself (configs/digits_teacher_dense.yaml), for the JVP objectives
+SHIPPED = {"standard": "digits_teacher", "dense": "digits_teacher_dense"}
+
+
+def shipped_weights_dir(which: str = "standard") -> Path:
     import onestep
 
-    return Path(onestep.__file__).resolve().parent / "assets" / "digits_teacher"
+    if which not in SHIPPED:
+        from onestep.config import ConfigError
+
+        raise ConfigError(f"teacher.shipped must be one of {', '.join(SHIPPED)}, got {which!r}")
+    return Path(onestep.__file__).resolve().parent / "assets" / SHIPPED[which]
 
 
 def new_digits_unet():
@@ -94,7 +103,10 @@ def _check_safetensors(weights: Path) -> set[str]:
 
 @dataclass
 class DigitsTeacherConfig:
-    path: Optional[str] = None  # folder written by `onestep teacher-train`; None: the shipped weights
+    path: Optional[str] = None  # folder written by `onestep teacher-train`; None: the shipped weights below
+    # which shipped weights (path null): "standard" (timestep 1000 t) or "dense" (timestep t: a smooth d/dt
+    # for MeanFlow's and sCM's JVPs; SANA-Sprint's dense time embedding)
+    shipped: str = "standard"
 
 
 @TEACHERS.register("digits")
@@ -119,8 +131,9 @@ class DigitsTeacher(Teacher):
         return self.model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None) -> "DigitsTeacher":
-        """Load a digits teacher saved with `save_pretrained` (default: the weights shipped with onestep).
+    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
+                        shipped: str = "standard") -> "DigitsTeacher":
+        """Load a digits teacher saved with `save_pretrained` (default: the `shipped` weights of onestep).
 
         Only safetensors weights are read: a pickled `.bin`/`.pt` beside them is never opened, since
         unpickling can run code. A missing file raises FileNotFoundError; a file that is there but
@@ -130,7 +143,7 @@ class DigitsTeacher(Teacher):
         """
         from diffusers import UNet2DModel
 
-        path = Path(path) if path is not None else shipped_weights_dir()
+        path = Path(path) if path is not None else shipped_weights_dir(shipped)
         config_file, weights = path / "config.json", path / WEIGHTS_NAME
         for f in (config_file, weights):
             if not f.is_file():
@@ -161,9 +174,13 @@ class DigitsTeacher(Teacher):
             unet = unet.to(device=device, dtype=dtype)
         return cls(AvgVelocityUNet(unet, _read_time_scale(path / ONESTEP_CONFIG_NAME)))
 
+    @staticmethod
+    def check_config(cfg: DigitsTeacherConfig) -> None:
+        shipped_weights_dir(cfg.shipped)  # a ConfigError when the config is loaded, before any training
+
     @classmethod
     def from_config(cls, cfg: DigitsTeacherConfig) -> "DigitsTeacher":
-        return cls.from_pretrained(cfg.path)
+        return cls.from_pretrained(cfg.path, shipped=cfg.shipped)
 
     def save_pretrained(self, path: str | Path) -> None:
         save_digits_unet(self.model, path)
