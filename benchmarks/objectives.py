@@ -71,7 +71,8 @@ def main() -> None:
         by = [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results]
         # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
         for k in cfg.eval.student_steps:
-            rows.append({"objective": name, "recipe": recipe, "steps": k, "digits_fid": by[0][("student", k)],
+            rows.append({"objective": name, "recipe": recipe, "teacher": teacher_label(cfg), "steps": k,
+                         "digits_fid": by[0][("student", k)],
                          "teacher50_digits_fid": by[0][("teacher", 50)],
                          "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
             if len(seeds) > 1:
@@ -81,11 +82,11 @@ def main() -> None:
             print(f"{recipe}: {rows[-1]}", flush=True)
         protocol = results[0]["protocol"]
 
-    print("\n| recipe | student steps | digits-FID | teacher 50-step | ratio | ratio over seeds | train steps | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| recipe | teacher | student steps | digits-FID | teacher 50-step | ratio | ratio over seeds | train steps | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         spread = f"{r['ratio_mean']:.2f} ± {r['ratio_sd']:.2f} ({len(r['noise_seeds'])})" if "ratio_mean" in r else "-"
-        print(f"| {r['recipe']} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
+        print(f"| {r['recipe']} | {r.get('teacher', '-')} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
               f"{r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {spread} | {r['train_steps']} | {r['train_seconds']:.0f} |")
     # rows of recipes not run this time (--only) are kept from the previous results
     if args.out.is_file():
@@ -95,6 +96,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def teacher_label(cfg) -> str:
+    """The teacher a row distilled, e.g. "digits" or "digits (shipped=dense)": the ratio is to its own 50-step."""
+    options = {k: v for k, v in dict(cfg.teacher).items() if k != "name" and v is not None}
+    return cfg.teacher["name"] + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 
 
 def recipes_of(objective: str) -> list[str]:
