@@ -287,7 +287,8 @@ class PixelUNetExporter(Exporter):
         if not isinstance(student, AvgVelocityUNet):
             raise ExportError(f"expected a UNet2DModel student, got {type(student).__name__}")
         if student.time_scale != 1000.0:
-            raise ExportError(f"the student's time scale is {student.time_scale}; diffusers' flow schedulers use 1000")
+            raise ExportError(f"the student's time scale is {student.time_scale:g} (e.g. distilled from the dense-time "
+                              "teacher), but the exported pipelines feed the UNet 1000 t: not exportable yet")
         if format == "diffusers":
             return self._write_stock(student, out, steps)
         return self._write_onestep(student, out, steps)

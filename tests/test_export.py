@@ -286,6 +286,17 @@ def test_velocity_model_exports_as_euler_sampler(tmp_path):
     assert (got - want).abs().max().item() < TOL
 
 
+def test_dense_time_student_is_refused_in_one_line(tmp_path):
+    """A student of the dense-time teacher embeds t, not the 1000 t the exported schedulers feed: refused, nothing written."""
+    cfg = load_config("digits_teacher", [f"output_dir={tmp_path}", "name=d", "train.steps=1", "data.batch_size=4",
+                                         "train.progress=false", "train.sample_steps=[1]", "student.time_scale=1"])
+    Trainer(cfg).fit()
+    for format in ("diffusers", "onestep"):
+        with pytest.raises(ExportError, match=r"time scale is 1 \(e.g. distilled from the dense-time teacher\)") as e:
+            export_run(tmp_path / "d", tmp_path / format, format=format)
+        assert "\n" not in str(e.value) and not (tmp_path / format).exists()
+
+
 def test_interval_scale_is_honoured_by_the_fold_and_the_pipeline(tmp_path):
     """A student whose interval embedding sees 1 * (t - r) (MeanFlow's choice) exports exactly too."""
     from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
