@@ -286,9 +286,9 @@ class PixelUNetExporter(Exporter):
 
         if not isinstance(student, AvgVelocityUNet):
             raise ExportError(f"expected a UNet2DModel student, got {type(student).__name__}")
-        if student.time_scale != 1000.0:
+        if student.time_scale != 1000.0 and format == "diffusers":
             raise ExportError(f"the student's time scale is {student.time_scale:g} (e.g. distilled from the dense-time "
-                              "teacher), but the exported pipelines feed the UNet 1000 t: not exportable yet")
+                              "teacher), but stock diffusers' schedulers feed the UNet 1000 t: use --format onestep")
         if format == "diffusers":
             return self._write_stock(student, out, steps)
         return self._write_onestep(student, out, steps)
@@ -343,7 +343,8 @@ class PixelUNetExporter(Exporter):
         only_one = getattr(student, "sampler", "avg_velocity") != "avg_velocity"
         pipe = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
                                default_num_inference_steps=steps, interval_scale=student.interval_scale,
-                               max_num_inference_steps=1 if only_one else None)
+                               max_num_inference_steps=1 if only_one else None,
+                               time_scale=None if student.time_scale == 1000.0 else student.time_scale)
         diff = _self_check(student, pipe, steps)
         pipe.save_pretrained(out, safe_serialization=True)
         return ExportResult(
@@ -359,6 +360,8 @@ class PixelUNetExporter(Exporter):
                 + (f"grid for any `num_inference_steps` (default {steps})." if not only_one else
                    f"grid; this student was trained with the {student.sampler} sampler, so the pipeline takes "
                    f"`num_inference_steps=1` only (max_num_inference_steps 1)."),
+                *([f"The UNet's timestep is {student.time_scale:g} t, not the scheduler's 1000 t (a student of the "
+                   "dense-time teacher): the pipeline's `time_scale`."] if student.time_scale != 1000.0 else []),
                 "Load it with `OneStepPipeline.from_pretrained`: diffusers' `DiffusionPipeline.from_pretrained` "
                 "resolves only pipeline classes defined inside diffusers (other code needs "
                 "`trust_remote_code=True`). For a folder that stock diffusers loads, export with "

@@ -58,17 +58,20 @@ class OneStepPipeline(DiffusionPipeline):
         max_num_inference_steps (`int`, *optional*): the most steps this student was trained to take with
             this sampler (1 for consistency-trained students, whose own sampler re-noises between steps);
             None: any.
+        time_scale (`float`, *optional*): the UNet's timestep is time_scale * t (1 for students of the
+            dense-time digits teacher); None: the scheduler's num_train_timesteps (1000).
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
                  default_num_inference_steps: int = 1, interval_scale: float = 1000.0,
-                 max_num_inference_steps: int | None = None):
+                 max_num_inference_steps: int | None = None, time_scale: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(default_num_inference_steps=default_num_inference_steps,
-                                interval_scale=interval_scale, max_num_inference_steps=max_num_inference_steps)
+                                interval_scale=interval_scale, max_num_inference_steps=max_num_inference_steps,
+                                time_scale=time_scale)
         if self.has_interval_embedding:
             unet.class_embedding.register_forward_pre_hook(_cast_to_weight_dtype)
 
@@ -109,14 +112,17 @@ class OneStepPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(steps, device=device, sigmas=uniform_sigmas(steps))
         sigmas = self.scheduler.sigmas  # k + 1 values, the last one 0
-        time_scale = self.scheduler.config.num_train_timesteps  # timestep = time_scale * t
+        time_scale = self.config.get("time_scale")  # None (and exports older than it): the scheduler's timesteps
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             class_labels = None
             if self.has_interval_embedding:
                 # same float32 arithmetic as onestep's sampler: (t - r) in float32, then x interval_scale
                 interval = (sigmas[i] - sigmas[i + 1]).to(device=device, dtype=torch.float32)
                 class_labels = (interval * self.config.interval_scale).expand(z.shape[0])
-            u = self.unet(z, timestep.expand(z.shape[0]), class_labels=class_labels).sample
+            # the scheduler's timestep is 1000 t; a student with another time scale sees time_scale * t, computed
+            # as onestep's sampler does (float32 t, then x time_scale)
+            unet_time = timestep if time_scale is None else sigmas[i].to(device=device, dtype=torch.float32) * time_scale
+            u = self.unet(z, unet_time.expand(z.shape[0]), class_labels=class_labels).sample
             z = self.scheduler.step(u, timestep, z).prev_sample
 
         images = (z / 2 + 0.5).clamp(0, 1)  # the students' pixel data live in [-1, 1]

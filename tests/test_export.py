@@ -286,15 +286,33 @@ def test_velocity_model_exports_as_euler_sampler(tmp_path):
     assert (got - want).abs().max().item() < TOL
 
 
-def test_dense_time_student_is_refused_in_one_line(tmp_path):
-    """A student of the dense-time teacher embeds t, not the 1000 t the exported schedulers feed: refused, nothing written."""
-    cfg = load_config("digits_teacher", [f"output_dir={tmp_path}", "name=d", "train.steps=1", "data.batch_size=4",
-                                         "train.progress=false", "train.sample_steps=[1]", "student.time_scale=1"])
+def test_dense_time_student_exports_as_onestep_pipeline_only(tmp_path):
+    """A student of the dense-time teacher embeds t, not the 1000 t stock schedulers feed: the stock format is
+    refused in one line (nothing written); OneStepPipeline feeds time_scale * t and matches the sampler."""
+    from onestep.pipelines import OneStepPipeline
+
+    cfg = load_config("digits_meanflow", [f"output_dir={tmp_path}", "name=d", "train.steps=1", "data.batch_size=4",
+                                          "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
     Trainer(cfg).fit()
-    for format in ("diffusers", "onestep"):
-        with pytest.raises(ExportError, match=r"time scale is 1 \(e.g. distilled from the dense-time teacher\)") as e:
-            export_run(tmp_path / "d", tmp_path / format, format=format)
-        assert "\n" not in str(e.value) and not (tmp_path / format).exists()
+    with pytest.raises(ExportError, match=r"time scale is 1 \(e.g. distilled from the dense-time teacher\).*--format onestep") as e:
+        export_run(tmp_path / "d", tmp_path / "stock")
+    assert "\n" not in str(e.value) and not (tmp_path / "stock").exists()
+    student = load_student(load_run(tmp_path / "d"))[0]
+    assert student.time_scale == 1.0
+    out = export_run(tmp_path / "d", tmp_path / "k2", format="onestep", steps=2)
+    pipe = OneStepPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.time_scale == 1.0
+    for k in (1, 2, 3):
+        want, _ = expected_images(student, k)
+        got = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+        assert (got - want).abs().max().item() < TOL
+        # the same pipeline feeding 1000 t (the scheduler's timesteps) is far off: the time scale matters
+        pipe.register_to_config(time_scale=None)
+        wrong = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+        pipe.register_to_config(time_scale=1.0)
+        assert (wrong - want).abs().max().item() > 100 * TOL
+    assert "timestep is 1 t" in (out / "README.md").read_text()
 
 
 def test_interval_scale_is_honoured_by_the_fold_and_the_pipeline(tmp_path):
