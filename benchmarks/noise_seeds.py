@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from onestep.demo import evaluate_digits_seeds, seed_spread
+    from onestep.demo import evaluate_digits_seeds, scores_by_seed, seed_spread
     from onestep.export import load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,8 +30,7 @@ def main() -> None:
     student, teacher = load_student(info)
     cfg = replace(info.cfg, eval=replace(info.cfg.eval, teacher_steps=[50], student_steps=args.steps))
     results = evaluate_digits_seeds(teacher, student, cfg, "cpu", args.seeds)
-    seeds = [res["protocol"]["noise_seed"] for res in results]
-    by = [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results]
+    seeds, by = scores_by_seed(results)
     teacher50 = [b[("teacher", 50)] for b in by]
     for k in args.steps:
         spread = seed_spread(seeds, [b[("student", k)] for b in by], teacher50)

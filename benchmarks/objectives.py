@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "objectives.json"
 
 def main() -> None:
     from onestep.config import find_config, load_config
-    from onestep.demo import evaluate_digits_seeds, seed_spread
+    from onestep.demo import evaluate_digits_seeds, scores_by_seed, seed_spread
     from onestep.registry import OBJECTIVES, load_builtin
     from onestep.trainer import Trainer
 
@@ -67,8 +67,7 @@ def main() -> None:
             train_seconds = time.perf_counter() - start
             teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
         results = evaluate_digits_seeds(teacher, student, cfg, device, args.noise_seeds)
-        seeds = [res["protocol"]["noise_seed"] for res in results]
-        by = [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results]
+        seeds, by = scores_by_seed(results)
         # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
         for k in cfg.eval.student_steps:
             rows.append({"objective": name, "recipe": recipe, "teacher": teacher_label(cfg), "steps": k,

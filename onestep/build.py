@@ -53,21 +53,13 @@ def _build_student(cfg: RunConfig, teacher):
 
 
 def _new_student(cfg: RunConfig, teacher):
-    import copy
-
     from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
 
     s = cfg.student
     if s.init == "teacher":
         if teacher is None:
             raise ValueError("student.init=teacher needs a teacher; set teacher.name or student.init=scratch")
-        backbone = teacher.backbone()
-        if isinstance(backbone, AvgVelocityUNet):
-            time_scale = backbone.time_scale if s.time_scale is None else s.time_scale
-            if not s.interval_embedding:  # a velocity model: fine-tuning the teacher itself (e.g. to a dense time)
-                return AvgVelocityUNet(copy.deepcopy(backbone.unet).requires_grad_(True), time_scale)
-            return AvgVelocityUNet.from_velocity_unet(backbone.unet, time_scale, s.interval_scale)
-        return student_from_teacher(teacher, s.interval_scale)
+        return student_from_teacher(teacher, s.interval_scale, s.time_scale, s.interval_embedding)
     if s.backbone == "digits_unet":
         from onestep.teachers.digits import TIME_SCALE, new_digits_unet
 

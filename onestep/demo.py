@@ -75,6 +75,12 @@ def evaluate_digits_seeds(teacher, student, cfg: RunConfig, device, num_seeds: i
             for i in range(num_seeds)]
 
 
+def scores_by_seed(results: list[dict]) -> tuple[list[int], list[dict]]:
+    """(noise seeds, per seed {(model, steps): digits_fid}) of `evaluate_digits_seeds` results."""
+    return ([res["protocol"]["noise_seed"] for res in results],
+            [{(r["model"], r["steps"]): r["digits_fid"] for r in res["rows"]} for res in results])
+
+
 def seed_spread(seeds: list[int], student: list[float], teacher: list[float]) -> dict:
     """Per-seed scores and the paired ratio's mean and sample sd (student and teacher share each seed's noise)."""
     import statistics

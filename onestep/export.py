@@ -341,10 +341,11 @@ class PixelUNetExporter(Exporter):
 
         # consistency-sampled students re-noise between steps, which this pipeline does not: 1 step only
         only_one = getattr(student, "sampler", "avg_velocity") != "avg_velocity"
+        time_scale = None if student.time_scale == 1000.0 else student.time_scale  # None: the scheduler's 1000 t
         pipe = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
                                default_num_inference_steps=steps, interval_scale=student.interval_scale,
                                max_num_inference_steps=1 if only_one else None,
-                               time_scale=None if student.time_scale == 1000.0 else student.time_scale)
+                               time_scale=time_scale)
         diff = _self_check(student, pipe, steps)
         pipe.save_pretrained(out, safe_serialization=True)
         return ExportResult(
@@ -360,8 +361,8 @@ class PixelUNetExporter(Exporter):
                 + (f"grid for any `num_inference_steps` (default {steps})." if not only_one else
                    f"grid; this student was trained with the {student.sampler} sampler, so the pipeline takes "
                    f"`num_inference_steps=1` only (max_num_inference_steps 1)."),
-                *([f"The UNet's timestep is {student.time_scale:g} t, not the scheduler's 1000 t (a student of the "
-                   "dense-time teacher): the pipeline's `time_scale`."] if student.time_scale != 1000.0 else []),
+                *([f"The UNet's timestep is {time_scale:g} t, not the scheduler's 1000 t (a student of the "
+                   "dense-time teacher): the pipeline's `time_scale`."] if time_scale is not None else []),
                 "Load it with `OneStepPipeline.from_pretrained`: diffusers' `DiffusionPipeline.from_pretrained` "
                 "resolves only pipeline classes defined inside diffusers (other code needs "
                 "`trust_remote_code=True`). For a folder that stock diffusers loads, export with "

@@ -328,17 +328,24 @@ class TeacherStudent(AvgVelocityField):
         return new
 
 
-def student_from_teacher(teacher, interval_scale: float | None = None) -> AvgVelocityField:
+def student_from_teacher(teacher, interval_scale: float | None = None, time_scale: float | None = None,
+                         interval_embedding: bool = True) -> AvgVelocityField:
     """The default student of a teacher: a copy of its backbone with the interval embedding added.
 
     The digits teacher keeps its AvgVelocityUNet (class_embed_type="timestep", which exported students
     rely on) and MLP teachers their MLP; every other adapter with a backbone gets a TeacherStudent.
+    For AvgVelocityUNet backbones only: `time_scale` replaces the teacher's (None: keep it), and
+    `interval_embedding=False` gives a trainable velocity copy, for fine-tuning the teacher itself
+    (e.g. to a dense time embedding).
     """
     backbone = teacher.backbone()
     if backbone is None:
         raise ValueError(f"{type(teacher).__name__} has no backbone to initialise a student from")
     if isinstance(backbone, AvgVelocityUNet):
-        return AvgVelocityUNet.from_velocity_unet(backbone.unet, backbone.time_scale, interval_scale)
+        time_scale = backbone.time_scale if time_scale is None else time_scale
+        if not interval_embedding:
+            return AvgVelocityUNet(copy.deepcopy(backbone.unet).requires_grad_(True), time_scale)
+        return AvgVelocityUNet.from_velocity_unet(backbone.unet, time_scale, interval_scale)
     if isinstance(backbone, MLPAvgVelocity):
         student = copy.deepcopy(backbone)
         nn.init.zeros_(student.interval_embed[-1].weight)  # a trained copy need not be zero there
