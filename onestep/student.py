@@ -347,8 +347,14 @@ def student_from_teacher(teacher, interval_scale: float | None = None, time_scal
             return AvgVelocityUNet(copy.deepcopy(backbone.unet).requires_grad_(True), time_scale)
         return AvgVelocityUNet.from_velocity_unet(backbone.unet, time_scale, interval_scale)
     if isinstance(backbone, MLPAvgVelocity):
-        student = copy.deepcopy(backbone)
-        nn.init.zeros_(student.interval_embed[-1].weight)  # a trained copy need not be zero there
+        student = copy.deepcopy(backbone).requires_grad_(True)  # teachers freeze their backbone
+        # u(z, r, t) must not depend on r at init: fold the interval head's constant output at r = t (the
+        # teacher's velocity) into the time embedding's bias, then zero the head
+        with torch.no_grad():
+            bias = student.t_embed[-1].bias
+            zero = torch.zeros(1, device=bias.device, dtype=bias.dtype)
+            bias.add_(student.interval_embed(sinusoidal_embedding(zero, student.emb_dim))[0])
+        nn.init.zeros_(student.interval_embed[-1].weight)
         nn.init.zeros_(student.interval_embed[-1].bias)
         if interval_scale is not None:
             student.interval_scale = interval_scale

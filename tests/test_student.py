@@ -50,6 +50,25 @@ def test_mlp_interval_embedding_is_zero_at_init():
     assert torch.equal(net(z, t, t), net(z, 0.2 * t, t))
 
 
+def test_mlp_student_from_a_frozen_mlp_teacher_is_trainable_and_starts_at_its_velocity():
+    torch.manual_seed(0)
+    backbone = MLPAvgVelocity(3).double()
+    torch.nn.init.normal_(backbone.interval_embed[-1].weight)   # a trained backbone: nonzero interval head
+    backbone.requires_grad_(False)                               # as teachers hold it
+
+    class MLPTeacher:
+        def backbone(self):
+            return backbone
+
+    student = student_from_teacher(MLPTeacher(), interval_scale=7.0)
+    assert all(p.requires_grad for p in student.parameters())
+    assert student.interval_scale == 7.0 and not any(p.requires_grad for p in backbone.parameters())
+    z, t = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(student(z, 0.2 * t, t), student(z, t, t))     # interval head zeroed again
+        assert (student(z, t, t) - backbone(z, t, t)).abs().max() < 1e-12  # r = t: the teacher's velocity
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_sampler_with_exact_field_reproduces_flow_map(exact_field, gmm_teacher, steps):
     z = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
