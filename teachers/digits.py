@@ -157,7 +157,8 @@ class DigitsTeacher(Teacher):
         _check_unet_config(config_file)
         stored = _check_safetensors(weights)
         try:
-            unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+            # the dtype goes to from_pretrained: diffusers warns on every model.to(dtype)
+            unet = UNet2DModel.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
             # e.g. config.json describes another architecture than the weights (shape mismatches)
             reason = _first_line(e).split(". ")[0].replace("Cannot load  because ", "")  # diffusers: one sentence is enough
@@ -170,8 +171,8 @@ class DigitsTeacher(Teacher):
             example = (missing + unexpected)[0]
             raise TeacherWeightsError(f"{weights} does not hold the weights config.json describes: {len(missing)} "
                                       f"missing, {len(unexpected)} unexpected (e.g. {example}); check teacher.path")
-        if dtype is not None or device is not None:
-            unet = unet.to(device=device, dtype=dtype)
+        if device is not None:
+            unet = unet.to(device)
         return cls(AvgVelocityUNet(unet, _read_time_scale(path / ONESTEP_CONFIG_NAME)))
 
     @staticmethod
