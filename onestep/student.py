@@ -134,7 +134,9 @@ class AvgVelocityUNet(AvgVelocityField):
         # `_use_default_values` would reset class_embed_type to its default: drop it
         config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
         config["class_embed_type"] = "timestep"
-        student = type(unet).from_config(config).to(device=unet.device, dtype=unet.dtype)
+        student = type(unet).from_config(config).to(unet.device)
+        if student.dtype != unet.dtype:  # only then: diffusers warns on every model.to(dtype)
+            student = student.to(dtype=unet.dtype)
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         if unexpected or any(not k.startswith("class_embedding.") for k in missing):
             raise ValueError(f"backbone mismatch: missing {missing}, unexpected {unexpected}")
