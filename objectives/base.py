@@ -50,6 +50,11 @@ class Objective(nn.Module):
         this objective had set on it after `steps_done` training steps (e.g. Lightning's sampling grid
         from `teacher`'s schedule). Default: nothing to set."""
 
+    def milestones(self) -> list[int]:
+        """Training steps whose checkpoints the trainer always writes and never prunes, besides its
+        `checkpoint_every` / `keep_checkpoints` ones (e.g. the end of each Lightning stage). Default: none."""
+        return []
+
     # --- contract -------------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"student": [p for p in self.student.parameters() if p.requires_grad]}

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import List, Optional
 
 import torch
@@ -193,6 +194,10 @@ class Lightning(Objective):
     @property
     def total_steps(self) -> int:
         return sum(self.cfg.stage_iters)
+
+    def milestones(self) -> list[int]:
+        """The last step of every stage: its checkpoint is that stage's model (benchmarks/lightning_stages.py)."""
+        return list(accumulate(self.cfg.stage_iters))
 
     def stage_of(self, step: int) -> tuple[int, int]:
         """(stage index, iteration within the stage); steps past the last stage stay in it."""

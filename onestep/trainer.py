@@ -178,7 +178,10 @@ class Trainer:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        for old in finished_checkpoints(self.ckpt_dir)[:-self.cfg.train.keep_checkpoints]:
+        # prune to the newest keep_checkpoints, never touching the objective's milestones
+        milestones = set(self.objective.milestones())
+        prunable = [p for p in finished_checkpoints(self.ckpt_dir) if int(p.name[5:]) not in milestones]
+        for old in prunable[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -309,6 +312,7 @@ class Trainer:
 
             bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True, mininterval=2.0)
         metrics_path = self.run_dir / "metrics.jsonl"
+        milestones = set(self.objective.milestones())
         t0 = time.perf_counter()
         while self.step < tc.steps:
             logs = self.train_step()
@@ -335,7 +339,7 @@ class Trainer:
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3), **scalars}) + "\n")
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self.step in milestones:
                 self.save_checkpoint()
             if tc.sample_every and self.step % tc.sample_every == 0:
                 self.save_samples()

@@ -209,3 +209,17 @@ def test_every_group_follows_the_runs_lr_schedule(tmp_path):
     for r in rows:
         for g in t.base_lr:
             assert r[f"lr/{g}"] == pytest.approx(t.base_lr[g] * t.lr_factor(r["step"] - 1), rel=1e-12), (r["step"], g)
+
+
+def test_objective_milestones_are_always_saved_and_never_pruned(tmp_path):
+    """Lightning declares its stage ends as milestones: a run with stage_iters [3, 2, 2] saving every 4th step and
+    keeping 1 checkpoint ends with the stage ends 3, 5, 7 (7 is also the last step) and the newest other one, 4."""
+    from onestep.checkpoint import finished_checkpoints
+
+    cfg = gmm_cfg(tmp_path, "stages", 7, **{
+        "objective.name": "lightning", "objective.teacher_steps": 8,
+        "objective.stages": "[4,2,1]", "objective.stage_iters": "[3,2,2]", "objective.mse_stages": 1,
+        "train.checkpoint_every": 4, "train.keep_checkpoints": 1, "train.sample_steps": "[1]"})
+    trainer = Trainer(cfg).fit()
+    assert trainer.objective.milestones() == [3, 5, 7]
+    assert [int(p.name[5:]) for p in finished_checkpoints(trainer.ckpt_dir)] == [3, 4, 5, 7]
