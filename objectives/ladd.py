@@ -32,7 +32,7 @@ from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
-from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config
+from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
 from onestep.registry import OBJECTIVES
 from onestep.trigflow import HALF_PI, consistency_x0, sample_trig_time
 
@@ -83,6 +83,7 @@ class SCMLADD(Objective):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
+        set_sampler_grid(student, cfg)
         if discriminator is None:
             try:
                 discriminator = LADDDiscriminator(teacher, cfg.feature_layers, cfg.head_hidden)
@@ -104,6 +105,10 @@ class SCMLADD(Objective):
             raise ConfigError(f"objective.d_std must be > 0 and head_hidden >= 1, got {cfg.d_std}, {cfg.head_hidden}")
         if len(cfg.disc_betas) != 2:
             raise ConfigError(f"objective.disc_betas must be two numbers, got {cfg.disc_betas}")
+
+    @classmethod
+    def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
+        set_sampler_grid(student, cfg)
 
     # --- contract ------------------------------------------------------------------------------------
     def param_groups(self):

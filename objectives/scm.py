@@ -58,6 +58,8 @@ class SCMConfig:
     learn_logvar: bool = True          # the adaptive-weighting head logvar(s)
     jvp: str = "single"                # "single" or "finite_difference", see the module docstring
     fd_step: float = 1e-3              # h of jvp=finite_difference (in units of the tangent)
+    sampler_data_std: float = 1.0      # the k-step sampler's grid: consistency_times(k, data_std, intermediate)
+    sampler_intermediate: float = 1.3  # TrigFlow time of the 2-step sampler's middle point (diffusers' default)
     lr: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
@@ -83,6 +85,15 @@ def check_scm_config(cfg, teacher=...) -> None:
         raise ConfigError(f"objective.fd_step must be in (0, 0.1), got {cfg.fd_step}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"objective.betas must be two numbers, got {cfg.betas}")
+    if cfg.sampler_data_std <= 0 or not 0 < cfg.sampler_intermediate < HALF_PI:
+        raise ConfigError(f"objective.sampler_data_std must be > 0 and sampler_intermediate in (0, pi/2), got "
+                          f"{cfg.sampler_data_std}, {cfg.sampler_intermediate}")
+
+
+def set_sampler_grid(student, cfg) -> None:
+    """The consistency sampler's grid options on the student (training, and students rebuilt from checkpoints)."""
+    student.consistency_data_std = cfg.sampler_data_std
+    student.consistency_intermediate = cfg.sampler_intermediate
 
 
 class LogVarianceHead(nn.Module):
@@ -196,10 +207,15 @@ class SCM(Objective):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
+        set_sampler_grid(student, cfg)
 
     @staticmethod
     def check_config(cfg, teacher=...) -> None:
         check_scm_config(cfg, teacher)
+
+    @classmethod
+    def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
+        set_sampler_grid(student, cfg)
 
     def param_groups(self):
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -31,19 +31,31 @@ class AvgVelocityField(nn.Module):
     #: trained on (Lightning with VP teachers: Lightning sets it, and configure_rebuilt_student on students
     #: rebuilt from its checkpoints), so evaluation, export and benchmarks sample the trained grid.
     trailing_schedule = None
+    #: the "consistency" sampler's grid, onestep.trigflow.consistency_times(steps, data_std, intermediate):
+    #: the sCM objectives set them from objective.sampler_data_std / sampler_intermediate
+    consistency_data_std: float = 1.0
+    consistency_intermediate: float = 1.3
 
     def velocity(self, z, t, cond=None):
         return self(z, t, t, cond)
 
     def default_times(self, steps: int) -> torch.Tensor | None:
         """The `steps`-step grid `sample` takes by default (None: the sampler's own)."""
-        return None if self.trailing_schedule is None else self.trailing_schedule.trailing_grid(steps)
+        if self.trailing_schedule is not None:
+            return self.trailing_schedule.trailing_grid(steps)
+        if self.sampler == "consistency":
+            from onestep.trigflow import consistency_times
+
+            grid = consistency_times(steps, self.consistency_data_std, self.consistency_intermediate)
+            return torch.tensor(grid, dtype=torch.float64)
+        return None
 
     def sampler_description(self) -> str:
         """What `sample` does without `times`, in words, for evaluation records."""
         if self.sampler == "consistency":
             update = "consistency: x0 = z_t - t u(z_t, 0, t), re-noised to the next time (fixed noise seed 0)"
-            grid = "consistency_times grid"
+            grid = (f"consistency_times grid (data_std {self.consistency_data_std:g}, "
+                    f"2-step intermediate {self.consistency_intermediate:g})")
         else:
             update, grid = "z_r = z_t - (t - r) u(z_t, r, t)", "uniform grid"
         if self.trailing_schedule is not None:

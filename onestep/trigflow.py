@@ -86,10 +86,16 @@ def sample_trig_time(noise: torch.Tensor, p_mean: float, p_std: float, sigma_d: 
     return torch.atan(torch.exp(p_mean + p_std * noise) / sigma_d)
 
 
-def consistency_times(steps: int) -> list[float]:
+def consistency_times(steps: int, data_std: float = 1.0, intermediate: float = 1.3) -> list[float]:
     """The flow-time grid of the step-adaptive sampler (spec §7.5): TrigFlow times linspace(pi/2, 0,
-    steps + 1), except 2 steps at [pi/2, 1.3, 0] (diffusers' SCMScheduler default), mapped to flow time."""
+    steps + 1), except 2 steps at [pi/2, `intermediate`, 0] (diffusers' SCMScheduler default 1.3), mapped to
+    the flow time of the same signal-to-noise ratio for data of standard deviation `data_std`:
+    t / ((1 - t) data_std) = tan s, i.e. t = data_std sin s / (cos s + data_std sin s). sCM's times are for
+    data normalised to the noise's scale (data_std 1: t = sin s / (sin s + cos s), the convention of this
+    module); raw digits pixels have std 0.64, and their students sample better with 0.5 (README)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    trig = [HALF_PI, 1.3, 0.0] if steps == 2 else [HALF_PI * (1 - i / steps) for i in range(steps + 1)]
-    return [1.0 if s == HALF_PI else math.sin(s) / (math.sin(s) + math.cos(s)) for s in trig]
+    if data_std <= 0 or not 0 < intermediate < HALF_PI:
+        raise ValueError(f"data_std must be > 0 and intermediate in (0, pi/2), got {data_std}, {intermediate}")
+    trig = [HALF_PI, intermediate, 0.0] if steps == 2 else [HALF_PI * (1 - i / steps) for i in range(steps + 1)]
+    return [1.0 if s == HALF_PI else data_std * math.sin(s) / (math.cos(s) + data_std * math.sin(s)) for s in trig]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from onestep import paths
+from onestep.config import ConfigError
 from onestep.objectives.scm import SCM, SCMConfig
 from onestep.student import MLPAvgVelocity
 from onestep.trigflow import HALF_PI, TrigFlowStudent, consistency_times, consistency_x0, teacher_trig_field
@@ -164,6 +165,42 @@ def test_one_step_sampler_is_minus_F_at_half_pi(gmm_teacher):
         one = student.sample(z, steps=1)
         F = TrigFlowStudent(student)(z, torch.full((32,), HALF_PI, dtype=torch.float64))
     assert (one + F).abs().max() < 1e-12
+
+
+def test_consistency_grid_matches_the_trigflow_snr_for_the_data_std():
+    """consistency_times(k, data_std): every interior flow time t has noise / signal = t / ((1 - t) data_std)
+    equal to tan s of its TrigFlow time (linspace, or the 2-step intermediate); data_std 1 is sin / (sin + cos)."""
+    for steps, data_std, intermediate in [(4, 0.5, 1.3), (3, 0.64, 1.3), (2, 0.5, 1.1), (2, 1.0, 1.3)]:
+        times = consistency_times(steps, data_std, intermediate)
+        trig = [intermediate] if steps == 2 else [HALF_PI * (1 - i / steps) for i in range(1, steps)]
+        assert times[0] == 1.0 and times[-1] == 0.0 and len(times) == steps + 1
+        for t, s in zip(times[1:-1], trig):
+            assert abs(t / ((1 - t) * data_std) - math.tan(s)) < 1e-12
+    assert consistency_times(4, 1.0) == [1.0] + [math.sin(s) / (math.sin(s) + math.cos(s))
+                                                 for s in (3 * HALF_PI / 4, HALF_PI / 2, HALF_PI / 4)] + [0.0]
+    with pytest.raises(ValueError, match="data_std must be > 0"):
+        consistency_times(2, 0.0)
+
+
+def test_sampler_grid_options_reach_trained_and_rebuilt_students(gmm_teacher):
+    """objective.sampler_data_std / sampler_intermediate set the student's default k-step grid, both when the
+    objective is built and when a student is rebuilt from a checkpoint (configure_rebuilt_student)."""
+    torch.manual_seed(0)
+    student = MLPAvgVelocity(2, hidden=16).double()
+    torch.nn.init.normal_(student.interval_embed[-1].weight, std=0.3)
+    scm_objective(student, gmm_teacher, sampler_data_std=0.5, sampler_intermediate=1.1)
+    z = torch.randn(64, 2, dtype=torch.float64)
+    for steps, intermediate in [(2, 1.1), (4, 1.3)]:
+        want = student.sample(z, steps=steps, times=consistency_times(steps, 0.5, intermediate))
+        assert (student.sample(z, steps=steps) - want).abs().max() == 0
+        assert (student.sample(z, steps=steps, times=consistency_times(steps)) - want).abs().max() > 1e-3
+    assert "data_std 0.5, 2-step intermediate 1.1" in student.sampler_description()
+    rebuilt = MLPAvgVelocity(2, hidden=16).double()
+    rebuilt.sampler = "consistency"
+    SCM.configure_rebuilt_student(rebuilt, SCMConfig(sampler_data_std=0.5, sampler_intermediate=1.1), 10)
+    assert (rebuilt.default_times(2) - torch.tensor(consistency_times(2, 0.5, 1.1), dtype=torch.float64)).abs().max() == 0
+    with pytest.raises(ConfigError, match="sampler_intermediate in"):
+        scm_objective(student, gmm_teacher, sampler_intermediate=2.0)
 
 
 def test_consistency_sampler_with_the_exact_field(gmm_teacher, exact_field):
