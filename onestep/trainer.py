@@ -79,6 +79,8 @@ class Trainer:
         # on every process; each draws for the global batch and keeps its slice (`shard`), so N processes
         # with batch B train exactly like one process with batch N * B.
         self.objective.generator = torch.Generator().manual_seed(cfg.seed * 1000)
+        # steps whose checkpoints are always written and never pruned (e.g. Lightning's stage ends)
+        self.milestones = frozenset(self.objective.milestones())
         self.objective.shard = (acc.process_index, acc.num_processes)
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
 
@@ -178,9 +180,8 @@ class Trainer:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        # prune to the newest keep_checkpoints, never touching the objective's milestones
-        milestones = set(self.objective.milestones())
-        prunable = [p for p in finished_checkpoints(self.ckpt_dir) if int(p.name[5:]) not in milestones]
+        # prune to the newest keep_checkpoints, never touching the milestones
+        prunable = [p for p in finished_checkpoints(self.ckpt_dir) if int(p.name[5:]) not in self.milestones]
         for old in prunable[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -312,7 +313,6 @@ class Trainer:
 
             bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.name, dynamic_ncols=True, mininterval=2.0)
         metrics_path = self.run_dir / "metrics.jsonl"
-        milestones = set(self.objective.milestones())
         t0 = time.perf_counter()
         while self.step < tc.steps:
             logs = self.train_step()
@@ -339,7 +339,7 @@ class Trainer:
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3), **scalars}) + "\n")
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self.step in milestones:
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self.step in self.milestones:
                 self.save_checkpoint()
             if tc.sample_every and self.step % tc.sample_every == 0:
                 self.save_samples()
