@@ -21,7 +21,7 @@ from pathlib import Path
 
 def main() -> None:
     from onestep.demo import evaluate_digits_seeds, scores_by_seed, seed_spread
-    from onestep.export import load_run, load_student
+    from onestep.export import ExportError, load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -32,8 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.seeds < 2:
         ap.error(f"--seeds must be >= 2 (a spread needs two), got {args.seeds}")
-    info = load_run(args.run, checkpoint=args.checkpoint)
-    student, teacher = load_student(info)
+    try:
+        info = load_run(args.run, checkpoint=args.checkpoint)
+        student, teacher = load_student(info)
+    except ExportError as e:  # no run, no such checkpoint, unreadable weights: one line, not a traceback
+        ap.error(str(e))
     first = info.cfg.eval.seed if args.first_seed is None else args.first_seed
     cfg = replace(info.cfg, eval=replace(info.cfg.eval, seed=first, teacher_steps=[50], student_steps=args.steps))
     results = evaluate_digits_seeds(teacher, student, cfg, "cpu", args.seeds)
