@@ -5,8 +5,8 @@
 Stage k of `objective.stages` trains an N_k-step student; the checkpoint at the end of the stage (EMA
 weights) is scored at N_k steps under the demo's protocol (digits-FID, the teacher's 50 steps beside it).
 The trainer writes and keeps a checkpoint at every stage's last step (the objective's `milestones`).
-Prints a table and writes benchmarks/results/lightning_stages.json as {"rows": [{"stage", "steps", "checkpoint_step", "digits_fid",
-"teacher50_digits_fid"}, ...], "protocol": {...}}.
+Prints a table and writes benchmarks/results/lightning_stages.json as {"rows": [{"stage", "steps",
+"checkpoint_step", "digits_fid", "teacher50_digits_fid"}, ...], "protocol": {...}}.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, autocast_off, frozen_eval
 from onestep.registry import OBJECTIVES
 from onestep.student import sinusoidal_embedding
-from onestep.trigflow import HALF_PI, sample_trig_time, teacher_trig_field, trig_field
+from onestep.trigflow import HALF_PI, consistency_times, sample_trig_time, teacher_trig_field, trig_field
 
 JVP_MODES = ("single", "finite_difference")
 TANGENT_NORMS = ("normalize", "clip", "none")
@@ -85,9 +85,11 @@ def check_scm_config(cfg, teacher=...) -> None:
         raise ConfigError(f"objective.fd_step must be in (0, 0.1), got {cfg.fd_step}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"objective.betas must be two numbers, got {cfg.betas}")
-    if cfg.sampler_data_std <= 0 or not 0 < cfg.sampler_intermediate < HALF_PI:
+    try:  # the grid function holds the rule; a config error names the options
+        consistency_times(2, cfg.sampler_data_std, cfg.sampler_intermediate)
+    except ValueError:
         raise ConfigError(f"objective.sampler_data_std must be > 0 and sampler_intermediate in (0, pi/2), got "
-                          f"{cfg.sampler_data_std}, {cfg.sampler_intermediate}")
+                          f"{cfg.sampler_data_std}, {cfg.sampler_intermediate}") from None
 
 
 def set_sampler_grid(student, cfg) -> None:
