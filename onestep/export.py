@@ -286,9 +286,10 @@ class PixelUNetExporter(Exporter):
 
         if not isinstance(student, AvgVelocityUNet):
             raise ExportError(f"expected a UNet2DModel student, got {type(student).__name__}")
-        if student.time_scale != 1000.0 and format == "diffusers":
+        if student.time_scale != 1000.0 and format == "diffusers" and steps != 1:
             raise ExportError(f"the student's time scale is {student.time_scale:g} (e.g. distilled from the dense-time "
-                              "teacher), but stock diffusers' schedulers feed the UNet 1000 t: use --format onestep")
+                              f"teacher), but stock diffusers' schedulers feed the UNet 1000 t; only --steps 1 folds "
+                              f"that away (got --steps {steps}): use --steps 1 or --format onestep")
         if format == "diffusers":
             return self._write_stock(student, out, steps)
         return self._write_onestep(student, out, steps)
@@ -299,6 +300,9 @@ class PixelUNetExporter(Exporter):
 
         unet = (fold_interval_embedding(student.unet, steps, student.interval_scale)
                 if student.has_interval_embedding else student.unet)
+        dense = student.time_scale != 1000.0
+        if dense:  # one step: the scheduler's timestep 1000 becomes the student's time_scale * 1
+            unet = fold_time_embedding(unet, student.time_scale * 1.0)
         scheduler = stock_flow_scheduler(steps)
         pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
         diff = _self_check(student, pipe, steps)
@@ -319,10 +323,17 @@ class PixelUNetExporter(Exporter):
                 f"`time_embedding.linear_2.bias`: the exported UNet is a plain `UNet2DModel`. "
                 f"**This folder is exact only for `num_inference_steps={steps}`**; for other step counts "
                 f"export again with `--steps`, or use `--format onestep`.")
-        else:
+        elif not dense:
             notes.append(f"The student is a plain velocity model; `num_inference_steps={steps}` runs its "
                          f"{steps}-step Euler sampler on the uniform grid (other step counts use the "
                          f"scheduler's own, non-uniform grid).")
+        if dense:
+            notes.append(
+                f"The student embeds timestep {student.time_scale:g} t (a student of the dense-time teacher), not "
+                f"the scheduler's 1000 t. In one step the UNet is called once, at t = 1, so its time embedding "
+                f"is that of timestep {student.time_scale:g}, folded into `time_embedding.linear_1` (weight 0, "
+                f"bias = its pre-activation at that timestep): the exported UNet embeds every timestep alike. "
+                f"**This folder is exact only for `num_inference_steps=1`**; use `--format onestep` for more steps.")
         return ExportResult(
             pipeline="`DDPMPipeline` (stock diffusers)",
             loader="import torch\nfrom diffusers import DiffusionPipeline",
@@ -398,6 +409,29 @@ def fold_interval_embedding(unet, steps: int, interval_scale: float = 1000.0):
     state["time_embedding.linear_2.bias"] = bias
     plain.load_state_dict(state, strict=True)
     return plain.eval().requires_grad_(False)
+
+
+def fold_time_embedding(unet, timestep: float):
+    """A copy of `unet` that embeds every timestep as it embeds `timestep` (for one-step exports only).
+
+    diffusers' UNet2DModel computes ``emb = time_embedding(time_proj(timestep))`` with `time_embedding`
+    = linear_1 -> act -> linear_2. With linear_1's weight 0 and its bias set to linear_1's output at
+    time_proj(timestep), its output no longer depends on the input: a stock scheduler's timestep 1000
+    then gives the dense-time student's embedding of `timestep`. Exact when the UNet is called at one
+    time only, i.e. a one-step sampler.
+    """
+    import copy
+
+    te = unet.time_embedding
+    if te.cond_proj is not None:
+        raise ExportError("cannot fold the time embedding: the UNet's time embedding has a condition projection")
+    with torch.no_grad():
+        t = torch.tensor([timestep], dtype=torch.float32, device=unet.device)
+        pre = te.linear_1(unet.time_proj(t).to(unet.dtype))[0]  # the forward pass's own path
+        folded = copy.deepcopy(unet)
+        folded.time_embedding.linear_1.weight.zero_()
+        folded.time_embedding.linear_1.bias.copy_(pre)
+    return folded.eval().requires_grad_(False)
 
 
 def _interval_label(steps: int, device, interval_scale: float = 1000.0) -> torch.Tensor:

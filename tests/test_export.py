@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from onestep.cli import main
 from onestep.checkpoint import write_checksums
 from onestep.config import load_config
-from onestep.export import ExportError, PixelUNetExporter, export_run, load_run, load_student
+from onestep.export import (ExportError, PixelUNetExporter, export_run, fold_interval_embedding, load_run,
+                            load_student)
 from onestep.trainer import Trainer
 
 TOL = 1e-4
@@ -165,6 +166,19 @@ def test_consistency_student_exports_one_step_only(run_dir, tmp_path):
     with pytest.raises(ValueError, match="at most 1 step"):
         pipe(batch_size=2, num_inference_steps=2)
     assert "`num_inference_steps=1` only" in (out / "README.md").read_text()
+    # stock diffusers at one step, for the recipe's student of the shipped dense-time teacher (timestep = t,
+    # folded at t = 1): the consistency sampler's single step is the pipeline's Euler step
+    from diffusers import DiffusionPipeline
+    cfg = load_config("digits_scm", [f"output_dir={tmp_path}", "name=dense", "train.steps=1", "data.batch_size=4",
+                                     "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
+    Trainer(cfg).fit()
+    student = load_student(load_run(tmp_path / "dense"))[0]
+    assert student.time_scale == 1.0 and student.sampler != "avg_velocity"
+    stock = DiffusionPipeline.from_pretrained(export_run(tmp_path / "dense", tmp_path / "stock", steps=1))
+    stock.set_progress_bar_config(disable=True)
+    want, _ = expected_images(student, 1)
+    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    assert (got - want).abs().max().item() < TOL
 
 
 def test_reexport_is_byte_identical_and_holds_only_safetensors(run_dir, tmp_path):
@@ -286,19 +300,34 @@ def test_velocity_model_exports_as_euler_sampler(tmp_path):
     assert (got - want).abs().max().item() < TOL
 
 
-def test_dense_time_student_exports_as_onestep_pipeline_only(tmp_path):
-    """A student of the dense-time teacher embeds t, not the 1000 t stock schedulers feed: the stock format is
-    refused in one line (nothing written); OneStepPipeline feeds time_scale * t and matches the sampler."""
+def test_dense_time_student_exports_stock_at_one_step_and_as_onestep_pipeline(tmp_path):
+    """A student of the dense-time teacher embeds t, not the 1000 t stock schedulers feed. Stock format: one
+    step folds its time embedding at t = 1 into linear_1 (exact), more steps are refused in one line (nothing
+    written); OneStepPipeline feeds time_scale * t and matches the sampler at any step count."""
+    from diffusers import DiffusionPipeline
+
     from onestep.pipelines import OneStepPipeline
 
     cfg = load_config("digits_meanflow", [f"output_dir={tmp_path}", "name=d", "train.steps=1", "data.batch_size=4",
                                           "train.progress=false", "train.sample_every=0", "train.sample_steps=[1]"])
     Trainer(cfg).fit()
-    with pytest.raises(ExportError, match=r"time scale is 1 \(e.g. distilled from the dense-time teacher\).*--format onestep") as e:
-        export_run(tmp_path / "d", tmp_path / "stock")
-    assert "\n" not in str(e.value) and not (tmp_path / "stock").exists()
+    with pytest.raises(ExportError, match=r"time scale is 1 \(e.g. distilled from the dense-time teacher\).*"
+                                          r"--steps 2\).*--format onestep") as e:
+        export_run(tmp_path / "d", tmp_path / "stock2", steps=2)
+    assert "\n" not in str(e.value) and not (tmp_path / "stock2").exists()
     student = load_student(load_run(tmp_path / "d"))[0]
     assert student.time_scale == 1.0
+    stock = DiffusionPipeline.from_pretrained(export_run(tmp_path / "d", tmp_path / "stock1", steps=1))
+    stock.set_progress_bar_config(disable=True)
+    assert type(stock).__name__ == "DDPMPipeline" and not stock.unet.time_embedding.linear_1.weight.any()
+    want, _ = expected_images(student, 1)
+    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    assert (got - want).abs().max().item() < TOL
+    # with only the interval embedding folded, the stock pipeline's timestep 1000 is far off: the time fold matters
+    stock.unet = fold_interval_embedding(student.unet, 1, student.interval_scale)
+    wrong = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    assert (wrong - want).abs().max().item() > 100 * TOL
+    assert "exact only for `num_inference_steps=1`" in (tmp_path / "stock1" / "README.md").read_text()
     out = export_run(tmp_path / "d", tmp_path / "k2", format="onestep", steps=2)
     pipe = OneStepPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
