@@ -322,7 +322,7 @@ class PixelUNetExporter(Exporter):
                 f"t - r = 1/{steps} at every step, so that embedding is one constant vector, folded into "
                 f"`time_embedding.linear_2.bias`: the exported UNet is a plain `UNet2DModel`. "
                 f"**This folder is exact only for `num_inference_steps={steps}`**; for other step counts "
-                f"export again with `--steps`, or use `--format onestep`.")
+                + ("use `--format onestep` (see below)." if dense else "export again with `--steps`, or use `--format onestep`."))
         elif not dense:
             notes.append(f"The student is a plain velocity model; `num_inference_steps={steps}` runs its "
                          f"{steps}-step Euler sampler on the uniform grid (other step counts use the "
