@@ -43,7 +43,11 @@ x_real is replaced by the teacher's denoiser at the same noisy point. Two mixtur
         logistic loss softplus(l(fake)) + softplus(-l(real)), whose optimum is the same log p_t / q_t.
 
 Schedule: the score net trains every step; the student also trains every `score_steps`-th step (the
-last of each cycle). Both losses of such a step come from one forward, so that step's score update uses
+last of each cycle). SMT's optional generator warm-up (`generator_warmup` steps, spec §6(c): the reference
+first trains its generator as a plain diffusion denoiser): the student trains every step on flow matching
+along r = 0, u(x_t, 0, t) -> eps - x with t uniform, so that the one-step generator z - u(z, 0, 1) starts
+as the data's denoiser at pure noise (the data mean) on features learned from every noise level; the
+mixture net trains on its usual loss alongside, tracking that generator. Both losses of such a step come from one forward, so that step's score update uses
 the generator samples from before the generator update (the reference steps the generator first: a
 one-step lag on one step in `score_steps`).
 
@@ -178,6 +182,7 @@ MIXTURES = ("amortized", "explicit")
 @dataclass
 class SMTConfig:
     score_steps: int = 5                 # score updates per generator update
+    generator_warmup: int = 0            # first steps: the generator trains by plain denoising (see the docstring)
     point_mass_prob: float = 0.5         # p_pm: share of score-net alphas drawn from {0, 1/2, 1}
     alpha_levels: int = 1000             # alphas live on the grid {k / alpha_levels}
     alpha_scale: float = 1000.0          # the alpha embedding sees alpha * alpha_scale
@@ -242,6 +247,8 @@ class SMT(Objective):
 
     @staticmethod
     def check_config(cfg: SMTConfig, teacher=...) -> None:
+        if cfg.generator_warmup < 0:
+            raise ConfigError(f"objective.generator_warmup must be >= 0 (steps), got {cfg.generator_warmup}")
         if cfg.score_steps < 1:
             raise ConfigError(f"objective.score_steps must be >= 1 (score updates per generator update), got {cfg.score_steps}")
         if not 0.0 <= cfg.point_mass_prob <= 1.0:
@@ -270,8 +277,11 @@ class SMT(Objective):
         lr = self.cfg.lr if group == "student" else self.cfg.score_lr
         return OptimDefaults(lr=lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay)
 
+    def is_warmup_step(self, step: int) -> bool:
+        return step < self.cfg.generator_warmup
+
     def is_generator_step(self, step: int) -> bool:
-        return step % self.cfg.score_steps == self.cfg.score_steps - 1
+        return self.is_warmup_step(step) or step % self.cfg.score_steps == self.cfg.score_steps - 1
 
     def active_groups(self, step):
         return ["student", "score"] if self.is_generator_step(step) else ["score"]
@@ -280,7 +290,11 @@ class SMT(Objective):
         x_real, cond = batch["x"], batch.get("cond")
         z = self.randn(*x_real.shape, device=x_real.device).to(x_real.dtype)
         out = {}
-        if self.is_generator_step(step):
+        if self.is_warmup_step(step):
+            out.update(self.warmup_loss(x_real, cond))
+            with torch.no_grad():
+                x_fake = one_step_generate(self.student, z, cond)
+        elif self.is_generator_step(step):
             x = one_step_generate(self.student, z, cond)
             out.update(self.generator_loss(x, cond))
             x_fake = x.detach()
@@ -350,6 +364,16 @@ class SMT(Objective):
     def real_velocity_target(self, x_real, eps, x_t, t, cond):
         """SMT: the conditional velocity eps - x_real (denoising target x_real)."""
         return eps - x_real
+
+    def warmup_loss(self, x_real, cond):
+        """Plain denoising along r = 0: mean ||u(x_t, 0, t) - (eps - x)||^2, t uniform on [0, 1)."""
+        n, dev, dt = x_real.shape[0], x_real.device, x_real.dtype
+        t = self.rand(n, device=dev).to(dt)
+        eps = self.randn(*x_real.shape, device=dev).to(dt)
+        x_t = paths.interpolate(x_real, eps, t)
+        u = self.student(x_t, torch.zeros_like(t), t, cond)
+        loss = (u.float() - (eps - x_real).float()).pow(2).mean()
+        return {"student": loss, "log/loss_warmup": loss.detach()}
 
     def generator_loss(self, x, cond):
         cfg = self.cfg

@@ -325,6 +325,30 @@ def test_schedule_groups_and_options():
     assert SMDConfig().point_mass_prob == 0.25 and SMTConfig().point_mass_prob == 0.5
 
 
+def test_generator_warmup_is_plain_denoising_along_r0_then_the_usual_schedule():
+    obj = SMT(MLPAvgVelocity(2), None, SMTConfig(score_steps=5, generator_warmup=3, gan_weight=0.0, critic_gan_weight=0.0))
+    both, score = ["student", "score"], ["score"]
+    assert [obj.active_groups(s) for s in range(10)] == [both] * 3 + [score, both] + [score] * 4 + [both]
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    obj.generator = torch.Generator().manual_seed(7)
+    out = obj.loss({"x": x, "cond": None}, 0)
+    # the same draws in the same order (z for the fake samples, then t and eps of the denoising loss)
+    g = torch.Generator().manual_seed(7)
+    torch.randn(16, 2, generator=g)
+    t, eps = torch.rand(16, generator=g), torch.randn(16, 2, generator=g)
+    x_t = (1 - t)[:, None] * x + t[:, None] * eps
+    expected = (obj.student(x_t, torch.zeros(16), t) - (eps - x)).pow(2).mean()
+    assert torch.allclose(out["student"], expected, rtol=1e-6) and out["log/loss_warmup"] == out["student"]
+    assert "log/loss_dm" not in out and out["score"] > 0
+    # the warm-up loss trains the generator only; the score loss the mixture net only
+    student, critics = list(obj.student.parameters()), list(obj.score_net.parameters())
+    assert all(g is None for g in torch.autograd.grad(out["student"], critics, allow_unused=True, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(out["score"], student, allow_unused=True))
+    assert "log/loss_dm" in obj.loss({"x": x, "cond": None}, 4)   # after the warm-up: the SMT gradient
+    with pytest.raises(ConfigError, match="generator_warmup"):
+        SMT(MLPAvgVelocity(2), None, SMTConfig(generator_warmup=-1))
+
+
 @pytest.mark.parametrize("bad", [{"score_steps": 0}, {"point_mass_prob": 1.5}, {"generator_weight": "x"},
                                  {"score_weighting": "x"}, {"time_range": [0.9, 0.1]}])
 def test_bad_options_are_config_errors(bad):
@@ -345,7 +369,9 @@ def test_smd_with_a_diffusers_adapter_teacher():
     assert obj.score_net.net.interval_scale == obj.cfg.alpha_scale
     batch = {"x": torch.randn(6, 3, 8, 8), "cond": torch.tensor([0, 3, 9, 1, -1, 5])}
     out = obj.loss(batch, 0)
-    assert out["log/score_real_mse"] == 0.0            # every mixture starts as the teacher, its target
+    # every mixture starts as the teacher, its target: zero up to float rounding (the net and the teacher
+    # run on batches of different sizes, whose kernels may round differently on another CPU)
+    assert out["log/score_real_mse"] < 1e-12
     out = obj.loss(batch, GENERATOR_STEP)
     assert torch.isfinite(out["student"]) and torch.isfinite(out["score"])
     # the explicit mixture on the same adapter: its logit head reads the teacher's default features
