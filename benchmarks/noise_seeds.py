@@ -7,7 +7,8 @@ Loads the run's last checkpoint (or each `--checkpoint`; EMA student), scores th
 steps once and each checkpoint's student at each of `--steps` under the demo's protocol on the noise
 seeds eval.seed, eval.seed + 1, ... (or from `--first-seed`) and prints, per checkpoint and step count,
 the per seed scores and the paired ratio student / teacher's mean and sd (onestep.demo.seed_spread). Any run works, recipe or not
-(benchmarks/objectives.py --noise-seeds does the same for its recipe rows). Choices between runs or
+(benchmarks/objectives.py --noise-seeds does the same for its recipe rows); a run trained from data without
+a teacher (`digits_smt`) is compared with the shipped digits teacher. Choices between runs or
 settings are better made on seeds other than the reported 1234-1238 (the README's sampler-grid and
 tangent warm-up comparisons used 2000-2002), so that the reported scores are not also the tuned ones.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from onestep.demo import evaluate_digits_seeds, scores_by_seed, seed_spread
+    from onestep.demo import evaluate_digits_seeds, reference_teacher, scores_by_seed, seed_spread
     from onestep.export import ExportError, load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,6 +40,7 @@ def main() -> None:
         ap.error(str(e))
     teacher50 = None
     for i, (info, student, teacher) in enumerate(loaded):
+        teacher = reference_teacher(teacher)   # a run from data (smt): the shipped digits teacher
         first = info.cfg.eval.seed if args.first_seed is None else args.first_seed
         # the teacher (the same for every checkpoint of the run) is scored with the first checkpoint only
         cfg = replace(info.cfg, eval=replace(info.cfg.eval, seed=first, teacher_steps=[50] if i == 0 else [],

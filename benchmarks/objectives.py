@@ -8,7 +8,8 @@ Each objective `X` is trained with its recipe `configs/digits_X.yaml`, and with 
 `configs/digits_X_<variant>.yaml` whose objective is X (e.g. `digits_fdistill_reverse_kl`); `--only`
 takes objective or recipe names. Its EMA student is scored with the demo's protocol (N held-out-sized
 sample sets from fixed noise, digits-FID against the training split) at the recipe's
-`eval.student_steps` (1 unless it lists more), next to the teacher's 50-step Euler score. Prints a
+`eval.student_steps` (1 unless it lists more), next to the teacher's 50-step Euler score. `smt`, trained
+from data without a teacher, has a row too (FROM_DATA), scored next to the shipped digits teacher. Prints a
 table and writes benchmarks/results/objectives.json as {"rows": [{"objective", "recipe", "steps",
 "digits_fid", "teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
 
@@ -25,16 +26,18 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objectives.json"
+#: objectives trained from data (no teacher) that the benchmark also trains, next to the distillation ones
+FROM_DATA = ("smt",)
 
 
 def main() -> None:
     from onestep.config import find_config, load_config
-    from onestep.demo import evaluate_digits_seeds, scores_by_seed, seed_spread
+    from onestep.demo import evaluate_digits_seeds, reference_teacher, scores_by_seed, seed_spread
     from onestep.registry import OBJECTIVES, load_builtin
     from onestep.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="objective or recipe names (default: every distillation objective)")
+    ap.add_argument("--only", nargs="*", help="objective or recipe names (default: every distillation objective, and smt)")
     ap.add_argument("--steps", type=int, help="override train.steps (quick checks; not for the committed table)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--output-dir", default="runs/benchmarks")
@@ -46,7 +49,7 @@ def main() -> None:
     if args.noise_seeds < 1:
         ap.error(f"--noise-seeds must be >= 1, got {args.noise_seeds}")
     load_builtin()
-    recipes = [(name, recipe) for name in OBJECTIVES.names() if OBJECTIVES.get(name).distillation
+    recipes = [(name, recipe) for name in OBJECTIVES.names() if OBJECTIVES.get(name).distillation or name in FROM_DATA
                for recipe in recipes_of(name)]
     recipes = [(n, r) for n, r in recipes if not args.only or n in args.only or r in args.only]
     if args.from_run and len(recipes) != 1:
@@ -66,6 +69,7 @@ def main() -> None:
             trainer.fit(resume=False)
             train_seconds = time.perf_counter() - start
             teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
+        teacher = reference_teacher(teacher).to(device)   # smt: the shipped digits teacher
         results = evaluate_digits_seeds(teacher, student, cfg, device, args.noise_seeds)
         seeds, by = scores_by_seed(results)
         # one row per student step count of the recipe's eval.student_steps (1 unless it says more)
@@ -99,6 +103,8 @@ def main() -> None:
 
 def teacher_label(cfg) -> str:
     """The teacher a row distilled, e.g. "digits" or "digits (shipped=dense)": the ratio is to its own 50-step."""
+    if cfg.teacher["name"] == "none":
+        return "none (trained from data; ratio to the shipped digits teacher)"
     options = {k: v for k, v in dict(cfg.teacher).items() if k != "name" and v is not None}
     return cfg.teacher["name"] + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 

@@ -31,6 +31,16 @@ def _generate(sample_fn, noise: torch.Tensor, batch_size: int) -> tuple[torch.Te
     return out.clamp(-1, 1), len(noise) / (time.perf_counter() - start)
 
 
+def reference_teacher(teacher):
+    """The teacher a digits student is scored next to: its own, or the shipped digits teacher for a run
+    trained from data without one (`digits_smt`)."""
+    if teacher is not None:
+        return teacher
+    from onestep.teachers.digits import DigitsTeacher
+
+    return DigitsTeacher.from_pretrained()
+
+
 def evaluate_digits(teacher, student, cfg: RunConfig, device) -> dict:
     from onestep.evaluation.features import digits_fid
 

@@ -171,6 +171,22 @@ def test_benchmark_seed_spread_is_over_paired_ratios():
     assert spread["noise_seeds"] == [7, 8] and spread["teacher50_digits_fid_seeds"] == [1.0, 2.0]
 
 
+def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
+    """digits_smt (no teacher) is a benchmark recipe; its student is scored next to the shipped digits
+    teacher, and a run's own teacher is kept."""
+    from onestep.config import find_config, load_config
+    from onestep.demo import reference_teacher
+    from onestep.teachers.digits import DigitsTeacher
+
+    bench = objectives_benchmark()
+    assert "smt" in bench.FROM_DATA and bench.recipes_of("smt") == ["digits_smt"]
+    assert bench.teacher_label(load_config(find_config("digits_smt"))).startswith("none (trained from data")
+    assert bench.teacher_label(load_config(find_config("digits_fdistill"))) == "digits"
+    assert isinstance(reference_teacher(None), DigitsTeacher)
+    own = object()
+    assert reference_teacher(own) is own
+
+
 def test_benchmark_train_seconds_across_resumes():
     """benchmarks/objectives.py --from-run counts each resumed segment up to where the next picks up:
     a run killed at step 30 after a checkpoint at 20 and resumed there took 20 s + the resumed 25 s."""
