@@ -137,7 +137,8 @@ def finished_run(run_dir: Path, recipe):
     # (names, folders, threads, logging) need not
     def same(c):
         return {"seed": c.seed, "student": asdict(c.student), "data": asdict(c.data),
-                "teacher": asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
+                "teacher": dict(c.teacher) if c.teacher["name"] == "none"   # from data (smt)
+                else asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
                 "objective": asdict(section_config("objective", c.objective, OBJECTIVES)[1])} | {
             k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
                                                                    "log_every", "sample_every", "keep_checkpoints")}

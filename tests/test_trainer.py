@@ -187,6 +187,21 @@ def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
     assert reference_teacher(own) is own
 
 
+def test_benchmark_from_run_takes_a_teacherless_smt_run(tmp_path):
+    """--from-run on a digits_smt run: its config (teacher none) is compared with the recipe's, and a
+    run trained otherwise is refused."""
+    from onestep.config import find_config, load_config
+
+    overrides = [f"output_dir={tmp_path}", "name=smt", "train.steps=2", "data.batch_size=4", "train.progress=false",
+                 "train.checkpoint_every=2", "objective.generator_warmup=1"]
+    Trainer(load_config(find_config("digits_smt"), overrides)).fit()
+    bench = objectives_benchmark()
+    teacher, student, steps, _ = bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), overrides))
+    assert teacher is None and steps == 2 and not student.training
+    with pytest.raises(SystemExit, match="objective differ"):
+        bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), overrides[:-1]))
+
+
 def test_benchmark_train_seconds_across_resumes():
     """benchmarks/objectives.py --from-run counts each resumed segment up to where the next picks up:
     a run killed at step 30 after a checkpoint at 20 and resumed there took 20 s + the resumed 25 s."""
