@@ -43,13 +43,15 @@ x_real is replaced by the teacher's denoiser at the same noisy point. Two mixtur
         logistic loss softplus(l(fake)) + softplus(-l(real)), whose optimum is the same log p_t / q_t.
 
 Schedule: the score net trains every step; the student also trains every `score_steps`-th step (the
-last of each cycle). SMT's optional generator warm-up (`generator_warmup` steps, spec §6(c): the reference
-first trains its generator as a plain diffusion denoiser): the student trains every step on flow matching
-along r = 0, u(x_t, 0, t) -> eps - x with t uniform, so that the one-step generator z - u(z, 0, 1) starts
-as the data's denoiser at pure noise (the data mean) on features learned from every noise level; the
-mixture net trains on its usual loss alongside, tracking that generator. Both losses of such a step come from one forward, so that step's score update uses
+last of each cycle). Both losses of such a step come from one forward, so that step's score update uses
 the generator samples from before the generator update (the reference steps the generator first: a
 one-step lag on one step in `score_steps`).
+
+SMT's optional generator warm-up (`generator_warmup` steps, spec §6(c): the reference first trains its
+generator as a plain diffusion denoiser): the student trains every step on flow matching along r = 0,
+u(x_t, 0, t) -> eps - x with t uniform, so that the one-step generator z - u(z, 0, 1) starts as the data's
+denoiser at pure noise (the data mean) on features learned from every noise level; the mixture net trains
+on its usual loss alongside, tracking that generator.
 
 The mixture net is a student-type network u(x, r, t) whose *interval* embedding carries alpha: it is
 called at r = t - alpha with interval_scale = alpha_scale, so the zero-initialised second embedding that
