@@ -103,7 +103,7 @@ def main() -> None:
 
 def teacher_label(cfg) -> str:
     """The teacher a row distilled, e.g. "digits" or "digits (shipped=dense)": the ratio is to its own 50-step."""
-    if cfg.teacher.get("name") in (None, "none"):   # as onestep.build reads "no teacher"
+    if not cfg.has_teacher:
         return "none (trained from data; ratio to the shipped digits teacher)"
     options = {k: v for k, v in dict(cfg.teacher).items() if k != "name" and v is not None}
     return cfg.teacher["name"] + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
@@ -137,7 +137,7 @@ def finished_run(run_dir: Path, recipe):
     # (names, folders, threads, logging) need not
     def same(c):
         return {"seed": c.seed, "student": asdict(c.student), "data": asdict(c.data),
-                "teacher": dict(c.teacher) if c.teacher.get("name") in (None, "none")   # from data (smt)
+                "teacher": dict(c.teacher) if not c.has_teacher   # from data (smt)
                 else asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
                 "objective": asdict(section_config("objective", c.objective, OBJECTIVES)[1])} | {
             k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",

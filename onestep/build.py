@@ -9,7 +9,7 @@ from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
 def build_teacher(cfg: RunConfig):
     load_builtin()
-    if cfg.teacher.get("name") in (None, "none"):
+    if not cfg.has_teacher:
         return None
     cls, tcfg = section_config("teacher", cfg.teacher, TEACHERS)
     return cls.from_config(tcfg).freeze()

@@ -118,6 +118,11 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
+    @property
+    def has_teacher(self) -> bool:
+        """False for a run trained from data: `teacher: {name: none}` (or no name)."""
+        return self.teacher.get("name") not in (None, "none")
+
 
 #: omegaconf's type errors, reworded as what the key needs ({v}: the value given, as _kind shows it)
 _TYPE_ERRORS = [
@@ -339,14 +344,13 @@ def validate(run: RunConfig) -> None:
     from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
     load_builtin()
-    has_teacher = run.teacher.get("name") not in (None, "none")
-    if has_teacher:
+    if run.has_teacher:
         teacher_cls, teacher_cfg = section_config("teacher", run.teacher, TEACHERS)
         # a teacher may check its options before any weights are loaded (as objectives do)
         if hasattr(teacher_cls, "check_config"):
             teacher_cls.check_config(teacher_cfg)
     obj_cls, obj_cfg = section_config("objective", run.objective, OBJECTIVES)
-    obj_cls.check_config(obj_cfg, ... if has_teacher else None)
+    obj_cls.check_config(obj_cfg, ... if run.has_teacher else None)
     _check_optimizer_options(obj_cfg)
     choices = {
         "student.init": (run.student.init, ("teacher", "scratch")),
@@ -402,7 +406,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"student.time_smoothing must be a finite number >= 0, got {run.student.time_smoothing}")
     # combinations
     teacher_name = run.teacher.get("name")
-    if run.student.init == "teacher" and not has_teacher:
+    if run.student.init == "teacher" and not run.has_teacher:
         raise ConfigError("student.init=teacher needs a teacher: set teacher.name or student.init=scratch")
     if run.data.name == "gmm" and teacher_name != "gmm":
         raise ConfigError("data.name=gmm draws from the teacher's mixture: it needs teacher.name=gmm")

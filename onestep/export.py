@@ -245,8 +245,7 @@ def register_exporter(*families: str):
 
 def family_key(cfg) -> str:
     """The teacher's name (a student lives in its teacher's space), or `scratch:<backbone>` without one."""
-    teacher = cfg.teacher.get("name")
-    return teacher if teacher not in (None, "none") else f"scratch:{cfg.student.backbone}"
+    return cfg.teacher["name"] if cfg.has_teacher else f"scratch:{cfg.student.backbone}"
 
 
 def exporter_for(cfg) -> Exporter:
@@ -1071,7 +1070,7 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
     cfg = info.cfg
     teacher = dict(cfg.teacher)
     teacher_name = teacher.pop("name", None)
-    if teacher_name in (None, "none"):
+    if not cfg.has_teacher:
         teacher_desc = "none (trained from data)"
     elif teacher_name == "digits" and not teacher.get("path"):
         teacher_desc = "`digits` (the flow-matching digits UNet shipped with onestep, 1x16x16)"
@@ -1100,7 +1099,7 @@ def model_card(info: RunInfo, exporter: Exporter, result: ExportResult, out: Pat
         "---",
         "",
         f"# {cfg.name}: {steps}-step " + (f"student of the {teacher_name} teacher"
-                                         if teacher_name not in (None, "none") else f"{obj_name} model"),
+                                         if cfg.has_teacher else f"{obj_name} model"),
         "",
         f"Exported by `onestep export --format {format} --steps {steps}"
         f"{'' if info.weights == 'ema' else ' --weights ' + info.weights}` from run `{cfg.name}`, "

@@ -32,6 +32,20 @@ def test_config_errors_name_the_key(overrides, expect):
     assert expect in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("config,overrides,expect", [
+    ("digits_smt", [], False),                      # `teacher: {name: none}` in the YAML
+    ("digits_smt", ["teacher.name=null"], False),
+    ("demo", [], True),
+])
+def test_has_teacher_is_what_build_teacher_reads(config, overrides, expect):
+    from onestep.build import build_teacher
+
+    cfg = load_config(config, overrides)
+    assert cfg.has_teacher is expect
+    if not expect:   # no weights are loaded for a teacherless run
+        assert build_teacher(cfg) is None
+
+
 def test_shipped_configs_load():
     for name in ("demo", "digits_teacher", "digits_splitmeanflow"):
         cfg = load_config(name)
