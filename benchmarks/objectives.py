@@ -11,7 +11,9 @@ sample sets from fixed noise, digits-FID against the training split) at the reci
 `eval.student_steps` (1 unless it lists more), next to the teacher's 50-step Euler score. `smt`, trained
 from data without a teacher, has a row too (FROM_DATA), scored next to the shipped digits teacher. Prints a
 table and writes benchmarks/results/objectives.json as {"rows": [{"objective", "recipe", "steps",
-"digits_fid", "teacher50_digits_fid", "train_seconds"}, ...], "protocol": {...}}.
+"digits_fid", "teacher50_digits_fid", "train_seconds", "student_sampler", "torch_threads"}, ...],
+"protocol": {...}}: what every row shares is in "protocol", what a scoring run decides (the recipe's
+sampler, the threads it scored on) is in its row, so rows scored at different times stay described.
 
 With 540 samples the digits-FID of one model moves by about 0.3 between noise seeds, as much as some
 of the gaps the goals ask about. `--noise-seeds K` scores student and teacher again on K noise seeds
@@ -28,6 +30,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "objectives.json"
 #: objectives trained from data (no teacher) that the benchmark also trains, next to the distillation ones
 FROM_DATA = ("smt",)
+#: keys of the demo's protocol record that belong to one scoring, not to the table: kept per row
+PER_ROW = ("student_sampler", "torch_threads")
 
 
 def main() -> None:
@@ -77,13 +81,14 @@ def main() -> None:
             rows.append({"objective": name, "recipe": recipe, "teacher": teacher_label(cfg), "steps": k,
                          "digits_fid": by[0][("student", k)],
                          "teacher50_digits_fid": by[0][("teacher", 50)],
-                         "train_steps": train_steps, "train_seconds": round(train_seconds, 1)})
+                         "train_steps": train_steps, "train_seconds": round(train_seconds, 1)}
+                        | {key: results[0]["protocol"][key] for key in PER_ROW})
             if len(seeds) > 1:
                 rows[-1].update(seed_spread(seeds, [b[("student", k)] for b in by], [b[("teacher", 50)] for b in by]))
             if args.from_run:
                 rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
             print(f"{recipe}: {rows[-1]}", flush=True)
-        protocol = results[0]["protocol"]
+        protocol = {k: v for k, v in results[0]["protocol"].items() if k not in PER_ROW}
 
     print("\n| recipe | teacher | student steps | digits-FID | teacher 50-step | ratio | ratio over seeds | train steps | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
