@@ -31,3 +31,24 @@ def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
     assert by[("student", 1)]["images_per_s"] > 5 * by[("teacher", 50)]["images_per_s"]
     assert (run / "grid.png").is_file() and (run / "report.md").read_text().startswith("# onestep demo")
     assert (run / "config.yaml").is_file() and report["train_steps"] == 3
+
+
+def test_teacher_only_evaluation_scores_the_teacher_as_with_a_student(tmp_path):
+    """benchmarks/teacher_steps.py scores a teacher with no student: the same teacher rows, no sampler."""
+    from onestep.build import build_student, build_teacher
+    from onestep.demo import evaluate_digits
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, add_attention=False)
+    unet.save_pretrained(tmp_path / "teacher")
+    cfg = load_config("demo", [f"teacher.path={tmp_path / 'teacher'}", "eval.num_samples=24",
+                               "eval.teacher_steps=[1,3]", "eval.student_steps=[1]"])
+    teacher = build_teacher(cfg)
+    with_student = evaluate_digits(teacher, build_student(cfg, teacher), cfg, "cpu")
+    cfg.eval.student_steps = []
+    alone = evaluate_digits(teacher, None, cfg, "cpu")
+    scores = lambda res: [(r["model"], r["steps"], r["digits_fid"]) for r in res["rows"]]  # noqa: E731
+    assert scores(alone) == [s for s in scores(with_student) if s[0] != "student"]
+    assert alone["protocol"]["student_sampler"] is None and with_student["protocol"]["student_sampler"]
