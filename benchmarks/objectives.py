@@ -146,7 +146,8 @@ def finished_run(run_dir: Path, recipe):
                 else asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
                 "objective": asdict(section_config("objective", c.objective, OBJECTIVES)[1])} | {
             k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
-                                                                   "log_every", "sample_every", "keep_checkpoints")}
+                                                                   "log_every", "sample_every", "sample_steps",
+                                                                   "keep_checkpoints")}
     if same(ran) != same(recipe):
         diff = sorted(k for k in same(recipe) if same(recipe)[k] != same(ran).get(k))
         raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")

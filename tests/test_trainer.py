@@ -180,6 +180,9 @@ def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
 
     bench = objectives_benchmark()
     assert "smt" in bench.FROM_DATA and bench.recipes_of("smt") == ["digits_smt"]
+    # a variant recipe (same objective) is a row of its own; digits_scm_ladd is not a variant of scm
+    assert bench.recipes_of("lightning") == ["digits_lightning", "digits_lightning_4step"]
+    assert bench.recipes_of("scm") == ["digits_scm"]
     assert bench.teacher_label(load_config(find_config("digits_smt"))).startswith("none (trained from data")
     assert bench.teacher_label(load_config(find_config("digits_fdistill"))) == "digits"
     assert isinstance(reference_teacher(None), DigitsTeacher)
