@@ -8,12 +8,16 @@ from onestep.config import load_config
 from onestep.demo import run_demo
 
 
-def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
+def save_tiny_teacher(path):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=4, add_attention=False)
-    unet.save_pretrained(tmp_path / "teacher")
+    unet.save_pretrained(path)
+
+
+def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
+    save_tiny_teacher(tmp_path / "teacher")
     cfg = load_config("demo", [f"output_dir={tmp_path}", f"teacher.path={tmp_path / 'teacher'}", "train.steps=3",
                                "data.batch_size=8", "train.progress=false", "eval.num_samples=24",
                                "eval.teacher_steps=[1,50]", "eval.student_steps=[1,2]", "train.sample_every=0"])
@@ -38,11 +42,7 @@ def test_teacher_only_evaluation_scores_the_teacher_as_with_a_student(tmp_path):
     from onestep.build import build_student, build_teacher
     from onestep.demo import evaluate_digits
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4, add_attention=False)
-    unet.save_pretrained(tmp_path / "teacher")
+    save_tiny_teacher(tmp_path / "teacher")
     cfg = load_config("demo", [f"teacher.path={tmp_path / 'teacher'}", "eval.num_samples=24",
                                "eval.teacher_steps=[1,3]", "eval.student_steps=[1]"])
     teacher = build_teacher(cfg)
