@@ -67,9 +67,11 @@ def evaluate_digits(teacher, student, cfg: RunConfig, device) -> dict:
         images, ips = _generate(lambda z, k=k: student.sample(z, steps=k), noise, ev.batch_size)
         samples[("student", k)] = images
         add("student", k, images, ips)
+    # student None: teacher rows only (benchmarks/teacher_steps.py)
+    sampler, weights = (None, None) if student is None else (student.sampler_description(), "EMA")
     protocol.update({
-        "noise_seed": ev.seed, "teacher_solver": ev.solver, "student_sampler": None if student is None else student.sampler_description(),
-        "student_weights": None if student is None else "EMA", "generation_batch_size": ev.batch_size, "device": str(device),
+        "noise_seed": ev.seed, "teacher_solver": ev.solver, "student_sampler": sampler,
+        "student_weights": weights, "generation_batch_size": ev.batch_size, "device": str(device),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "real_row": "held-out split vs the training-split reference, same N",
     })
