@@ -137,6 +137,7 @@ def cmd_teacher_train(args) -> int:
 
         save_digits_unet(trainer.ema_student(), out)
         print(f"teacher (EMA weights) saved to {out}")
+    trainer.close()  # destroys the process group: a multi-process run left with it up can abort at exit
     return 0
 
 
@@ -151,6 +152,7 @@ def cmd_distill(args) -> int:
         return 0
     trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)
     print(f"run saved to {trainer.run_dir}")
+    trainer.close()
     return 0
 
 
@@ -158,8 +160,10 @@ def cmd_demo(args) -> int:
     from onestep.demo import run_demo
 
     cfg = _config(args, "demo")
-    report = run_demo(cfg, trainer=start_trainer(cfg, resume=not args.no_resume))
+    trainer = start_trainer(cfg, resume=not args.no_resume)
+    report = run_demo(cfg, trainer=trainer)
     print(report["markdown"])
+    trainer.close()
     return 0
 
 

@@ -99,6 +99,7 @@ def main(out: Path, batch: int, steps: int) -> None:
     rank = t.accelerator.process_index
     save_file(fdistill_generator_gradient(t), out / f"fdistill-grad-rank{rank}.safetensors")
     save_file(fdistill_generator_gradient(t, local_statistics=True), out / f"fdistill-grad-local-rank{rank}.safetensors")
+    t.close()  # destroy the process group before exit (left up, a rank can abort at interpreter shutdown)
 
 
 if __name__ == "__main__":
