@@ -148,8 +148,9 @@ def finished_run(run_dir: Path, recipe):
             k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
                                                                    "log_every", "sample_every", "sample_steps",
                                                                    "keep_checkpoints")}
-    if same(ran) != same(recipe):
-        diff = sorted(k for k in same(recipe) if same(recipe)[k] != same(ran).get(k))
+    ran_keys, recipe_keys = same(ran), same(recipe)
+    if ran_keys != recipe_keys:
+        diff = sorted(k for k in recipe_keys if recipe_keys[k] != ran_keys.get(k))
         raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")
     info = load_run(run_dir)
     student, teacher = load_student(info)
