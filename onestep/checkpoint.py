@@ -57,10 +57,20 @@ def checkpoint_problem(folder: Path, required: tuple[str, ...] = ()) -> str | No
 
 
 def latest_valid_checkpoint(ckpt_dir: Path, required: tuple[str, ...] = ()) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning."""
+    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning.
+
+    A checkpoint that verifies against its own checksums but lacks a `required` file is not corrupt: a run
+    configured otherwise wrote it (other optimizer groups, another number of processes). Skipping it would
+    quietly restart training from step 0, so it raises ValueError instead, naming the missing files.
+    """
     for folder in reversed(finished_checkpoints(ckpt_dir)):
         problem = checkpoint_problem(folder, required)
         if problem is None:
             return folder
+        if checkpoint_problem(folder) is None:
+            held = json.loads((folder / CHECKSUMS).read_text())
+            absent = ", ".join(name for name in required if name not in held)
+            raise ValueError(f"{folder} is complete but holds no {absent}: a run with other optimizer groups or "
+                             "another number of processes wrote it; resume with the config that wrote it")
         warnings.warn(f"skipping corrupt checkpoint {folder}: {problem}", stacklevel=2)
     return None

@@ -14,7 +14,8 @@ Checkpoint layout (runs/<name>/checkpoints/step-XXXXXX/):
     checksums.json           SHA-256 of every file above
 It is written to `step-XXXXXX.tmp` and renamed, so a kill during a save never leaves a broken latest
 checkpoint; on resume a checkpoint whose files fail their checksums is skipped (with a warning) for
-the one before it (onestep/checkpoint.py).
+the one before it, and a complete one that lacks a file this run needs (another config wrote it) is
+refused (onestep/checkpoint.py).
 """
 from __future__ import annotations
 

@@ -760,6 +760,22 @@ def test_existing_run_of_another_model_is_not_resumed(trained_run, tmp_path, mon
     assert_clean_cli("checkpoint: of another model", argv, ["cannot resume from", str(ckpt), "size mismatch"], tmp_path)
 
 
+def test_checkpoint_of_a_differently_configured_run_is_not_skipped(trained_run, tmp_path, monkeypatch):
+    """A complete checkpoint without a file this run needs (as a 4-step-only Lightning checkpoint resumed as a
+    4 -> 1 run lacks optim-disc.pt) is refused in one line naming the file: not skipped as corrupt (which
+    would restart from step 0), nothing renamed."""
+    monkeypatch.chdir(tmp_path)
+    runs, ckpt = copy_run(trained_run, tmp_path)
+    from onestep.checkpoint import checkpoint_problem, write_checksums
+
+    for step in ckpt.parent.iterdir():  # both checkpoints, so that skipping the newest would find no other
+        (step / "optim-student.pt").unlink()
+        write_checksums(step)
+        assert checkpoint_problem(step) is None
+    assert_clean_cli("checkpoint: complete, written by a run configured otherwise", resume_argv(runs),
+                     ["cannot resume from", str(ckpt), "holds no optim-student.pt", "--no-resume"], tmp_path)
+
+
 def test_export_of_a_run_whose_teacher_folder_is_corrupt(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs, _ = copy_run(trained_run, tmp_path)
