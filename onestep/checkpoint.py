@@ -64,13 +64,13 @@ def latest_valid_checkpoint(ckpt_dir: Path, required: tuple[str, ...] = ()) -> P
     quietly restart training from step 0, so it raises ValueError instead, naming the missing files.
     """
     for folder in reversed(finished_checkpoints(ckpt_dir)):
-        problem = checkpoint_problem(folder, required)
+        problem = checkpoint_problem(folder)  # its own files, hashed once
         if problem is None:
-            return folder
-        if checkpoint_problem(folder) is None:
             held = json.loads((folder / CHECKSUMS).read_text())
-            absent = ", ".join(name for name in required if name not in held)
-            raise ValueError(f"{folder} is complete but holds no {absent}: a run with other optimizer groups or "
-                             "another number of processes wrote it; resume with the config that wrote it")
+            absent = [name for name in required if name not in held]
+            if not absent:
+                return folder
+            raise ValueError(f"{folder} is complete but holds no {', '.join(absent)}: a run with other optimizer "
+                             "groups or another number of processes wrote it; resume with the config that wrote it")
         warnings.warn(f"skipping corrupt checkpoint {folder}: {problem}", stacklevel=2)
     return None
