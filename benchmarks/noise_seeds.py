@@ -11,6 +11,11 @@ the per seed scores and the paired ratio student / teacher's mean and sd (oneste
 a teacher (`digits_smt`) is compared with the shipped digits teacher. Choices between runs or
 settings are better made on seeds other than the reported 1234-1238 (the README's sampler-grid and
 tangent warm-up comparisons used 2000-2002), so that the reported scores are not also the tuned ones.
+
+`--record FILE` appends each result, with the run's training seed, its train time at the checkpoint and (with
+`--recipe NAME`) the settings where the run differs from that shipped recipe, to a JSON-lines file; the README's
+training-seed and one-setting-changed runs are kept in `benchmarks/results/runs.jsonl` this way, since the runs
+themselves are not.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", nargs="+", default=[None],
                     help="checkpoint folder names, e.g. step-000500 step-001000 (default: the last)")
     ap.add_argument("--first-seed", type=int, help="first noise seed (default: the run's eval.seed, 1234)")
+    ap.add_argument("--record", type=Path, help="append each result as one JSON line to this file")
+    ap.add_argument("--recipe", help="shipped config the run was trained from; --record then lists the differences")
     args = ap.parse_args()
     if args.seeds < 2:
         ap.error(f"--seeds must be >= 2 (a spread needs two), got {args.seeds}")
@@ -38,6 +45,12 @@ def main() -> None:
         loaded = [(info, *load_student(info)) for info in (load_run(args.run, checkpoint=c) for c in args.checkpoint)]
     except ExportError as e:  # no run, no such checkpoint, unreadable weights: one line, not a traceback
         ap.error(str(e))
+    if args.recipe:
+        from onestep.config import ConfigError, load_config
+        try:
+            recipe = load_config(args.recipe)
+        except ConfigError as e:
+            ap.error(f"--recipe: {e}")
     teacher50 = None
     for i, (info, student, teacher) in enumerate(loaded):
         teacher = reference_teacher(teacher)   # a run from data (smt): the shipped digits teacher
@@ -50,8 +63,43 @@ def main() -> None:
             teacher50 = [b[("teacher", 50)] for b in by]
         for k in args.steps:
             spread = seed_spread(seeds, [b[("student", k)] for b in by], teacher50)
-            print(json.dumps({"run": str(args.run), "checkpoint": info.checkpoint.name, "student_steps": k, **spread}),
-                  flush=True)
+            record = {"run": str(args.run), "checkpoint": info.checkpoint.name, "student_steps": k, **spread}
+            print(json.dumps(record), flush=True)
+            if args.record:
+                record |= {"recipe": args.recipe, "training_seed": info.cfg.seed,
+                           "differs_from_recipe": differences(recipe, info.cfg) if args.recipe else None,
+                           "train_time_s": train_time(args.run, info.step)}
+                with args.record.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+
+# where a run may differ from its recipe without training differently
+_NOT_TRAINING = {"name", "output_dir", "train.num_threads", "train.progress"}
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def differences(recipe, run) -> list[str]:
+    """`key=value` for every setting of the run that is not the recipe's (as `onestep distill` overrides)."""
+    from omegaconf import OmegaConf
+
+    ours, theirs = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (run, recipe))
+    keys = sorted((set(ours) | set(theirs)) - _NOT_TRAINING)
+    return [f"{k}={json.dumps(ours.get(k))}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
+def train_time(run: Path, step: int) -> float | None:
+    """Seconds of training logged up to `step` (metrics.jsonl's time_s; None without a log)."""
+    log = run / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    records = map(json.loads, log.read_text().splitlines())
+    times = [r["time_s"] for r in records if "time_s" in r and r.get("step", 0) <= step]
+    return times[-1] if times else None
 
 
 if __name__ == "__main__":

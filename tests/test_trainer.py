@@ -171,6 +171,27 @@ def test_benchmark_seed_spread_is_over_paired_ratios():
     assert spread["noise_seeds"] == [7, 8] and spread["teacher50_digits_fid_seeds"] == [1.0, 2.0]
 
 
+def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path):
+    """benchmarks/noise_seeds.py --record --recipe: the settings that differ from the recipe, as overrides (not the
+    run's name, output folder, threads or progress bar), and the logged time at the scored checkpoint."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_seeds.py"
+    spec = importlib.util.spec_from_file_location("onestep_benchmark_noise_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = load_config("digits_scm")
+    run = load_config("digits_scm", ["name=S1", "output_dir=/x", "train.num_threads=1", "train.progress=false",
+                                     "seed=1", "objective.tangent_norm_c=1.0", "train.steps=2000"])
+    assert module.differences(recipe, run) == ["objective.tangent_norm_c=1.0", "seed=1", "train.steps=2000"]
+    assert module.differences(recipe, recipe) == []
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 5, "time_s": 1.5}, {"step": 10, "time_s": 3.0}, {"event": "checkpoint", "step": 10},
+        {"step": 15, "time_s": 4.5}]))
+    assert module.train_time(tmp_path, 10) == 3.0 and module.train_time(tmp_path, 4) is None
+    assert module.train_time(tmp_path / "missing", 10) is None
+
+
 def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
     """digits_smt (no teacher) is a benchmark recipe; its student is scored next to the shipped digits
     teacher, and a run's own teacher is kept."""
