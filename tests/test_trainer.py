@@ -192,6 +192,25 @@ def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path
     assert module.train_time(tmp_path / "missing", 10) is None
 
 
+def test_digit_classes_summary_counts_a_dropped_digit_as_half_its_share():
+    """benchmarks/digit_classes.py: shares are the classifier's argmax counts; a model that never draws a 0 and
+    draws 1s in its place is half of 0's training share away (total variation) from the training mix."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "digit_classes.py"
+    spec = importlib.util.spec_from_file_location("onestep_benchmark_digit_classes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train = torch.full((10,), 0.1, dtype=torch.float64)
+    labels = torch.arange(100) % 10
+    labels[labels == 0] = 1                      # every 0 drawn as a 1
+    probs = torch.nn.functional.one_hot(labels, 10).double() * 0.6 + 0.04   # top probability 0.64
+    out = module.class_summary(probs, train)
+    assert out["n"] == 100 and out["class_share"][0] == 0.0 and out["class_share"][1] == 0.2
+    assert out["tv_to_train"] == 0.1 and out["min_share"] == 0.0 and out["mean_top_prob"] == 0.64
+    assert module.class_summary(torch.nn.functional.one_hot(torch.arange(100) % 10, 10).double(), train)["tv_to_train"] == 0.0
+
+
 def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
     """digits_smt (no teacher) is a benchmark recipe; its student is scored next to the shipped digits
     teacher, and a run's own teacher is kept."""
