@@ -21,13 +21,22 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "digit_classes.json"
 
 
-def class_summary(probs, train_shares) -> dict:
-    """Shares, TV distance to `train_shares`, smallest share and mean top probability of classifier `probs` [N, 10]."""
+def label_shares(labels, classes: int = 10):
+    """Share of each class among integer `labels`, as float64."""
     import torch
 
-    shares = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / len(probs)
+    return torch.bincount(labels, minlength=classes).double() / len(labels)
+
+
+def total_variation(p, q) -> float:
+    return round(0.5 * (p - q).abs().sum().item(), 4)
+
+
+def class_summary(probs, train_shares) -> dict:
+    """Shares, TV distance to `train_shares`, smallest share and mean top probability of classifier `probs` [N, 10]."""
+    shares = label_shares(probs.argmax(1), probs.shape[1])
     return {"n": len(probs), "class_share": [round(s, 4) for s in shares.tolist()],
-            "tv_to_train": round(0.5 * (shares - train_shares).abs().sum().item(), 4),
+            "tv_to_train": total_variation(shares, train_shares),
             "min_share": round(shares.min().item(), 4),
             "mean_top_prob": round(probs.max(1).values.mean().item(), 4)}
 
@@ -60,16 +69,14 @@ def main() -> None:
         ap.error(str(e))
 
     net = load_digits_feature_net()
-    train_labels = load_digits("train").labels
-    train_shares = torch.bincount(train_labels, minlength=10).double() / len(train_labels)
+    train_shares = label_shares(load_digits("train").labels)
     heldout = load_digits("heldout")
     rows = [{"model": "held-out real digits", "steps": 0, **class_summary(classify(net, heldout.images), train_shares),
-             "label_tv_to_train": round(0.5 * (torch.bincount(heldout.labels, minlength=10).double() / len(heldout.labels)
-                                               - train_shares).abs().sum().item(), 4)}]
+             "label_tv_to_train": total_variation(label_shares(heldout.labels), train_shares)}]
     teachers_done = set()
     for info, student, teacher in loaded:
         teacher = reference_teacher(teacher)
-        teacher_key = json.dumps(str(info.cfg.teacher))   # score each distinct teacher once
+        teacher_key = str(info.cfg.teacher)   # score each distinct teacher once
         with_teacher = teacher_key not in teachers_done
         teachers_done.add(teacher_key)
         cfg = replace(info.cfg, eval=replace(info.cfg.eval, teacher_steps=[50] if with_teacher else [],

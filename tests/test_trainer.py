@@ -150,15 +150,19 @@ def test_lr_schedule_and_logs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([t.base_lr["student"] * f for f in factors[:10]], rel=1e-12)
 
 
-def objectives_benchmark():
-    """benchmarks/objectives.py as a module, under its own name."""
+def benchmark_module(name: str = "objectives"):
+    """benchmarks/<name>.py as a module, under its own name."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
-    spec = importlib.util.spec_from_file_location("onestep_benchmark_objectives", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"onestep_benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def objectives_benchmark():
+    return benchmark_module("objectives")
 
 
 def test_benchmark_seed_spread_is_over_paired_ratios():
@@ -174,12 +178,7 @@ def test_benchmark_seed_spread_is_over_paired_ratios():
 def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path):
     """benchmarks/noise_seeds.py --record --recipe: the settings that differ from the recipe, as overrides (not the
     run's name, output folder, threads or progress bar), and the logged time at the scored checkpoint."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_seeds.py"
-    spec = importlib.util.spec_from_file_location("onestep_benchmark_noise_seeds", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("noise_seeds")
     recipe = load_config("digits_scm")
     run = load_config("digits_scm", ["name=S1", "output_dir=/x", "train.num_threads=1", "train.progress=false",
                                      "seed=1", "objective.tangent_norm_c=1.0", "train.steps=2000"])
@@ -195,12 +194,7 @@ def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path
 def test_digit_classes_summary_counts_a_dropped_digit_as_half_its_share():
     """benchmarks/digit_classes.py: shares are the classifier's argmax counts; a model that never draws a 0 and
     draws 1s in its place is half of 0's training share away (total variation) from the training mix."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "digit_classes.py"
-    spec = importlib.util.spec_from_file_location("onestep_benchmark_digit_classes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("digit_classes")
     train = torch.full((10,), 0.1, dtype=torch.float64)
     labels = torch.arange(100) % 10
     labels[labels == 0] = 1                      # every 0 drawn as a 1
