@@ -191,6 +191,32 @@ def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path
     assert module.train_time(tmp_path / "missing", 10) is None
 
 
+def test_runs_table_groups_training_seeds_of_one_setting():
+    """benchmarks/runs_table.py: runs that differ only in their training seed are one group (a changed setting
+    or checkpoint is another); a run recorded twice counts once; goals are counted per run, at the first noise
+    seed (ratio 2 / 1) and on the noise-seed mean."""
+    module = benchmark_module("runs_table")
+
+    def record(run, seed, first, mean, differs=(), checkpoint="step-003000"):
+        return {"run": run, "checkpoint": checkpoint, "student_steps": 1, "recipe": "digits_fdistill",
+                "training_seed": seed, "differs_from_recipe": [*differs, *([f"seed={seed}"] if seed else [])],
+                "digits_fid_seeds": [first, 9.0], "teacher50_digits_fid_seeds": [2.0, 3.0], "ratio_mean": mean}
+
+    groups = module.summarise([
+        record("A", 0, 2.0, 1.0), record("B", 1, 3.0, 1.4), record("B", 1, 2.6, 1.1),    # B rescored: the last counts
+        record("C", 1, 4.0, 2.0, ["train.steps=4000"]), record("A", 0, 5.0, 3.0, checkpoint="step-002500")])
+    assert [(g["settings"], g["checkpoint"], g["training_seeds"]) for g in groups] == [
+        ([], "step-003000", [0, 1]), (["train.steps=4000"], "step-003000", [1]), ([], "step-002500", [0])]
+    recipe = groups[0]
+    assert recipe["ratio_first_seed"] == [1.0, 1.3] and recipe["ratio_mean"] == [1.0, 1.1]
+    assert recipe["first_seed_mean"] == pytest.approx(1.15) and recipe["mean_of_means"] == pytest.approx(1.05)
+    assert recipe["first_seed_sd"] == pytest.approx(0.3 / 2 ** 0.5) and groups[1]["mean_sd"] is None
+    assert module.meets(recipe, 1.2) == (1, 2) and module.meets(recipe, 1.0) == (1, 1)
+    assert module.parse_goals(["digits_fdistill=1.2"]) == {"digits_fdistill": 1.2}
+    with pytest.raises(SystemExit, match="RECIPE=RATIO"):
+        module.parse_goals(["digits_fdistill"])
+
+
 def test_digit_classes_summary_counts_a_dropped_digit_as_half_its_share():
     """benchmarks/digit_classes.py: shares are the classifier's argmax counts; a model that never draws a 0 and
     draws 1s in its place is half of 0's training share away (total variation) from the training mix."""
