@@ -7,7 +7,9 @@ per group it prints each run's ratio student / teacher 50-step at the first nois
 1234) and its mean over the noise seeds, then the mean and sd of both over the group's training seeds.
 With `--goal RECIPE=X` it also counts the group's runs that meet the goal (ratio <= X) at the first
 noise seed and on the noise-seed mean. A goal met by one run of a group whose other seeds miss it is
-the run's luck, not the recipe's: this table is where that shows.
+the run's luck, not the recipe's: this table is where that shows. Settings are differences from the recipe
+as it was when the run was recorded: after a recipe changes, its older "(recipe)" rows are the old recipe
+(e.g. reverse KL's before its GAN weight went to 1e-1).
 """
 from __future__ import annotations
 
