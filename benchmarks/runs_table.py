@@ -38,12 +38,18 @@ def summarise(records: list[dict]) -> list[dict]:
         runs = sorted(runs, key=lambda r: r.get("training_seed") or 0)
         first = [r["digits_fid_seeds"][0] / r["teacher50_digits_fid_seeds"][0] for r in runs]
         means = [r["ratio_mean"] for r in runs]
+        (first_mean, first_sd), (mean_of_means, mean_sd) = _spread(first), _spread(means)
         out.append({"recipe": recipe, "student_steps": steps, "checkpoint": checkpoint, "settings": list(settings),
                     "training_seeds": [r.get("training_seed") for r in runs],
                     "ratio_first_seed": first, "ratio_mean": means,
-                    "first_seed_mean": mean(first), "first_seed_sd": stdev(first) if len(first) > 1 else None,
-                    "mean_of_means": mean(means), "mean_sd": stdev(means) if len(means) > 1 else None})
+                    "first_seed_mean": first_mean, "first_seed_sd": first_sd,
+                    "mean_of_means": mean_of_means, "mean_sd": mean_sd})
     return out
+
+
+def _spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sd over training seeds (no sd from one run)."""
+    return mean(values), stdev(values) if len(values) > 1 else None
 
 
 def meets(summary: dict, goal: float) -> tuple[int, int]:
@@ -54,13 +60,11 @@ def meets(summary: dict, goal: float) -> tuple[int, int]:
 def parse_goals(items: list[str]) -> dict[str, float]:
     goals = {}
     for item in items:
-        recipe, sep, value = item.partition("=")
-        try:
+        recipe, _, value = item.partition("=")
+        try:   # no "=" leaves value "", which float() refuses too
             goals[recipe] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise SystemExit(f"--goal wants RECIPE=RATIO (e.g. digits_fdistill=1.2), got {item!r}")
+            raise SystemExit(f"--goal wants RECIPE=RATIO (e.g. digits_fdistill=1.2), got {item!r}") from None
     return goals
 
 

@@ -150,7 +150,7 @@ def test_lr_schedule_and_logs(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([t.base_lr["student"] * f for f in factors[:10]], rel=1e-12)
 
 
-def benchmark_module(name: str = "objectives"):
+def benchmark_module(name: str):
     """benchmarks/<name>.py as a module, under its own name."""
     import importlib.util
 
@@ -159,10 +159,6 @@ def benchmark_module(name: str = "objectives"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def objectives_benchmark():
-    return benchmark_module("objectives")
 
 
 def test_benchmark_seed_spread_is_over_paired_ratios():
@@ -238,7 +234,7 @@ def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
     from onestep.demo import reference_teacher
     from onestep.teachers.digits import DigitsTeacher
 
-    bench = objectives_benchmark()
+    bench = benchmark_module("objectives")
     assert "smt" in bench.FROM_DATA and bench.recipes_of("smt") == ["digits_smt"]
     # a variant recipe (same objective) is a row of its own; digits_scm_ladd is not a variant of scm
     assert bench.recipes_of("lightning") == ["digits_lightning", "digits_lightning_4step"]
@@ -258,7 +254,7 @@ def test_benchmark_from_run_takes_a_teacherless_smt_run(tmp_path):
     overrides = [f"output_dir={tmp_path}", "name=smt", "train.steps=2", "data.batch_size=4", "train.progress=false",
                  "train.checkpoint_every=2", "objective.generator_warmup=1"]
     Trainer(load_config(find_config("digits_smt"), overrides)).fit()
-    bench = objectives_benchmark()
+    bench = benchmark_module("objectives")
     teacher, student, steps, _ = bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), overrides))
     assert teacher is None and steps == 2 and not student.training
     with pytest.raises(SystemExit, match="objective differ"):
@@ -268,7 +264,7 @@ def test_benchmark_from_run_takes_a_teacherless_smt_run(tmp_path):
 def test_benchmark_train_seconds_across_resumes():
     """benchmarks/objectives.py --from-run counts each resumed segment up to where the next picks up:
     a run killed at step 30 after a checkpoint at 20 and resumed there took 20 s + the resumed 25 s."""
-    train_seconds = objectives_benchmark().train_seconds
+    train_seconds = benchmark_module("objectives").train_seconds
 
     first = [{"step": s, "time_s": float(s)} for s in (10, 20, 30)]          # killed after 30, checkpoint 20
     resumed = [{"step": s, "time_s": float(s - 20) + 5} for s in (30, 40)]   # restarts its clock at step 20
