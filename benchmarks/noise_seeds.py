@@ -12,10 +12,10 @@ a teacher (`digits_smt`) is compared with the shipped digits teacher. Choices be
 settings are better made on seeds other than the reported 1234-1238 (the README's sampler-grid and
 tangent warm-up comparisons used 2000-2002), so that the reported scores are not also the tuned ones.
 
-`--record FILE` appends each result, with the run's training seed, its train time at the checkpoint and (with
-`--recipe NAME`) the settings where the run differs from that shipped recipe, to a JSON-lines file; the README's
-training-seed and one-setting-changed runs are kept in `benchmarks/results/runs.jsonl` this way, since the runs
-themselves are not.
+`--record FILE` appends each result, with the run's training seed, its train time at the checkpoint, every
+setting it was trained with and (with `--recipe NAME`) those where it differs from that shipped recipe, to a
+JSON-lines file; the README's training-seed and one-setting-changed runs are kept in
+`benchmarks/results/runs.jsonl` this way, since the runs themselves are not.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 
 def main() -> None:
+    from onestep.config import ConfigError, load_config, setting_differences, training_settings
     from onestep.demo import evaluate_digits_seeds, reference_teacher, scores_by_seed, seed_spread
     from onestep.export import ExportError, load_run, load_student
 
@@ -46,9 +47,8 @@ def main() -> None:
     except ExportError as e:  # no run, no such checkpoint, unreadable weights: one line, not a traceback
         ap.error(str(e))
     if args.recipe:
-        from onestep.config import ConfigError, load_config
         try:
-            recipe = load_config(args.recipe)
+            recipe = training_settings(load_config(args.recipe))
         except ConfigError as e:
             ap.error(f"--recipe: {e}")
     teacher50 = None
@@ -66,30 +66,12 @@ def main() -> None:
             record = {"run": str(args.run), "checkpoint": info.checkpoint.name, "student_steps": k, **spread}
             print(json.dumps(record), flush=True)
             if args.record:
+                settings = training_settings(info.cfg)
                 record |= {"recipe": args.recipe, "training_seed": info.cfg.seed,
-                           "differs_from_recipe": differences(recipe, info.cfg) if args.recipe else None,
-                           "train_time_s": train_time(args.run, info.step)}
+                           "differs_from_recipe": setting_differences(settings, recipe) if args.recipe else None,
+                           "train_time_s": train_time(args.run, info.step), "settings": settings}
                 with args.record.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-
-
-# where a run may differ from its recipe without training differently
-_NOT_TRAINING = {"name", "output_dir", "train.num_threads", "train.progress"}
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def differences(recipe, run) -> list[str]:
-    """`key=value` for every setting of the run that is not the recipe's (as `onestep distill` overrides)."""
-    from omegaconf import OmegaConf
-
-    ours, theirs = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (run, recipe))
-    keys = sorted((set(ours) | set(theirs)) - _NOT_TRAINING)
-    return [f"{k}={json.dumps(ours.get(k))}" for k in keys if ours.get(k) != theirs.get(k)]
 
 
 def train_time(run: Path, step: int) -> float | None:

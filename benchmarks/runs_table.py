@@ -7,9 +7,10 @@ per group it prints each run's ratio student / teacher 50-step at the first nois
 1234) and its mean over the noise seeds, then the mean and sd of both over the group's training seeds.
 With `--goal RECIPE=X` it also counts the group's runs that meet the goal (ratio <= X) at the first
 noise seed and on the noise-seed mean. A goal met by one run of a group whose other seeds miss it is
-the run's luck, not the recipe's: this table is where that shows. Settings are differences from the recipe
-as it was when the run was recorded: after a recipe changes, its older "(recipe)" rows are the old recipe
-(e.g. reverse KL's before its GAN weight went to 1e-1).
+the run's luck, not the recipe's: this table is where that shows. Runs are grouped by the settings they
+were trained with (recorded in full), and each group is labelled by where those differ from the recipe as it
+is now: after a recipe changes, runs of the old one show the old value (e.g. reverse KL's
+`objective.gan_weight=0.01`, its recipe's GAN weight until it went to 1e-1).
 """
 from __future__ import annotations
 
@@ -22,9 +23,25 @@ RUNS = Path(__file__).resolve().parent / "results" / "runs.jsonl"
 
 
 def group_key(record: dict) -> tuple:
-    """(recipe, student steps, checkpoint, settings): every difference from the recipe but the seed."""
-    settings = tuple(d for d in record.get("differs_from_recipe") or [] if not d.startswith("seed="))
+    """(recipe, student steps, checkpoint, settings): every setting the run was trained with but its seed."""
+    if "settings" not in record:
+        raise SystemExit(f"{record['run']}: the record has no `settings` (re-record it with noise_seeds.py --record)")
+    settings = json.dumps({k: v for k, v in record["settings"].items() if k != "seed"}, sort_keys=True)
     return record.get("recipe"), record["student_steps"], record["checkpoint"], settings
+
+
+def label(recipe: str | None, settings: dict) -> list[str]:
+    """Where a group's settings differ from its recipe as shipped now (`key=value`)."""
+    from onestep.config import ConfigError, load_config, setting_differences, training_settings
+
+    if recipe is None:
+        return ["(no recipe recorded)"]
+    try:
+        shipped = training_settings(load_config(recipe))
+    except ConfigError as e:
+        raise SystemExit(f"recipe {recipe}: {e}") from None
+    shipped.pop("seed")
+    return setting_differences(settings, shipped)
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -39,7 +56,8 @@ def summarise(records: list[dict]) -> list[dict]:
         first = [r["digits_fid_seeds"][0] / r["teacher50_digits_fid_seeds"][0] for r in runs]
         means = [r["ratio_mean"] for r in runs]
         (first_mean, first_sd), (mean_of_means, mean_sd) = _spread(first), _spread(means)
-        out.append({"recipe": recipe, "student_steps": steps, "checkpoint": checkpoint, "settings": list(settings),
+        out.append({"recipe": recipe, "student_steps": steps, "checkpoint": checkpoint,
+                    "settings": label(recipe, json.loads(settings)),
                     "training_seeds": [r.get("training_seed") for r in runs],
                     "ratio_first_seed": first, "ratio_mean": means,
                     "first_seed_mean": first_mean, "first_seed_sd": first_sd,

@@ -11,6 +11,7 @@ and column, and a malformed `key=value` override. YAML is read with yaml's SafeL
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -485,3 +486,21 @@ def _check_optimizer_options(obj_cfg) -> None:
 
 def to_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
+# where two runs may differ without training differently
+NOT_TRAINING = ("name", "output_dir", "train.num_threads", "train.progress")
+
+
+def training_settings(run: RunConfig) -> dict:
+    """Every setting of a run that shapes its training, flat (`{"objective.lr": 0.0003, "seed": 0, ...}`)."""
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+    return {k: v for k, v in flat(OmegaConf.to_container(OmegaConf.structured(run))).items() if k not in NOT_TRAINING}
+
+
+def setting_differences(ours: dict, theirs: dict) -> list[str]:
+    """`key=value` (as `onestep distill` overrides) for every setting of ours that is not theirs."""
+    return [f"{k}={json.dumps(ours.get(k))}" for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]

@@ -172,14 +172,19 @@ def test_benchmark_seed_spread_is_over_paired_ratios():
 
 
 def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path):
-    """benchmarks/noise_seeds.py --record --recipe: the settings that differ from the recipe, as overrides (not the
-    run's name, output folder, threads or progress bar), and the logged time at the scored checkpoint."""
+    """benchmarks/noise_seeds.py --record --recipe: the run's training settings (not its name, output folder,
+    threads or progress bar), those that differ from the recipe as overrides, and the logged time at the scored
+    checkpoint."""
+    from onestep.config import setting_differences, training_settings
+
     module = benchmark_module("noise_seeds")
-    recipe = load_config("digits_scm")
-    run = load_config("digits_scm", ["name=S1", "output_dir=/x", "train.num_threads=1", "train.progress=false",
-                                     "seed=1", "objective.tangent_norm_c=1.0", "train.steps=2000"])
-    assert module.differences(recipe, run) == ["objective.tangent_norm_c=1.0", "seed=1", "train.steps=2000"]
-    assert module.differences(recipe, recipe) == []
+    recipe = training_settings(load_config("digits_scm"))
+    run = training_settings(load_config("digits_scm", [
+        "name=S1", "output_dir=/x", "train.num_threads=1", "train.progress=false",
+        "seed=1", "objective.tangent_norm_c=1.0", "train.steps=2000"]))
+    assert run["objective.tangent_norm_c"] == 1.0 and run["teacher.shipped"] == "dense" and "name" not in run
+    assert setting_differences(run, recipe) == ["objective.tangent_norm_c=1.0", "seed=1", "train.steps=2000"]
+    assert setting_differences(recipe, recipe) == []
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 5, "time_s": 1.5}, {"step": 10, "time_s": 3.0}, {"event": "checkpoint", "step": 10},
         {"step": 15, "time_s": 4.5}]))
@@ -191,18 +196,27 @@ def test_runs_table_groups_training_seeds_of_one_setting():
     """benchmarks/runs_table.py: runs that differ only in their training seed are one group (a changed setting
     or checkpoint is another); a run recorded twice counts once; goals are counted per run, at the first noise
     seed (ratio 2 / 1) and on the noise-seed mean."""
+    from onestep.config import training_settings
+
     module = benchmark_module("runs_table")
 
-    def record(run, seed, first, mean, differs=(), checkpoint="step-003000"):
+    def record(run, seed, first, mean, overrides=(), checkpoint="step-003000"):
+        settings = training_settings(load_config("digits_fdistill", [f"seed={seed}", *overrides]))
         return {"run": run, "checkpoint": checkpoint, "student_steps": 1, "recipe": "digits_fdistill",
-                "training_seed": seed, "differs_from_recipe": [*differs, *([f"seed={seed}"] if seed else [])],
+                "training_seed": seed, "settings": settings,
                 "digits_fid_seeds": [first, 9.0], "teacher50_digits_fid_seeds": [2.0, 3.0], "ratio_mean": mean}
 
+    # D as recorded when the recipe's GAN weight was 3e-2 (nothing differed then but the seed): grouped by what
+    # it trained with and labelled against the recipe as it is now, not with the recipe's runs
+    stale = record("D", 2, 4.0, 2.0, ["objective.gan_weight=0.03"]) | {"differs_from_recipe": ["seed=2"]}
     groups = module.summarise([
         record("A", 0, 2.0, 1.0), record("B", 1, 3.0, 1.4), record("B", 1, 2.6, 1.1),    # B rescored: the last counts
-        record("C", 1, 4.0, 2.0, ["train.steps=4000"]), record("A", 0, 5.0, 3.0, checkpoint="step-002500")])
+        record("C", 1, 4.0, 2.0, ["train.steps=4000"]), record("A", 0, 5.0, 3.0, checkpoint="step-002500"), stale])
     assert [(g["settings"], g["checkpoint"], g["training_seeds"]) for g in groups] == [
-        ([], "step-003000", [0, 1]), (["train.steps=4000"], "step-003000", [1]), ([], "step-002500", [0])]
+        ([], "step-003000", [0, 1]), (["train.steps=4000"], "step-003000", [1]), ([], "step-002500", [0]),
+        (["objective.gan_weight=0.03"], "step-003000", [2])]
+    with pytest.raises(SystemExit, match="no `settings`"):
+        module.summarise([{k: v for k, v in record("E", 0, 2.0, 1.0).items() if k != "settings"}])
     recipe = groups[0]
     assert recipe["ratio_first_seed"] == [1.0, 1.3] and recipe["ratio_mean"] == [1.0, 1.1]
     assert recipe["first_seed_mean"] == pytest.approx(1.15) and recipe["mean_of_means"] == pytest.approx(1.05)
