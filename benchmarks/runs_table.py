@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -32,16 +33,20 @@ def group_key(record: dict) -> tuple:
 
 def label(recipe: str | None, settings: dict) -> list[str]:
     """Where a group's settings differ from its recipe as shipped now (`key=value`)."""
-    from onestep.config import ConfigError, load_config, setting_differences, training_settings
+    from onestep.config import setting_differences
 
-    if recipe is None:
-        return ["(no recipe recorded)"]
+    return ["(no recipe recorded)"] if recipe is None else setting_differences(settings, _shipped(recipe))
+
+
+@lru_cache(maxsize=None)   # one load per recipe, not per group
+def _shipped(recipe: str) -> dict:
+    """The recipe's training settings as shipped now, seed excepted."""
+    from onestep.config import ConfigError, load_config, training_settings
+
     try:
-        shipped = training_settings(load_config(recipe))
+        return {k: v for k, v in training_settings(load_config(recipe)).items() if k != "seed"}
     except ConfigError as e:
         raise SystemExit(f"recipe {recipe}: {e}") from None
-    shipped.pop("seed")
-    return setting_differences(settings, shipped)
 
 
 def summarise(records: list[dict]) -> list[dict]:
