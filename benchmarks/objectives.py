@@ -129,29 +129,14 @@ def recipes_of(objective: str) -> list[str]:
 
 def finished_run(run_dir: Path, recipe):
     """(teacher, EMA student, steps, train seconds) of a finished run whose training config is the recipe's."""
-    from dataclasses import asdict
-
-    from onestep.config import load_config
+    from onestep.config import load_config, setting_differences, training_settings
     from onestep.export import load_run, load_student
 
-    ran = load_config(run_dir / "config.yaml")
-    from onestep.config import section_config
-    from onestep.registry import OBJECTIVES, TEACHERS
-
-    # what decides the result must match (sections resolved with their defaults); where it ran
-    # (names, folders, threads, logging) need not
-    def same(c):
-        return {"seed": c.seed, "student": asdict(c.student), "data": asdict(c.data),
-                "teacher": dict(c.teacher) if not c.has_teacher   # from data (smt)
-                else asdict(section_config("teacher", c.teacher, TEACHERS)[1]),
-                "objective": asdict(section_config("objective", c.objective, OBJECTIVES)[1])} | {
-            k: v for k, v in asdict(c.train).items() if k not in ("num_threads", "progress", "checkpoint_every",
-                                                                   "log_every", "sample_every", "sample_steps",
-                                                                   "keep_checkpoints")}
-    ran_keys, recipe_keys = same(ran), same(recipe)
-    if ran_keys != recipe_keys:
-        diff = sorted(k for k in recipe_keys if recipe_keys[k] != ran_keys.get(k))
-        raise SystemExit(f"{run_dir} was not trained with the recipe: {', '.join(diff)} differ")
+    # what shapes training must match (onestep.config.training_settings); where it ran, what it logged or
+    # saved along the way need not
+    diff = setting_differences(training_settings(load_config(run_dir / "config.yaml")), training_settings(recipe))
+    if diff:
+        raise SystemExit(f"{run_dir} was not trained with the recipe: {' '.join(diff)} (the run's values)")
     info = load_run(run_dir)
     student, teacher = load_student(info)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -488,17 +488,35 @@ def to_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
-# where two runs may differ without training differently
-NOT_TRAINING = ("name", "output_dir", "train.num_threads", "train.progress")
+# where two runs may differ without training differently: names, folders, threads, what is logged, saved or
+# sampled along the way, and how the run is scored afterwards (a key or everything under a section)
+NOT_TRAINING = ("name", "output_dir", "train.num_threads", "train.progress", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.sample_steps", "eval")
+
+
+def _shapes_training(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in NOT_TRAINING)
 
 
 def training_settings(run: RunConfig) -> dict:
-    """Every setting of a run that shapes its training, flat (`{"objective.lr": 0.0003, "seed": 0, ...}`)."""
-    def flat(tree, prefix=""):
-        if isinstance(tree, dict):
-            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: tree}
-    return {k: v for k, v in flat(OmegaConf.to_container(OmegaConf.structured(run))).items() if k not in NOT_TRAINING}
+    """Every setting of a run that shapes its training, flat (`{"objective.lr": 0.0003, "seed": 0, ...}`).
+    The teacher and objective sections are resolved with their entry's defaults, so a recipe that spells
+    out a default trains the same as one that leaves it out; values are as JSON keeps them (lists)."""
+    from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
+
+    load_builtin()
+    tree = OmegaConf.to_container(OmegaConf.structured(run))
+    for section, registry in (("teacher", TEACHERS), ("objective", OBJECTIVES)):
+        if section == "teacher" and not run.has_teacher:
+            continue   # trained from data: the section is just its name
+        _, cfg = section_config(section, tree[section], registry)
+        tree[section] = {"name": tree[section]["name"], **dataclasses.asdict(cfg)}
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+    return {k: json.loads(json.dumps(v)) for k, v in flat(tree).items() if _shapes_training(k)}
 
 
 def setting_differences(ours: dict, theirs: dict) -> list[str]:

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from onestep.config import load_config
+from onestep.objectives.scm import SCMConfig
+from onestep.objectives.smt import SMTConfig
 from onestep.trainer import NonFiniteLossError, Trainer
 
 
@@ -183,6 +185,10 @@ def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path
         "name=S1", "output_dir=/x", "train.num_threads=1", "train.progress=false",
         "seed=1", "objective.tangent_norm_c=1.0", "train.steps=2000"]))
     assert run["objective.tangent_norm_c"] == 1.0 and run["teacher.shipped"] == "dense" and "name" not in run
+    # the objective's defaults are settings too (a recipe that spells one out trains the same); logging,
+    # checkpoints, sample grids and scoring are not
+    assert run["objective.time_clamp"] == SCMConfig().time_clamp and "time_clamp" not in load_config("digits_scm").objective
+    assert not [k for k in run if k.startswith(("eval.", "train.checkpoint", "train.log", "train.sample"))]
     assert setting_differences(run, recipe) == ["objective.tangent_norm_c=1.0", "seed=1", "train.steps=2000"]
     assert setting_differences(recipe, recipe) == []
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
@@ -271,8 +277,12 @@ def test_benchmark_from_run_takes_a_teacherless_smt_run(tmp_path):
     bench = benchmark_module("objectives")
     teacher, student, steps, _ = bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), overrides))
     assert teacher is None and steps == 2 and not student.training
-    with pytest.raises(SystemExit, match="objective differ"):
+    with pytest.raises(SystemExit, match="generator_warmup=1 "):
         bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), overrides[:-1]))
+    # where it ran and what it saved along the way are not training; a default spelled out is the default
+    same = [*overrides[:-2], "train.checkpoint_every=1", "train.sample_steps=[1]", "eval.seed=7", "name=other",
+            "objective.generator_warmup=1", f"objective.sigma_data={SMTConfig().sigma_data}"]
+    assert bench.finished_run(tmp_path / "smt", load_config(find_config("digits_smt"), same))[2] == 2
 
 
 def test_benchmark_train_seconds_across_resumes():
