@@ -508,7 +508,7 @@ def training_settings(run: RunConfig) -> dict:
     tree = OmegaConf.to_container(OmegaConf.structured(run))
     for section, registry in (("teacher", TEACHERS), ("objective", OBJECTIVES)):
         if section == "teacher" and not run.has_teacher:
-            continue   # trained from data: the section is just its name
+            continue   # trained from data: no teacher entry to resolve defaults from; kept as written
         _, cfg = section_config(section, tree[section], registry)
         tree[section] = {"name": tree[section]["name"], **dataclasses.asdict(cfg)}
 
