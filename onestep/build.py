@@ -49,7 +49,19 @@ def _build_student(cfg: RunConfig, teacher):
                               f"not {type(student).__name__}; leave it unset")
     if cfg.student.time_smoothing > 0:
         student.smooth_time_embedding(cfg.student.time_smoothing)
+    if cfg.student.dropout is not None:
+        set_dropout(student, cfg.student.dropout)
     return student
+
+
+def set_dropout(net, rate: float) -> None:
+    """Set the rate of every dropout layer of `net` (the backbone's own layers: diffusers' ResNet blocks and
+    attention outputs); a student without any is a config error, not a silent no-op."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    if not layers:
+        raise ConfigError(f"student.dropout: the {type(net).__name__} student has no dropout layers; leave it unset")
+    for layer in layers:
+        layer.p = rate
 
 
 def _new_student(cfg: RunConfig, teacher):

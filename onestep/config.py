@@ -39,6 +39,10 @@ class StudentSection:
     # std (flow time) of a Gaussian jitter of t that the student's time embeddings are averaged over, at
     # init (AvgVelocityUNet.smooth_time_embedding; digits UNet students). 0: none. MeanFlow/sCM: ~0.005
     time_smoothing: float = 0.0
+    # the rate of the student backbone's dropout layers while it trains (null: the backbone's own, 0 for the
+    # digits UNet); sampling and evaluation run in eval mode, without it. Consistency training trains with
+    # dropout (iCT/ECT: 0.2-0.3); sCM's and MeanFlow's JVPs replay the primal pass's masks
+    dropout: Optional[float] = None
     # the UNet's timestep is time_scale * t (digits UNet students; null: the teacher's, 1000 for the shipped
     # digits teacher). 1 is SANA-Sprint's "dense" time embedding (spec 7.1): a teacher fine-tuned with it
     # (configs/digits_teacher_dense.yaml) has a smooth d/dt for the JVPs of MeanFlow and sCM
@@ -405,6 +409,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"student.time_scale must be a finite number > 0 (or null: the teacher's), got {tscale}")
     if not (run.student.time_smoothing >= 0 and math.isfinite(run.student.time_smoothing)):
         raise ConfigError(f"student.time_smoothing must be a finite number >= 0, got {run.student.time_smoothing}")
+    drop = run.student.dropout
+    if drop is not None and not 0 <= drop < 1:
+        raise ConfigError(f"student.dropout must be in [0, 1) (or null: the backbone's own), got {drop}")
     # combinations
     teacher_name = run.teacher.get("name")
     if run.student.init == "teacher" and not run.has_teacher:

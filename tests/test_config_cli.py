@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from onestep.cli import main
 from onestep.config import ConfigError, load_config
@@ -14,7 +15,7 @@ from onestep.config import ConfigError, load_config
     (["teacher.name=nope"], "teacher.name: unknown teacher 'nope'; allowed: digits, "),
     (["train.stepz=3"], "unknown key train.stepz; allowed: checkpoint_every, clip_grad_norm"),
     (["stepz=3"], "unknown key stepz; allowed: data, eval, name, objective"),
-    (["student.size=3"], "unknown key student.size; allowed: attention, backbone, gradient_checkpointing, init, interval_embedding"),
+    (["student.size=3"], "unknown key student.size; allowed: attention, backbone, dropout, gradient_checkpointing, init"),
     (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
     (["eval.student_steps=[0,1]"], "eval.student_steps must list step counts >= 1"),
     (["data.name=gmm"], "data.name=gmm draws from the teacher's mixture"),
@@ -24,6 +25,7 @@ from onestep.config import ConfigError, load_config
     (["train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not allowed; allowed: no, bf16, fp16"),
     (["objective.flow_ratio=0.2"], "objective.flow_ratio must be in [0.5, 1]"),  # before any model is built
     (["student.time_smoothing=-0.01"], "student.time_smoothing must be a finite number >= 0"),
+    (["student.dropout=1.0"], "student.dropout must be in [0, 1)"),
 ])
 def test_config_errors_name_the_key(overrides, expect):
     with pytest.raises(ConfigError) as e:
@@ -86,6 +88,21 @@ def test_list_prints_registries(capsys):
     assert out[0] == "teachers:" and "  digits" in out and "  gmm" in out
     assert "objectives:" in out and "  splitmeanflow" in out and "  flow_matching" in out
     assert "metrics:" in out and "  digits_fid" in out
+
+
+def test_student_dropout_sets_the_backbone_layers_and_refuses_a_student_without_any():
+    from onestep.build import build_student, build_teacher
+
+    cfg = load_config("demo", ["student.dropout=0.2"])
+    student = build_student(cfg, build_teacher(cfg))
+    rates = [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(rates) >= 6 and set(rates) == {0.2}  # every ResNet block of the digits UNet
+    plain = build_student(load_config("demo"), build_teacher(cfg))
+    assert {m.p for m in plain.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # the teacher's own
+    cfg = load_config("demo", ["teacher.name=gmm", "data.name=gmm", "student.init=scratch", "student.backbone=mlp",
+                               "student.dropout=0.1"])
+    with pytest.raises(ConfigError, match="student.dropout: the MLPAvgVelocity student has no dropout layers"):
+        build_student(cfg, build_teacher(cfg))
 
 
 def test_time_smoothing_needs_a_unet_student():

@@ -153,6 +153,42 @@ def test_loss_gradient_is_the_scm_direction(gmm_teacher):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
 
 
+class DropoutField(torch.nn.Module):
+    """u(z, r, t) with dropout (train mode): the JVP's primal must replay the trained pass's masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 64)
+        self.drop = torch.nn.Dropout(0.5)
+        self.out = torch.nn.Linear(64, 2)
+
+    def forward(self, z, r, t, cond=None):
+        return self.out(self.drop(torch.tanh(self.inp(torch.cat([z, r[:, None], t[:, None]], 1)))))
+
+
+def test_dropout_masks_of_the_target_pass_match_the_trained_pass(gmm_teacher, monkeypatch):
+    """With dropout, F - sg[F] = 0 only if F- (the JVP's primal) reuses F's masks; then per sample the loss is
+    w * mean(g^2) (logvar 0 at init). Different masks would leave F - F- of the order of F itself."""
+    torch.manual_seed(0)
+    student = DropoutField().double().train()
+    obj = scm_objective(student, gmm_teacher, tangent_warmup=0)
+    tangents = []
+    original = obj.scm.tangent
+    monkeypatch.setattr(obj.scm, "tangent", lambda *a, **k: tangents.append(original(*a, **k)) or tangents[-1])
+    x = gmm_teacher.mixture.sample(32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)[0]
+    state = obj.generator.get_state()
+    loss = obj.loss({"x": x}, step=10)["student"]
+    obj.generator.set_state(state)
+    s = obj.scm.sample_times(32).double()
+    g = tangents[0][0]
+    want = (1 / (obj.cfg.sigma_d * torch.tan(s)) * g.pow(2).mean(1)).mean()
+    assert torch.allclose(loss, want, rtol=1e-12, atol=0)
+    assert g.abs().max() > 1e-3  # the check above is not 0 = 0
+    # the same pass with a fresh mask in the target (what a missing replay would give) is far from it
+    F1, F2 = obj.scm.student_trig(x, s), obj.scm.student_trig(x, s)
+    assert (F1 - F2).abs().max() > 0.1
+
+
 def test_one_step_sampler_is_minus_F_at_half_pi(gmm_teacher):
     """Spec §7.7 (6): one consistency step from pure noise is x0 = -F(z, pi/2) (in y units)."""
     torch.manual_seed(0)
