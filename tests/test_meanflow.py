@@ -2,12 +2,12 @@
 Gaussian mixture, stop-gradient placement, the two JVP variants, CFG mixing, and wrong tangents."""
 import pytest
 import torch
-from torch import nn
 
 from onestep.config import ConfigError
 from onestep.evaluation.toy import energy_distance
 from onestep.objectives.meanflow import MeanFlow, MeanFlowConfig
 from onestep.student import AvgVelocityUNet, MLPAvgVelocity
+from tiny_models import DropoutField
 
 
 def batch(gmm_teacher, n=32, seed=0):
@@ -153,20 +153,6 @@ def test_gradient_flows_only_through_the_prediction(gmm_teacher):
     assert torch.allclose(loss, ref, atol=1e-10)
     for a, c in zip(grads, ref_grads):
         assert (a is None and c is None) or torch.allclose(a, c, atol=1e-9)
-
-
-class DropoutField(nn.Module):
-    """u(z, r, t) with dropout: the split JVP must replay the primal's dropout mask."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 64)
-        self.drop = nn.Dropout(0.5)
-        self.out = nn.Linear(64, 2)
-
-    def forward(self, z, r, t, cond=None):
-        h = torch.tanh(self.inp(torch.cat([z, r[:, None], t[:, None]], 1)))
-        return self.out(self.drop(h))
 
 
 def test_single_and_split_jvp_agree_with_dropout(gmm_teacher):

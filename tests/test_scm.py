@@ -9,6 +9,7 @@ from onestep.config import ConfigError
 from onestep.objectives.scm import SCM, SCMConfig
 from onestep.student import MLPAvgVelocity
 from onestep.trigflow import HALF_PI, TrigFlowStudent, consistency_times, consistency_x0, teacher_trig_field
+from tiny_models import DropoutField
 
 
 def direct_trig_field(teacher, y, s, cond=None):
@@ -151,19 +152,6 @@ def test_loss_gradient_is_the_scm_direction(gmm_teacher):
             assert b is None or b.abs().max() == 0
             continue
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
-
-
-class DropoutField(torch.nn.Module):
-    """u(z, r, t) with dropout (train mode): the JVP's primal must replay the trained pass's masks."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = torch.nn.Linear(4, 64)
-        self.drop = torch.nn.Dropout(0.5)
-        self.out = torch.nn.Linear(64, 2)
-
-    def forward(self, z, r, t, cond=None):
-        return self.out(self.drop(torch.tanh(self.inp(torch.cat([z, r[:, None], t[:, None]], 1)))))
 
 
 def test_dropout_masks_of_the_target_pass_match_the_trained_pass(gmm_teacher, monkeypatch):
