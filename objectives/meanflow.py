@@ -143,9 +143,7 @@ class MeanFlow(Objective):
         if cond is None or cfg.cfg_omega is None:
             return v
         lo, hi = cfg.cfg_interval
-        mix = ~dropped & (t >= lo) & (t <= hi)
-        if not mix.any():
-            return v
+        mix = ~dropped & (t >= lo) & (t <= hi)  # not skipped when empty: sharded processes call networks in lockstep
         with frozen_eval(self.student):
             null = self.null_condition_like(cond)
             both = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]),

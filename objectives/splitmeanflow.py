@@ -109,10 +109,9 @@ class SplitMeanFlow(Objective):
         target = torch.empty(z_t.shape, device=x.device, dtype=_accumulation_dtype(x))
         b, c = is_boundary.nonzero().squeeze(1), (~is_boundary).nonzero().squeeze(1)
         sub = (lambda v, i: None if v is None else v[i])
-        if len(b):
-            target[b] = self.boundary_target(x[b], eps[b], z_t[b], t[b], sub(cond, b))
-        if len(c):
-            target[c] = self.consistency_target(z_t[c], r[c], t[c], lam[c], sub(cond, c))
+        # both run even on an empty subset: sharded (FSDP) processes must call the same networks in lockstep
+        target[b] = self.boundary_target(x[b], eps[b], z_t[b], t[b], sub(cond, b))
+        target[c] = self.consistency_target(z_t[c], r[c], t[c], lam[c], sub(cond, c))
 
         pred = self.student(z_t, r, t, cond).to(target.dtype)
         err = (pred - target).pow(2).flatten(1).mean(1)      # per-sample mean squared error

@@ -237,4 +237,4 @@ def _build_adapter_data(cfg: RunConfig, teacher):
     if teacher.num_classes is not None:
         raise ConfigError(f"data.name=image_folder has no labels, but teacher {name} is class-conditional: use "
                           "data.name=class_labels with data.teacher_steps >= 1")
-    return ImageFolderData(d.path, teacher)
+    return ImageFolderData(d.path, teacher, d.num_workers)

@@ -77,6 +77,7 @@ class DataSection:
     # shape, which only objectives that read x for its shape accept (f-distill without discriminator)
     teacher_steps: int = 0
     teacher_guidance: Optional[float] = None  # CFG scale of those teacher samples (None: no guidance)
+    num_workers: int = 4          # image_folder: threads decoding a batch's files (read lazily, per process)
 
 
 @dataclass
@@ -97,6 +98,9 @@ class TrainSection:
     sample_steps: List[int] = field(default_factory=lambda: [1, 2])
     max_nonfinite: int = 5       # this many non-finite losses in a row stop the run
     device: str = "auto"         # "auto" (what accelerate sees) or "cpu"
+    # how several processes share the work (onestep/parallel.py): "auto" (what `accelerate launch` was configured
+    # for), "ddp", "fsdp" (torch FSDP2: parameters, gradients and optimizer state sharded) or "deepspeed" (ZeRO-2)
+    distributed: str = "auto"
     num_threads: int = 0         # CPU threads for torch; 0 = leave torch's default
     progress: bool = True
 
@@ -364,6 +368,7 @@ def validate(run: RunConfig) -> None:
         "data.name": (run.data.name, DATA_NAMES),
         "train.mixed_precision": (run.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (run.train.device, ("auto", "cpu")),
+        "train.distributed": (run.train.distributed, ("auto", "ddp", "fsdp", "deepspeed")),
         "eval.solver": (run.eval.solver, ("euler", "heun")),
     }
     for key, (value, allowed) in choices.items():
@@ -377,7 +382,7 @@ def validate(run: RunConfig) -> None:
         "train.warmup_steps": (tr.warmup_steps, 0), "train.decay_steps": (tr.decay_steps, 0),
         "train.sample_every": (tr.sample_every, 0), "train.max_nonfinite": (tr.max_nonfinite, 0),
         "train.num_threads": (tr.num_threads, 0), "eval.num_samples": (ev.num_samples, 0),
-        "eval.batch_size": (ev.batch_size, 1),
+        "eval.batch_size": (ev.batch_size, 1), "data.num_workers": (run.data.num_workers, 0),
     }
     for key, (value, low) in at_least.items():
         if value < low:
@@ -497,7 +502,8 @@ def to_yaml(run: RunConfig) -> str:
 
 # where two runs may differ without training differently: names, folders, threads, what is logged, saved or
 # sampled along the way, and how the run is scored afterwards (a key or everything under a section)
-NOT_TRAINING = ("name", "output_dir", "train.num_threads", "train.progress", "train.checkpoint_every",
+NOT_TRAINING = ("name", "output_dir", "train.num_threads", "train.progress", "train.distributed", "data.num_workers",
+                "train.checkpoint_every",
                 "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.sample_steps", "eval")
 
 

@@ -57,15 +57,28 @@ def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+# Every data source draws the randomness of the *global* batch (`size` = processes x per-process batch) from
+# the trainer's generator, seeded alike on every process, and then does the work (reading, encoding, teacher
+# sampling) only for this process's rows `part`: N processes with batch B see exactly the batch one process
+# with N x B sees, and each does 1/N of the work.
+
+
+def _rows(size: int, part: slice | None) -> slice:
+    return slice(0, size) if part is None else part
+
+
 class TensorData:
     """An in-memory dataset; batches are drawn with replacement from the trainer's generator."""
 
     def __init__(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         self.x, self.cond = x, cond
 
-    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
-        idx = torch.randint(len(self.x), (size,), generator=generator)
+    def batch(self, size: int, generator: torch.Generator, device=None, part: slice | None = None) -> dict:
+        idx = torch.randint(len(self.x), (size,), generator=generator)[_rows(size, part)]
         return {"x": self.x[idx].to(device), "cond": None if self.cond is None else self.cond[idx].to(device)}
+
+    def sample_conditions(self, n: int):
+        return None if self.cond is None else self.cond[torch.arange(n) % len(self.cond)]
 
 
 class MixtureData:
@@ -74,9 +87,12 @@ class MixtureData:
     def __init__(self, mixture):
         self.mixture = mixture
 
-    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
-        x, _ = self.mixture.sample(size, generator)
-        return {"x": x.to(device), "cond": None}
+    def batch(self, size: int, generator: torch.Generator, device=None, part: slice | None = None) -> dict:
+        x, _ = self.mixture.sample(size, generator)  # cheap: drawn whole, so the stream is the global batch's
+        return {"x": x[_rows(size, part)].to(device), "cond": None}
+
+    def sample_conditions(self, n: int):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,36 +230,50 @@ def _teacher_device_dtype(teacher) -> tuple[torch.device, torch.dtype]:
 class _TeacherSampledData:
     """x = the teacher's own samples from fresh noise (`teacher_steps` steps, CFG `guidance`), or, with
     teacher_steps = 0, a zero placeholder of the teacher's sample shape (for objectives that read x only
-    for its shape). Noise is drawn from the trainer's data generator on the CPU, so every process and
-    device sees the same numbers; sampling runs where the teacher is (at call time: after `prepare`)."""
+    for its shape). Noise is drawn for the global batch from the trainer's data generator on the CPU, so
+    every process and device sees the same numbers; each process samples only its own rows, where the
+    teacher is (at call time: after `prepare`). `teacher_passes` counts the rows this process sampled."""
 
     def __init__(self, teacher, teacher_steps: int = 0, guidance: float | None = None):
         self.teacher, self.teacher_steps, self.guidance = teacher, int(teacher_steps), guidance
+        self.teacher_passes = 0
 
-    def _x(self, size: int, cond, generator: torch.Generator) -> torch.Tensor:
+    def _x(self, size: int, rows: slice, cond, generator: torch.Generator) -> torch.Tensor:
         device, dtype = _teacher_device_dtype(self.teacher)
         shape = (size, *self.teacher.sample_shape)
         if self.teacher_steps == 0:
-            return torch.zeros(shape, device=device)
-        noise = torch.randn(shape, generator=generator).to(device, dtype)
+            return torch.zeros(shape, device=device)[rows]
+        noise = torch.randn(shape, generator=generator)[rows].to(device, dtype)
         with torch.no_grad():
             x = self.teacher.sample(noise, cond, steps=self.teacher_steps, guidance=self.guidance)
+        self.teacher_passes += len(noise) * self.teacher_steps
         return x.float()
+
+    def sample_conditions(self, n: int):
+        """Conditions for a grid of n samples (None: unconditional)."""
+        return None
 
 
 class PromptData(_TeacherSampledData):
-    """Prompts drawn with replacement from a list; cond = teacher.encode_prompt(prompts) (a PromptCondition)."""
+    """Prompts drawn with replacement from a list; cond = teacher.encode_prompt(prompts) (a PromptCondition),
+    encoded only for this process's rows."""
 
     def __init__(self, prompts: list[str], teacher, teacher_steps: int = 0, guidance: float | None = None):
         super().__init__(teacher, teacher_steps, guidance)
         self.prompts = list(prompts)
 
-    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
-        idx = torch.randint(len(self.prompts), (size,), generator=generator)
+    def batch(self, size: int, generator: torch.Generator, device=None, part: slice | None = None) -> dict:
+        rows = _rows(size, part)
+        idx = torch.randint(len(self.prompts), (size,), generator=generator)[rows]
         with torch.no_grad():
             cond = self.teacher.encode_prompt([self.prompts[i] for i in idx.tolist()])
-        x = self._x(size, cond, generator)
+        x = self._x(size, rows, cond, generator)
         return {"x": x if device is None else x.to(device), "cond": cond if device is None else cond.to(device)}
+
+    def sample_conditions(self, n: int):
+        """The first n prompts of the file (cycled), encoded."""
+        with torch.no_grad():
+            return self.teacher.encode_prompt([self.prompts[i % len(self.prompts)] for i in range(n)])
 
 
 class ClassLabelData(_TeacherSampledData):
@@ -255,14 +285,21 @@ class ClassLabelData(_TeacherSampledData):
             raise ValueError(f"{type(teacher).__name__} is unconditional: it has no class labels to draw")
         self.labels = labels
 
-    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
+    def batch(self, size: int, generator: torch.Generator, device=None, part: slice | None = None) -> dict:
+        rows = _rows(size, part)
         cond = None
         if self.labels:
-            cond = torch.randint(self.teacher.num_classes, (size,), generator=generator)
+            cond = torch.randint(self.teacher.num_classes, (size,), generator=generator)[rows]
             cond = cond.to(_teacher_device_dtype(self.teacher)[0])
-        x = self._x(size, cond, generator)
+        x = self._x(size, rows, cond, generator)
         move = (lambda v: v) if device is None else (lambda v: None if v is None else v.to(device))  # noqa: E731
         return {"x": move(x), "cond": move(cond)}
+
+    def sample_conditions(self, n: int):
+        """Labels 0, 1, 2, ... (cycled over the classes)."""
+        if not self.labels:
+            return None
+        return (torch.arange(n) % self.teacher.num_classes).to(_teacher_device_dtype(self.teacher)[0])
 
 
 def teacher_image_size(teacher) -> tuple[int, int]:
@@ -272,23 +309,84 @@ def teacher_image_size(teacher) -> tuple[int, int]:
     return h * factor, w * factor
 
 
-class ImageFolderData:
-    """Images of a folder (onestep.data.load_image_folder, resized to the teacher's resolution) as x in the
-    teacher's space: [-1, 1] pixels for pixel teachers, `teacher.encode` latents (VAE posterior mean, with
-    the VAE's scaling and shift) for latent teachers, encoded per batch where the teacher is. cond None."""
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """The images of a folder, read one at a time when asked (never the whole folder into memory): item i is
+    the i-th file in sorted name order as a uint8 tensor [C, H, W], resized to `size` (bicubic). A file that
+    is not a readable image is a DataError naming it, when it is read."""
 
-    def __init__(self, path, teacher):
+    def __init__(self, path, size, mode: str = "RGB"):
+        from PIL import Image
+
+        if mode not in IMAGE_MODES:
+            raise DataError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+        folder = Path(path)
+        if not folder.exists():
+            raise DataError(f"image folder {folder} not found")
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder (give the folder that holds the images)")
+        self.files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not self.files:
+            raise DataError(f"image folder {folder} holds no images")
+        self.size, self.mode, self._bicubic = _image_size(size), mode, Image.BICUBIC
+        self[0]  # the first file now: a folder of non-images fails before training starts
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        f = self.files[i]
+        try:
+            with Image.open(f) as img:
+                img.load()
+                img = img.convert(self.mode)
+        except UnidentifiedImageError:
+            raise DataError(f"{f} is not an image (PIL cannot identify it); image folders must hold only images") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"{f} is an unreadable image ({detail}): truncated or corrupt?") from None
+        if (img.height, img.width) != self.size:
+            img = img.resize((self.size[1], self.size[0]), self._bicubic)
+        pixels = np.asarray(img, dtype=np.uint8).reshape(img.height, img.width, IMAGE_MODES[self.mode])
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+class ImageFolderData:
+    """Images of a folder (resized to the teacher's resolution) as x in the teacher's space: [-1, 1] pixels for
+    pixel teachers, `teacher.encode` latents (VAE posterior mean, with the VAE's scaling and shift) for latent
+    teachers. Each process reads and encodes only its own rows of the global batch, `num_workers` threads
+    decoding the files. cond None."""
+
+    def __init__(self, path, teacher, num_workers: int = 4):
         self.teacher = teacher
         self.latent = hasattr(teacher, "vae")
         channels = 3 if self.latent else teacher.sample_shape[0]
         if channels not in (1, 3):
             raise DataError(f"the teacher's images have {channels} channels; image folders give 1 (grey) or 3 (RGB)")
-        self.images = load_image_folder(path, size=teacher_image_size(teacher), mode="L" if channels == 1 else "RGB")
+        self.dataset = ImageFolderDataset(path, teacher_image_size(teacher), "L" if channels == 1 else "RGB")
+        self.num_workers = num_workers
+        self._pool = None
 
-    def batch(self, size: int, generator: torch.Generator, device=None) -> dict:
-        idx = torch.randint(len(self.images), (size,), generator=generator)
-        x = self.images[idx].float() / 127.5 - 1.0
+    def _read(self, indices: list[int]) -> torch.Tensor:
+        if self.num_workers <= 1 or len(indices) <= 1:
+            return torch.stack([self.dataset[i] for i in indices])
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="onestep-images")
+        return torch.stack(list(self._pool.map(self.dataset.__getitem__, indices)))
+
+    def batch(self, size: int, generator: torch.Generator, device=None, part: slice | None = None) -> dict:
+        idx = torch.randint(len(self.dataset), (size,), generator=generator)[_rows(size, part)]
+        x = self._read(idx.tolist()).float() / 127.5 - 1.0
         if self.latent:
             teacher_device, _ = _teacher_device_dtype(self.teacher)
             x = self.teacher.encode(x.to(teacher_device)).float()
         return {"x": x if device is None else x.to(device), "cond": None}
+
+    def sample_conditions(self, n: int):
+        return None
+
+    def __getstate__(self):  # the thread pool is not copied (deepcopy, pickling)
+        return {**self.__dict__, "_pool": None}

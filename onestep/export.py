@@ -170,13 +170,15 @@ def load_student(info: RunInfo):
     # what the objective had set on the student by this checkpoint (e.g. Lightning's 1-step x0 prediction)
     objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
     objective.configure_rebuilt_student(student, objective_cfg, info.step, teacher)
-    if info.weights == "ema":
-        # ema.safetensors holds the student's parameters under their own names
-        state = load_file(info.checkpoint / "ema.safetensors")
-    else:
-        # trainable.safetensors holds the objective's modules: the student's under "student."
+    # trainable.safetensors holds the objective's modules, the student's under "student."; ema.safetensors the
+    # EMA of the student's trained parameters under their own names (of every parameter in older checkpoints;
+    # a LoRA student's frozen base never changes, so it comes from trainable.safetensors)
+    state = {}
+    if info.weights == "trained" or (info.checkpoint / "trainable.safetensors").is_file():
         raw = load_file(info.checkpoint / "trainable.safetensors")
         state = {k[len("student."):]: v for k, v in raw.items() if k.startswith("student.")}
+    if info.weights == "ema":
+        state.update(load_file(info.checkpoint / "ema.safetensors"))
     params = dict(student.named_parameters())
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))

@@ -19,6 +19,7 @@ refused (onestep/checkpoint.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from onestep import parallel
 from onestep.build import build_data, build_objective, build_student, build_teacher
 from onestep.checkpoint import finished_checkpoints, latest_valid_checkpoint, write_checksums
 from onestep.config import RunConfig, to_yaml
@@ -61,15 +63,18 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         _allow_new_mixed_precision(tc.mixed_precision)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
-        self.accelerator = Accelerator(
-            cpu=tc.device == "cpu",
-            mixed_precision=tc.mixed_precision,
-            gradient_accumulation_steps=tc.grad_accum,
-            log_with="tensorboard",
-            project_dir=str(self.run_dir),
-            # groups may be inactive at a step (alternating schedules)
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        self.strategy = parallel.requested_strategy(tc.distributed)
+        with parallel.accelerate_without_sharding():
+            self.accelerator = Accelerator(
+                cpu=tc.device == "cpu",
+                mixed_precision=tc.mixed_precision,
+                # the trainer accumulates micro-batches itself (the same way for every strategy)
+                gradient_accumulation_steps=1,
+                log_with="tensorboard",
+                project_dir=str(self.run_dir),
+                # groups may be inactive at a step (alternating schedules)
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            )
         acc = self.accelerator
         torch.manual_seed(cfg.seed)
         self.teacher = teacher if teacher is not None else build_teacher(cfg)
@@ -86,21 +91,32 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
 
         self.groups = self.objective.param_groups()
-        self.optimizers, self.base_lr = {}, {}
-        for g, params in self.groups.items():
-            d = self.objective.default_optim(g)
-            lr = tc.lr if tc.lr is not None else d.lr
-            wd = tc.weight_decay if tc.weight_decay is not None else d.weight_decay
-            self.optimizers[g] = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
-            self.base_lr[g] = lr
-        names = list(self.groups)
-        prepared = acc.prepare(self.objective, *[self.optimizers[g] for g in names])
-        self.model = prepared[0]
-        self.optimizers = dict(zip(names, prepared[1:]))
+        self.base_lr = {}
+
+        def make_optimizers():  # after any sharding: the optimizers hold the sharded parameters
+            optimizers = {}
+            for g, params in self.objective.param_groups().items():
+                d = self.objective.default_optim(g)
+                lr = tc.lr if tc.lr is not None else d.lr
+                wd = tc.weight_decay if tc.weight_decay is not None else d.weight_decay
+                optimizers[g] = torch.optim.AdamW(params, lr=lr, betas=tuple(d.betas), eps=d.eps, weight_decay=wd)
+                self.base_lr[g] = lr
+            return optimizers
+
+        self.parallel = parallel.build(self.strategy, acc, self.objective, make_optimizers)
+        self.model = self.parallel.model
+        self.optimizers = self.parallel.optimizers
+        self.groups = self.parallel.groups
 
         from diffusers.training_utils import EMAModel
 
-        self.ema = EMAModel(self.student.parameters(), decay=tc.ema_decay)
+        # the EMA follows the student's trainable parameters (a LoRA student's frozen base never changes); under
+        # FSDP each process keeps the EMA of its own shards, gathered whole into checkpoints
+        self.ema_names = [n for n, p in self.student.named_parameters() if p.requires_grad]
+        # the parameter objects the optimizer updates (FSDP's shards), kept: between a forward and its backward
+        # FSDP registers gathered copies on the modules instead
+        self._ema_params = [dict(self.student.named_parameters())[n] for n in self.ema_names]
+        self.ema = EMAModel(self._ema_params, decay=tc.ema_decay)
         self.ema.to(acc.device)
         self.step = 0
         self.nonfinite_in_a_row = 0
@@ -127,11 +143,37 @@ class Trainer:
     def student(self):
         return self.objective.student
 
+    def trainable_student_parameters(self) -> list:
+        return list(self._ema_params)
+
     def ema_student(self):
-        """A copy of the student holding the EMA weights (for sampling and evaluation)."""
+        """A copy of the student holding the EMA weights (for sampling and evaluation in one process)."""
+        if self.parallel.sharded:
+            raise RuntimeError("the student is sharded (FSDP): sample with `with trainer.ema_weights():` on every "
+                               "process, or load the checkpoint's weights (onestep export / onestep eval)")
         s = copy.deepcopy(self.student)
-        self.ema.copy_to(s.parameters())
+        params = dict(s.named_parameters())
+        self.ema.copy_to([params[n] for n in self.ema_names])
         return s.eval()
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The live student with its EMA weights swapped in, in eval mode; restored afterwards. Under FSDP every
+        process must enter it (the student's forward gathers shards)."""
+        params = self.trainable_student_parameters()
+        was_training = self.student.training
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in params]
+            for p, shadow in zip(params, self.ema.shadow_params):
+                p.copy_(shadow)
+        self.student.eval()
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, trained):
+                    p.copy_(value)
+            self.student.train(was_training)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -139,7 +181,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        acc = self.accelerator
+        """Write the checkpoint; under FSDP every process takes part (the shards are gathered whole), and the
+        main process writes everything but the per-process RNG files."""
+        acc, par = self.accelerator, self.parallel
         final = self.ckpt_dir / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
         if acc.is_main_process:
@@ -153,21 +197,23 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / f"rng-{acc.process_index}.safetensors")
+        # collective under FSDP: every process gathers, in the same order
+        trainable = {k: par.full_tensor(v).detach().contiguous().cpu() for k, v in obj.trainable_state_dict().items()}
+        ema = {n: par.full_tensor(s).detach().contiguous().cpu() for n, s in zip(self.ema_names, self.ema.shadow_params)}
+        optim = {g: par.optimizer_state(g, obj) for g in self.groups}
         acc.wait_for_everyone()
         if not acc.is_main_process:
+            acc.wait_for_everyone()  # until the main process has published the checkpoint
             return None
-        save_file({k: v.detach().contiguous().cpu() for k, v in obj.trainable_state_dict().items()},
-                  tmp / "trainable.safetensors")
-        names = [n for n, p in self.student.named_parameters()]
-        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, self.ema.shadow_params)},
-                  tmp / "ema.safetensors")
-        for g in self.groups:
-            torch.save(self.optimizers[g].state_dict(), tmp / f"optim-{g}.pt")
+        save_file(trainable, tmp / "trainable.safetensors")
+        save_file(ema, tmp / "ema.safetensors")
+        for g, state in optim.items():
+            torch.save(state, tmp / f"optim-{g}.pt")
         if acc.scaler is not None:
             torch.save(acc.scaler.state_dict(), tmp / "grad_scaler.pt")
         state = {"step": self.step, "ema_optimization_step": self.ema.optimization_step,
                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                 "num_processes": acc.num_processes}
+                 "num_processes": acc.num_processes, "distributed": par.name}
         (tmp / "state.json").write_text(json.dumps(state))
         write_checksums(tmp)
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
@@ -185,31 +231,38 @@ class Trainer:
         prunable = [p for p in finished_checkpoints(self.ckpt_dir) if int(p.name[5:]) not in self.milestones]
         for old in prunable[:-self.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         return final
 
     def checkpoint_files(self) -> tuple[str, ...]:
         """Files every checkpoint of this run must hold (checked against its checksums on resume)."""
-        return ("trainable.safetensors", "ema.safetensors", "state.json",
-                f"rng-{self.accelerator.process_index}.safetensors",
+        return ("trainable.safetensors", "ema.safetensors", "state.json", "rng-0.safetensors",
                 *(f"optim-{g}.pt" for g in self.groups))
 
     def load_checkpoint(self, path: Path) -> None:
-        obj = self.unwrapped
-        missing, unexpected = obj.load_state_dict(load_file(path / "trainable.safetensors"), strict=False)
+        """Load a checkpoint written by any number of processes and any strategy: weights, EMA and optimizer
+        state are whole in the files. The generators of the objective and the data are the same on every
+        process; torch's own RNG is per process (dropout): a run resumed with another number of processes
+        continues from rank 0's, so only a resume with the same number repeats the interrupted run bitwise."""
+        obj, par = self.unwrapped, self.parallel
+        missing, unexpected = par.load_trainable_state(obj, load_file(path / "trainable.safetensors"))
         if unexpected or any(not k.startswith("teacher.") for k in missing):
             raise ValueError(f"checkpoint {path} does not match this run: missing {missing}, unexpected {unexpected}")
         ema = load_file(path / "ema.safetensors")
-        names = [n for n, _ in self.student.named_parameters()]
-        for shadow, n in zip(self.ema.shadow_params, names):
-            shadow.data.copy_(ema[n])
+        absent = [n for n in self.ema_names if n not in ema]
+        if absent:
+            raise ValueError(f"checkpoint {path} does not match this run: its EMA lacks {absent[0]}")
+        with torch.no_grad():
+            for shadow, n in zip(self.ema.shadow_params, self.ema_names):
+                shadow.copy_(par.shard_like(ema[n], shadow))
         load = lambda f: torch.load(path / f, map_location="cpu", weights_only=True)  # noqa: E731
         for g in self.groups:
-            self.optimizers[g].load_state_dict(load(f"optim-{g}.pt"))
+            par.load_optimizer_state(g, obj, load(f"optim-{g}.pt"))
         if self.accelerator.scaler is not None and (path / "grad_scaler.pt").is_file():
             self.accelerator.scaler.load_state_dict(load("grad_scaler.pt"))
         rng_file = path / f"rng-{self.accelerator.process_index}.safetensors"
         if not rng_file.is_file():
-            raise ValueError(f"{rng_file} is missing: resume with the number of processes that wrote {path}")
+            rng_file = path / "rng-0.safetensors"
         rng = load_file(rng_file)
         obj.generator.set_state(rng["objective"])
         self.data_generator.set_state(rng["data"])
@@ -217,6 +270,10 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         state = json.loads((path / "state.json").read_text())
+        if state.get("num_processes", 1) != self.accelerator.num_processes:
+            self.accelerator.print(f"resuming a {state.get('num_processes', 1)}-process checkpoint with "
+                                   f"{self.accelerator.num_processes} process(es): the same weights, optimizer state "
+                                   "and data order; per-process randomness (dropout) continues from rank 0's")
         self.step = state["step"]
         self.ema.optimization_step = state["ema_optimization_step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
@@ -242,18 +299,18 @@ class Trainer:
     def next_batch(self) -> dict:
         """This process's slice of the global batch (data.batch_size per process)."""
         acc, size = self.accelerator, self.cfg.data.batch_size
-        full = self.data.batch(size * acc.num_processes, self.data_generator)
         part = slice(acc.process_index * size, (acc.process_index + 1) * size)
-        return {k: None if v is None else v[part].to(acc.device) for k, v in full.items()}
+        mine = self.data.batch(size * acc.num_processes, self.data_generator, part=part)
+        return {k: None if v is None else v.to(acc.device) for k, v in mine.items()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (grad_accum micro-batches) of every active group.
 
-        A non-finite loss is agreed on by all processes (so DDP never waits on a rank that skipped
-        backward); the step is then skipped everywhere. Under fp16 the gradient scaler handles
+        A non-finite loss is agreed on by all processes (so no process waits in a collective for one that
+        skipped backward); the step is then skipped everywhere. Under fp16 the gradient scaler handles
         non-finite gradients itself (it skips the update and lowers the scale).
         """
-        acc, tc = self.accelerator, self.cfg.train
+        acc, tc, par = self.accelerator, self.cfg.train, self.parallel
         logs: dict[str, float] = {}
         groups = self.objective.active_groups(self.step)
         factor = self.lr_factor(self.step)
@@ -261,39 +318,41 @@ class Trainer:
             for pg in self.optimizers[g].param_groups:
                 pg["lr"] = self.base_lr[g] * factor
         finite = True
-        for _ in range(tc.grad_accum):
-            with acc.accumulate(self.model):
+        for micro in range(tc.grad_accum):
+            with par.accumulating(last=micro == tc.grad_accum - 1):
                 batch = self.next_batch()
-                out = self.model(batch, self.step)
+                out = par.forward(batch, self.step)
                 ok = torch.stack([torch.isfinite(out[g]).all() for g in groups]).float().min()
                 if acc.num_processes > 1:
                     ok = acc.reduce(ok, "sum") / acc.num_processes
                 if ok.item() < 1.0:
                     finite = False
                     logs["nonfinite_group"] = next((g for g in groups if not torch.isfinite(out[g]).all()), groups[0])
+                    par.refuse_nonfinite(self.step, logs["nonfinite_group"])
                 for i, g in enumerate(groups):
                     # backward runs on every rank even when skipping, so collective ops stay matched
                     loss = out[g] if finite else out[g].nan_to_num(0.0, 0.0, 0.0) * 0.0
-                    acc.backward(loss, inputs=self.groups[g], retain_graph=i < len(groups) - 1)
-                if acc.sync_gradients:
-                    for g in groups:
-                        gn = acc.clip_grad_norm_(self.groups[g], tc.clip_grad_norm)
-                        if gn is not None:
-                            logs[f"grad_norm/{g}"] = float(gn)
-                            if acc.scaler is None and not torch.isfinite(gn).item():
-                                finite = False
-                                logs["nonfinite_group"] = g
-                    for g in groups:
-                        if finite:
-                            self.optimizers[g].step()
-                        self.optimizers[g].zero_grad(set_to_none=True)
-                    if not finite and acc.scaler is not None:
-                        acc.scaler.update()  # clipping unscaled the grads: reset the scaler's state
+                    par.backward(loss / tc.grad_accum, g, retain_graph=i < len(groups) - 1)
+                par.after_backward()
                 for k, v in out.items():
                     if k.startswith("log/"):
                         logs[k[4:]] = logs.get(k[4:], 0.0) + float(v) / tc.grad_accum
+        for g in groups:
+            gn = par.clip(g, tc.clip_grad_norm)
+            if gn is not None:
+                logs[f"grad_norm/{g}"] = float(gn)
+                if acc.scaler is None and not torch.isfinite(torch.as_tensor(gn)).item():
+                    finite = False
+                    logs["nonfinite_group"] = g
+        for g in groups:
+            if finite:
+                par.step(g)
+            par.zero_grad(g)
+        if not finite and acc.scaler is not None:
+            acc.scaler.update()  # clipping unscaled the grads: reset the scaler's state
+        par.end_step()
         if finite:
-            self.ema.step(self.student.parameters())
+            self.ema.step(self.trainable_student_parameters())
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -356,19 +415,40 @@ class Trainer:
         self.accelerator.end_training()
 
     @torch.no_grad()
-    def save_samples(self, n: int = 64) -> Path | None:
-        """A PNG grid of EMA-student samples, one row block per step count in train.sample_steps."""
-        if not self.accelerator.is_main_process or len(self.sample_shape()) != 3:
+    def save_samples(self, n: int | None = None) -> Path | None:
+        """A PNG grid of EMA-student samples as images, one row block per step count in train.sample_steps.
+
+        The samples carry the data's conditioning (the prompts file's first prompts, class labels 0, 1, ...,
+        or none) and latents are decoded through the teacher's VAE, a few at a time. Vector data (points)
+        has no grid. Under FSDP every process samples (the student's forward gathers its shards) and the
+        main process writes."""
+        shape = self.sample_shape()
+        if len(shape) != 3 or not (self.parallel.sharded or self.accelerator.is_main_process):
             return None
         from torchvision.utils import save_image
 
-        student = self.ema_student()
-        noise = torch.randn(n, *self.sample_shape(), generator=torch.Generator().manual_seed(0)).to(self.accelerator.device)
-        rows = [student.sample(noise, steps=k).clamp(-1, 1) for k in self.cfg.train.sample_steps]
+        device = self.accelerator.device
+        latent = self.teacher is not None and hasattr(self.teacher, "vae")
+        n = n or (16 if latent else 64)
+        noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        cond = self.data.sample_conditions(n)
+        rows = []
+        with self.ema_weights() as student, self.accelerator.autocast():
+            for k in self.cfg.train.sample_steps:
+                z = student.sample(noise, cond, steps=k)
+                images = [self.teacher.decode(z[i:i + 4].to(self.teacher_dtype())).float() if latent else z[i:i + 4]
+                          for i in range(0, n, 4)]
+                rows.append(torch.cat(images).float().clamp(-1, 1).cpu())
+        if not self.accelerator.is_main_process:
+            return None
         out = self.run_dir / "samples" / f"step-{self.step:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image((torch.cat(rows) + 1) / 2, out, nrow=int(math.sqrt(n)))
+        save_image((torch.cat(rows) + 1) / 2, out, nrow=int(math.ceil(math.sqrt(n))))
         return out
+
+    def teacher_dtype(self) -> torch.dtype:
+        p = next(self.teacher.parameters(), None)
+        return torch.float32 if p is None else p.dtype
 
     def sample_shape(self) -> tuple[int, ...]:
         if self.teacher is not None:
