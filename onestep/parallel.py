@@ -59,6 +59,29 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def whole_optimizer_state(objective, optimizer) -> dict:
+    """An optimizer's state with every tensor whole and parameters named by their path in the objective
+    (torch.distributed.checkpoint's layout): the same file whichever strategy and number of processes wrote it,
+    loadable by any other. Collective when the parameters are sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    return get_optimizer_state_dict(objective, inner, options=StateDictOptions(full_state_dict=True))
+
+
+def load_whole_optimizer_state(objective, optimizer, state: dict) -> None:
+    """The inverse of `whole_optimizer_state`; also takes torch's own layout (parameters numbered), which
+    checkpoints written before the named layout hold."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = state.get("param_groups", [])
+    if groups and groups[0].get("params") and isinstance(groups[0]["params"][0], int):
+        inner.load_state_dict(state)
+        return
+    set_optimizer_state_dict(objective, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # data parallel (accelerate)
 
@@ -116,10 +139,10 @@ class DataParallel:
         return value.to(target.device, target.dtype)
 
     def optimizer_state(self, group: str, objective) -> dict:
-        return self.optimizers[group].state_dict()
+        return whole_optimizer_state(objective, self.optimizers[group])
 
     def load_optimizer_state(self, group: str, objective, state: dict) -> None:
-        self.optimizers[group].load_state_dict(state)
+        load_whole_optimizer_state(objective, self.optimizers[group], state)
 
     def load_trainable_state(self, objective, state: dict) -> tuple[list, list]:
         return objective.load_state_dict(state, strict=False)
@@ -250,17 +273,11 @@ class FullyShardedDataParallel:
         return distribute_tensor(value, target.device_mesh, target.placements) if is_dtensor(target) else value
 
     def optimizer_state(self, group: str, objective) -> dict:
-        """The group's AdamW state, whole, keyed by parameter names (on every rank)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(objective, self.optimizers[group],
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        """The group's AdamW state, whole (gathered from the shards on every rank)."""
+        return whole_optimizer_state(objective, self.optimizers[group])
 
     def load_optimizer_state(self, group: str, objective, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(objective, self.optimizers[group], optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+        load_whole_optimizer_state(objective, self.optimizers[group], state)
 
     def load_trainable_state(self, objective, state: dict) -> tuple[list, list]:
         """Whole tensors into the shards (each rank keeps its own slice)."""
@@ -276,14 +293,132 @@ class FullyShardedDataParallel:
         return missing, unexpected
 
 
-def build(strategy: str, accelerator, objective, make_optimizers):
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2
+
+
+class DeepSpeedZero2:
+    """DeepSpeed ZeRO stage 2: the optimizer's fp32 state and the gradients partitioned over the processes,
+    parameters whole on each (so the EMA, sampling and the teacher work as under DDP).
+
+    One DeepSpeed engine drives one optimizer and owns the backward of the whole module, so objectives with
+    several optimizer groups (critics, discriminators) are refused. DeepSpeed's own bf16 mode (bf16 weights)
+    is off: compute runs under accelerate's autocast, as with the other strategies, over fp32 master weights.
+    The engine clips by the global norm (`gradient_clipping` = train.clip_grad_norm) and steps at the end of
+    each train.grad_accum micro-batches. It cannot skip an update, so a non-finite loss stops the run."""
+
+    name = "deepspeed"
+    sharded = False
+
+    def __init__(self, accelerator, objective, make_optimizers, micro_batch: int, grad_accum: int,
+                 clip_grad_norm: float):
+        import deepspeed
+
+        from onestep.config import ConfigError
+
+        optimizers = make_optimizers()
+        if len(optimizers) != 1:
+            raise ConfigError(f"train.distributed=deepspeed trains objectives with one optimizer group; this one has "
+                              f"{len(optimizers)} ({', '.join(optimizers)}): use train.distributed=fsdp or ddp")
+        self.accelerator = accelerator
+        (group, optimizer), = optimizers.items()
+        # the parameters before ZeRO replaces the optimizer's lists by flat partitions
+        self.groups = {group: [p for pg in optimizer.param_groups for p in pg["params"]]}
+        deepspeed.init_distributed(dist_backend="nccl" if accelerator.device.type == "cuda" else "gloo")
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+                  "gradient_clipping": clip_grad_norm, "zero_optimization": {"stage": 2},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False}
+        objective.to(accelerator.device)
+        self.engine, zero_optimizer, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
+        self.model = self.engine
+        self.optimizers = {group: zero_optimizer}
+        self.names = {p: n for n, p in objective.named_parameters()}
+
+    def forward(self, batch, step):
+        with self.accelerator.autocast():
+            return self.engine(batch, step)
+
+    def accumulating(self, last: bool):
+        return contextlib.nullcontext()  # the engine knows its accumulation boundary
+
+    def backward(self, loss, group: str, retain_graph: bool) -> None:
+        self.engine.backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)  # the trainer divided already
+
+    def after_backward(self) -> None:
+        self.engine.step()  # a real update only at the accumulation boundary
+
+    def clip(self, group: str, max_norm: float):
+        return self.engine.get_global_grad_norm()  # clipped by the engine; the norm before clipping, for the logs
+
+    def step(self, group: str) -> None:
+        pass
+
+    def zero_grad(self, group: str) -> None:
+        pass
+
+    def refuse_nonfinite(self, step: int, group: str) -> None:
+        raise FloatingPointError(f"step {step}: non-finite loss in group {group!r}; DeepSpeed cannot skip an update, "
+                                 "so the run stops here: resume from the last checkpoint (or use train.distributed=ddp)")
+
+    def end_step(self) -> None:
+        pass
+
+    # -- checkpoints: parameters are whole everywhere; the optimizer state is gathered from the partitions
+    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def shard_like(self, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return value.to(target.device, target.dtype)
+
+    def optimizer_state(self, group: str, objective) -> dict:
+        """AdamW's state, whole per parameter and keyed by name, as FSDP's checkpoints hold it (collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        zero = self.optimizers[group]
+        inner = zero.optimizer.state
+        step = next((st["step"] for st in inner.values() if "step" in st), None)
+        state = {}
+        for p in self.groups[group]:
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            if step is not None and moments["exp_avg"] is not None:
+                state[self.names[p]] = {"step": torch.as_tensor(step).clone(), **moments}
+        groups = [{k: v for k, v in pg.items() if k != "params"} | {"params": [self.names[p] for p in self.groups[group]]}
+                  for pg in zero.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state(self, group: str, objective, state: dict) -> None:
+        """Whole per-parameter AdamW state into the partitions; the fp32 master copies from the loaded weights."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.optimizers[group]
+        saved = state.get("state", {})
+        with torch.no_grad():
+            for p in self.groups[group]:
+                safe_set_full_fp32_param(p, p.detach().float())
+                entry = saved.get(self.names[p])
+                if entry is None:
+                    continue
+                for k in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, entry[k].float(), k)
+        steps = [entry["step"] for entry in saved.values()]
+        if steps:
+            for st in zero.optimizer.state.values():
+                st["step"] = torch.as_tensor(steps[0]).clone().to(st["step"]) if torch.is_tensor(st.get("step")) \
+                    else steps[0]
+        for pg, saved_group in zip(zero.param_groups, state.get("param_groups", [])):
+            pg.update({k: v for k, v in saved_group.items() if k != "params"})
+
+    def load_trainable_state(self, objective, state: dict) -> tuple[list, list]:
+        return objective.load_state_dict(state, strict=False)
+
+
+def build(strategy: str, accelerator, objective, make_optimizers, train_cfg, batch_size: int):
     """The strategy object for `strategy` ("ddp", "fsdp", "deepspeed"); one process is always plain."""
     if strategy == "ddp" or accelerator.num_processes == 1:
         return DataParallel(accelerator, objective, make_optimizers())
     if strategy == "fsdp":
         return FullyShardedDataParallel(accelerator, objective, make_optimizers)
     if strategy == "deepspeed":
-        from onestep.parallel_deepspeed import DeepSpeedZero2
-
-        return DeepSpeedZero2(accelerator, objective, make_optimizers)
+        return DeepSpeedZero2(accelerator, objective, make_optimizers, batch_size, train_cfg.grad_accum,
+                              train_cfg.clip_grad_norm)
     raise ValueError(f"unknown strategy {strategy!r}")

@@ -103,7 +103,7 @@ class Trainer:
                 self.base_lr[g] = lr
             return optimizers
 
-        self.parallel = parallel.build(self.strategy, acc, self.objective, make_optimizers)
+        self.parallel = parallel.build(self.strategy, acc, self.objective, make_optimizers, tc, cfg.data.batch_size)
         self.model = self.parallel.model
         self.optimizers = self.parallel.optimizers
         self.groups = self.parallel.groups
@@ -137,7 +137,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @property
     def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The objective itself (self.model may be a DDP wrapper or a DeepSpeed engine around it)."""
+        return self.objective
 
     @property
     def student(self):
