@@ -361,8 +361,8 @@ def test_backend_errors():
     from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor
 
     unet = _unet(torch.float32)
-    assert ATTENTION_BACKENDS == ("sdpa", "xformers", "math", "fused")
-    with pytest.raises(ValueError, match="sdpa, xformers, math, fused"):
+    assert ATTENTION_BACKENDS == ("sdpa", "xformers", "math", "fused", "fused_triton")
+    with pytest.raises(ValueError, match="sdpa, xformers, math, fused, fused_triton"):
         set_attention_backend(unet, "flash")
     try:
         import xformers  # noqa: F401

@@ -8,10 +8,10 @@ The diffusers part is imported lazily, so ``onestep.kernels`` does not import di
 """
 from .attention import DEFAULT_BLOCK_SIZE, FusedAttentionFunction, fused_attention, math_attention
 
-__all__ = ["ATTENTION_BACKENDS", "DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "OnestepAttnProcessor",
-           "OnestepJointAttnProcessor", "fused_attention", "math_attention", "set_attention_backend"]
+_LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepFluxAttnProcessor", "OnestepJointAttnProcessor",
+         "OnestepSanaAttnProcessor", "set_attention_backend")
 
-_LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepJointAttnProcessor", "set_attention_backend")
+__all__ = ["DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "fused_attention", "math_attention", *_LAZY]
 
 
 def __getattr__(name):
