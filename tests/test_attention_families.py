@@ -172,12 +172,23 @@ def test_sana_cross_processor_matches_diffusers(mask_kind):
 # ------------------------------------------------------------------------------------------------
 # Whole tiny models
 # ------------------------------------------------------------------------------------------------
+def _randomise(model, scale=0.05):
+    """Noise on every weight: diffusers zero-initialises some layers (output projections, modulation),
+    which would hide parts of the network from the comparisons."""
+    g = _gen(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def _sd3():
     torch.manual_seed(0)
     model = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+    _randomise(model)
     g = _gen(3)
     enc, pooled = torch.randn(B, 5, 16, generator=g), torch.randn(B, 8, generator=g)
     x = torch.randn(B, 4, 8, 8, generator=g)
@@ -193,6 +204,7 @@ def _flux():
     model = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+    _randomise(model)
     g = _gen(3)
     n_img, n_txt = 16, 5
     enc, pooled = torch.randn(B, n_txt, 16, generator=g), torch.randn(B, 8, generator=g)
@@ -214,6 +226,7 @@ def _sana():
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
         sample_size=8, qk_norm="rms_norm_across_heads").eval()
+    _randomise(model)
     g = _gen(3)
     enc = torch.randn(B, 6, 8, generator=g)
     keep = torch.ones(B, 6)
@@ -232,6 +245,7 @@ def _sd_unet():
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+    _randomise(model)
     g = _gen(3)
     enc = torch.randn(B, 6, 16, generator=g)
     keep = torch.ones(B, 6)
@@ -269,36 +283,49 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-# Timesteps near 0: every family computes its sinusoidal timestep embedding in float32 (of 1000 t),
-# so around 1000 t ~ 500 the float32 rounding of the timestep alone puts ~1e-3 relative noise into a
-# finite difference; at 1000 t ~ 3 it is ~1e-5. h = 1e-5 balances that noise (and SANA's ReLU kinks)
-# against the truncation error.
+# Every family computes its sinusoidal timestep embedding in float32 (of 1000 t, with frequencies up
+# to 1), and SD3/FLUX/SANA also round some activations to float32 (RMS norms, FLUX's rotary
+# embedding, SANA's linear attention), so even in float64 a central difference carries float32
+# noise ~1e-7 |f| / h. Near 1000 t ~ 500 the rounding of the timestep alone puts ~1e-3 relative noise
+# into it, at 1000 t ~ 3 about 1e-5, hence small times. The timestep tangent is scaled by 0.03 so that
+# one h suits both parts: a timestep step of 1000 * 0.03 * h ~ 3e-3 (truncation ~ step^2 / 6) and a
+# latent step of h = 1e-4; both parts of the JVP then have comparable size (checked below).
 JVP_TIMES = (0.002, 0.004)
-JVP_H = 1e-5
+JVP_TIME_TANGENT = 0.03
+JVP_H = 1e-4
 JVP_FD_TOL = 5e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_whole_model_jvp_matches_central_differences(family):
-    """torch.func.jvp of the model's output w.r.t. (latent, timestep), fused backend, float64."""
+def _jvp_vs_central_difference(family):
+    """(jvp, central difference, jvp with the latent tangent only), fused backend, float64."""
     model, x, f, _ = FAMILIES[family]()
     model = model.double()
     x, t = x.double(), torch.tensor(JVP_TIMES, dtype=torch.float64)
     g = _gen(11)
-    tx, tt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    tt = JVP_TIME_TANGENT * torch.randn(B, generator=g, dtype=torch.float64)
     set_attention_backend(model, "fused", block_size=(8, 4))
     fn = lambda z, s: f(model, z, s)  # noqa: E731
-    out, jvp = torch.func.jvp(fn, (x, t), (tx, tt))
+    _, jvp = torch.func.jvp(fn, (x, t), (tx, tt))
+    _, jvp_x = torch.func.jvp(fn, (x, t), (tx, torch.zeros_like(tt)))
     with torch.no_grad():
         fd = (fn(x + JVP_H * tx, t + JVP_H * tt) - fn(x - JVP_H * tx, t - JVP_H * tt)) / (2 * JVP_H)
-        # the timestep direction matters: dropping it changes the JVP by far more than the tolerance
-        _, jvp_x = torch.func.jvp(fn, (x, t), (tx, torch.zeros_like(tt)))
+    return model, fn, (x, t), (tx, tt), jvp, fd, jvp_x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_model_jvp_matches_central_differences(family):
+    """torch.func.jvp of the model's output w.r.t. (latent, timestep) along a random tangent, fused
+    backend, float64: against central differences, and against the JVP with the math backend."""
+    model, fn, primals, tangents, jvp, fd, jvp_x = _jvp_vs_central_difference(family)
     set_attention_backend(model, "math")
-    _, jvp_math = torch.func.jvp(fn, (x, t), (tx, tt))
+    _, jvp_math = torch.func.jvp(fn, primals, tangents)
     err_fd, err_math = _rel(jvp, fd), _rel(jvp, jvp_math)
-    print(f"\n{family}: |jvp - central difference| / |jvp| = {err_fd:.1e} (h={JVP_H}); vs math backend {err_math:.1e}")
+    print(f"\n{family}: |jvp - central difference| / |jvp| = {err_fd:.1e} (h={JVP_H}); vs math backend {err_math:.1e}; "
+          f"|latent part| / |jvp| = {(jvp_x.norm() / jvp.norm()).item():.2f}")
     assert err_fd < JVP_FD_TOL and err_math < 1e-10
-    assert _rel(jvp_x, fd) > 20 * JVP_FD_TOL
+    # both parts of the tangent matter: the check fails if either the latent or the timestep part is lost
+    assert _rel(jvp_x, fd) > 20 * JVP_FD_TOL and _rel(jvp - jvp_x, fd) > 20 * JVP_FD_TOL
 
 
 def test_whole_model_jvp_check_catches_a_wrong_attention_jvp(monkeypatch):
@@ -308,16 +335,7 @@ def test_whole_model_jvp_check_catches_a_wrong_attention_jvp(monkeypatch):
     real = ka._torch_jvp
     monkeypatch.setattr(ka, "_torch_jvp", lambda q, k, v, o, lse, dq, dk, dv, *a: real(q, k, v, o, lse, None, dk, dv, *a))
     for family in ("flux", "sana"):
-        model, x, f, _ = FAMILIES[family]()
-        model = model.double()
-        x, t = x.double(), torch.tensor(JVP_TIMES, dtype=torch.float64)
-        g = _gen(11)
-        tx, tt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
-        set_attention_backend(model, "fused")
-        fn = lambda z, s: f(model, z, s)  # noqa: E731
-        _, jvp = torch.func.jvp(fn, (x, t), (tx, tt))
-        with torch.no_grad():
-            fd = (fn(x + JVP_H * tx, t + JVP_H * tt) - fn(x - JVP_H * tx, t - JVP_H * tt)) / (2 * JVP_H)
+        _, _, _, _, jvp, fd, _ = _jvp_vs_central_difference(family)
         assert _rel(jvp, fd) > 5 * JVP_FD_TOL, family
 
 
