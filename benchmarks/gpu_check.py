@@ -18,8 +18,10 @@ is opt-in (``impl="triton"``, attention backend ``fused_triton``). On a GPU this
    forward+backward; JVP for the two that have one) with CUDA events, median of repeats.
 
 It writes one JSON file: device, torch/triton/CUDA versions, tolerances, per-case errors and
-pass/fail, compile times, timings, and a summary ("triton_correct", and per timing shape the
-speed-ups). Exit code 0 when every Triton case passes, 1 when one fails, 2 without CUDA.
+pass/fail (an error is null where the output was not finite; a candidate that raised has "error"
+instead), compile times, timings (with the Triton / SDPA and torch path / Triton ratios), and a
+summary ("triton_correct", worst error per dtype). Exit code 0 when every Triton case passes and
+every kernel compiled, 1 otherwise, 2 without CUDA.
 
 The comparison functions take any attention callable and device, so the tests run the same code on
 CPU (torch path against the math reference; Triton under TRITON_INTERPRET=1).
@@ -79,21 +81,22 @@ def attn_torch_path(q, k, v, mask=None):
 def make_inputs(shape, dtype, mask_kind, device, seed=0):
     """q, k, v, mask, tangents (dq, dk, dv) and the output cotangent g, in `dtype` on `device`."""
     B, H, N, M, D = shape
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: the timing shapes are large
 
     def rnd(*s):
-        return torch.randn(*s, generator=g).to(device, dtype)
+        return torch.randn(*s, generator=g, device=device).to(dtype)
+
+    def uniform(*s):
+        return torch.rand(*s, generator=g, device=device)
 
     q, k, v = rnd(B, H, N, D), rnd(B, H, M, D), rnd(B, H, M, D)
     tangents = (rnd(B, H, N, D), rnd(B, H, M, D), rnd(B, H, M, D))
     grad_out = rnd(B, H, N, D)
     if mask_kind == "bool":  # keep ~70 % of the keys per (sample, query); one query row fully masked
-        mask = torch.rand(B, 1, N, M, generator=g) > 0.3
+        mask = uniform(B, 1, N, M) > 0.3
         mask[0, 0, min(1, N - 1)] = False
-        mask = mask.to(device)
     elif mask_kind == "additive":  # per-key bias with padding-style -10000 entries, broadcast over queries
-        mask = torch.randn(B, 1, 1, M, generator=g) - torch.where(torch.rand(B, 1, 1, M, generator=g) > 0.8, 1e4, 0.0)
-        mask = mask.to(device, dtype)
+        mask = (rnd(B, 1, 1, M).float() - torch.where(uniform(B, 1, 1, M) > 0.8, 1e4, 0.0)).to(dtype)
     else:
         mask = None
     return q, k, v, mask, tangents, grad_out
@@ -268,6 +271,21 @@ def timings(shapes, dtype_names, device, repeats, log=print):
     return rows
 
 
+def _cuda_device():
+    return torch.device("cuda")
+
+
+def _finite_or_none(obj):
+    """The report as strict JSON: non-finite numbers (a kernel that gave inf/NaN) become null."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def _versions():
     try:
         import triton
@@ -289,7 +307,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); this check needs a GPU",
               file=sys.stderr)
         return 2
-    device = torch.device("cuda")
+    device = _cuda_device()
     started = time.time()
     report = {"device": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
               "versions": _versions(), "tolerances": TOLERANCES,
@@ -316,7 +334,7 @@ def main(argv=None) -> int:
         "seconds": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(json.dumps(_finite_or_none(report), indent=1, allow_nan=False) + "\n")
     print(f"triton correct: {report['summary']['triton_correct']} ({len(failed)} of {len(report['cases'])} cases "
           f"failed); wrote {args.out}")
     return 0 if report["summary"]["triton_correct"] else 1

@@ -279,6 +279,24 @@ def test_whole_model_outputs_match_stock(family):
         assert kinds == {"SanaLinearAttnProcessor2_0", "OnestepSanaAttnProcessor"}
 
 
+def test_unroutable_modules_are_refused():
+    sana = _sana()[0]
+    # diffusers has no xformers processor for SANA's cross-attention: refused before anything changes
+    with pytest.raises(ValueError, match="attn2 .*no xformers processor"):
+        set_attention_backend(sana, "xformers")
+    assert {type(m.processor).__name__ for m in sana.modules() if isinstance(m, Attention)} == {
+        "SanaLinearAttnProcessor2_0", "SanaAttnProcessor2_0"}
+
+    class CustomFluxProcessor(FluxAttnProcessor):  # e.g. a user's variant: not silently replaced
+        pass
+
+    flux = _flux()[0]
+    flux.single_transformer_blocks[1].attn.set_processor(CustomFluxProcessor())
+    with pytest.raises(ValueError, match=r"single_transformer_blocks\.1\.attn \(CustomFluxProcessor\)"):
+        set_attention_backend(flux, "fused")
+    assert type(flux.transformer_blocks[0].attn.processor) is FluxAttnProcessor
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 

@@ -97,3 +97,40 @@ def test_a_kernel_that_fails_or_gives_nan_is_a_failed_case():
     assert case["bad"] == {"passed": False, "error": "RuntimeError: no kernel image is available"}
     assert not case["nan"]["passed"] and case["nan"]["errors"]["out"] == float("inf")
     assert gc.worst_error([case], "bad", "fp32") == float("inf")
+
+
+def test_main_writes_the_report(tmp_path, monkeypatch):
+    """main() end to end on CPU posing as CUDA (tiny shapes): the Triton kernels cannot run there, which
+    the report records as failed cases (exit 1) while the torch path and SDPA are checked and timed."""
+    import time
+
+    class Event:  # CUDA events replaced by a wall clock
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return 1e3 * (end.t - self.t)
+
+    for name, value in {"is_available": lambda: True, "get_device_name": lambda d=None: "cpu posing as cuda",
+                        "get_device_capability": lambda d=None: (0, 0), "synchronize": lambda *a: None,
+                        "empty_cache": lambda: None, "Event": Event}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(gc, "_cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(gc, "QUICK_CHECK_SHAPES", [CPU_SHAPES[0]])
+    monkeypatch.setattr(gc, "QUICK_TIME_SHAPES", [("tiny", 1, 2, 40, 30, 16)])
+    out = tmp_path / "report.json"
+    assert gc.main(["--out", str(out), "--quick", "--repeats", "1"]) == 1
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu posing as cuda" and report["versions"]["torch"] == torch.__version__
+    assert report["tolerances"] == gc.TOLERANCES
+    assert all(not c["triton"]["passed"] and "CUDA" in c["triton"]["error"] for c in report["cases"])
+    assert all(c["torch_path"]["passed"] for c in report["cases"]) and len(report["cases"]) == 9
+    assert not report["summary"]["triton_correct"] and report["summary"]["worst_triton_error"]["fp32"] is None
+    assert report["summary"]["triton_failed_cases"] == 9 and report["summary"]["torch_path_failed_cases"] == 0
+    assert {r["dtype"] for r in report["timings"]} == {"bf16", "fp16", "fp32"}
+    for row in report["timings"]:
+        assert row["sdpa_fwd_ms"] > 0 and row["sdpa_fwd_bwd_ms"] > 0 and row["torch_path_jvp_ms"] > 0
+        assert row["triton_fwd_ms"] is None and "CUDA" in row["triton_fwd_error"]

@@ -4,6 +4,9 @@
     math_attention(q, k, v, attn_mask=None, scale=None)
     set_attention_backend(model, backend)   # backend in ATTENTION_BACKENDS
 
+impl="auto" is the blockwise torch implementation on every device; the Triton kernels run only when
+asked for (impl="triton", backend "fused_triton") until benchmarks/gpu_check.py passes on a GPU.
+
 The diffusers part is imported lazily, so ``onestep.kernels`` does not import diffusers.
 """
 from .attention import DEFAULT_BLOCK_SIZE, FusedAttentionFunction, fused_attention, math_attention

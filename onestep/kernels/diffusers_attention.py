@@ -4,10 +4,12 @@
 (``diffusers.models.attention_processor.Attention`` and the ``AttentionModuleMixin`` classes such as
 FLUX's ``FluxAttention``) and gives it a processor for one of :data:`ATTENTION_BACKENDS`:
 
-* ``sdpa``: diffusers' own ``AttnProcessor2_0`` / ``JointAttnProcessor2_0`` (PyTorch SDPA; fastest
-  forward and backward, but no forward-mode AD).
-* ``xformers``: diffusers' xformers processors (CUDA only; optional extra ``onestep[xformers]``; no
-  forward-mode AD).
+* ``sdpa``: diffusers' own processors (``AttnProcessor2_0``, ``JointAttnProcessor2_0``,
+  ``FluxAttnProcessor``, ``SanaAttnProcessor2_0``: PyTorch SDPA; fastest forward and backward, but
+  no forward-mode AD).
+* ``xformers``: diffusers' xformers processors (FLUX: its processor on diffusers' xformers dispatch
+  backend; none exists for SANA's cross-attention, which is refused). CUDA only; optional extra
+  ``onestep[xformers]``; no forward-mode AD.
 * ``math``: exact softmax(QK^T)V with plain ops; supports every AD mode, materialises N x M.
 * ``fused``: :func:`onestep.kernels.fused_attention` (its blockwise torch implementation on every
   device); supports backward and forward-mode AD (``torch.func.jvp``) with O(N) memory.
