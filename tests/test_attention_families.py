@@ -257,7 +257,21 @@ def _sd_unet():
     return model, x, f, 8  # self + cross attention in 4 transformer blocks (down 1, mid 1, up 2)
 
 
-FAMILIES = {"sd3": _sd3, "flux": _flux, "sana": _sana, "sd_unet": _sd_unet}
+def _pixel_unet():
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8).eval()
+    _randomise(model)
+    x = torch.randn(B, 3, 8, 8, generator=_gen(3))
+
+    def f(m, z, t):  # the digits UNet's call: timestep = 1000 t
+        return m(z, 1000 * t, return_dict=False)[0]
+    return model, x, f, 4  # AttnDownBlock2D, the mid block, AttnUpBlock2D (2 layers)
+
+
+FAMILIES = {"sd3": _sd3, "flux": _flux, "sana": _sana, "sd_unet": _sd_unet, "pixel_unet": _pixel_unet}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
