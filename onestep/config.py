@@ -47,8 +47,9 @@ class StudentSection:
     # digits teacher). 1 is SANA-Sprint's "dense" time embedding (spec 7.1): a teacher fine-tuned with it
     # (configs/digits_teacher_dense.yaml) has a smooth d/dt for the JVPs of MeanFlow and sCM
     time_scale: Optional[float] = None
-    # the student's attention: sdpa | xformers | math | fused (null: the backbone's own). JVPs (MeanFlow)
-    # need math or fused; fused is onestep's blockwise kernel with forward-mode AD (onestep.kernels)
+    # the student's attention: sdpa | xformers | math | fused | fused_triton (null: the backbone's own). JVPs
+    # (MeanFlow, sCM) need math, fused or fused_triton; fused is onestep's blockwise kernel with forward-mode AD
+    # (onestep.kernels), fused_triton the same kernel in Triton (CUDA; opt-in until checked on a GPU)
     attention: Optional[str] = None
     # diffusers' enable_gradient_checkpointing() on the student's backbone: activations recomputed in
     # backward (less memory, ~30 % more compute); same loss and gradients
@@ -364,7 +365,7 @@ def validate(run: RunConfig) -> None:
     choices = {
         "student.init": (run.student.init, ("teacher", "scratch")),
         "student.backbone": (run.student.backbone, ("digits_unet", "mlp")),
-        "student.attention": (run.student.attention or "sdpa", ("sdpa", "xformers", "math", "fused")),
+        "student.attention": (run.student.attention or "sdpa", ("sdpa", "xformers", "math", "fused", "fused_triton")),
         "data.name": (run.data.name, DATA_NAMES),
         "train.mixed_precision": (run.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (run.train.device, ("auto", "cpu")),

@@ -246,6 +246,15 @@ _TRITON_SCRIPT = textwrap.dedent("""
     for a, b in zip(lo["torch"], lo["triton"]):
         assert a.dtype == b.dtype == torch.float16 and (a.float() - b.float()).abs().max() < 4e-3
     print("MAXERR", worst)
+    # benchmarks/gpu_check.py's comparison, as it runs on a GPU, with the interpreted kernels
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    cases = gc.correctness({"triton": gc.attn_triton, "torch_path": gc.attn_torch_path}, [(1, 2, 19, 23, 12)],
+                           ["fp32", "fp16"], "cpu", log=lambda line: None)
+    print("GPU_CHECK", len(cases), sum(not c[n]["passed"] for c in cases for n in ("triton", "torch_path")),
+          gc.worst_error(cases, "triton", "fp32"), gc.worst_error(cases, "triton", "fp16"))
 """)
 
 
@@ -253,10 +262,16 @@ def test_triton_interpreter_matches_torch_path():
     """Triton reads TRITON_INTERPRET when triton.language is imported, so this runs in a subprocess."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    gpu_check = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, gpu_check], env=env, capture_output=True, text=True,
+                         timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
-    err = float(res.stdout.split("MAXERR")[-1])
+    err = float(res.stdout.split("MAXERR")[-1].split()[0])
     assert err < 1e-5, err
+    # gpu_check: 6 cases (fp32/fp16 x no/bool/additive mask), none failed, Triton's errors at each dtype's precision
+    n_cases, n_failed, err32, err16 = res.stdout.split("GPU_CHECK")[-1].split()
+    assert (int(n_cases), int(n_failed)) == (6, 0), res.stdout
+    assert float(err32) < 1e-5 and float(err16) < 2e-3, res.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,8 +376,8 @@ def test_backend_errors():
     from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor
 
     unet = _unet(torch.float32)
-    assert ATTENTION_BACKENDS == ("sdpa", "xformers", "math", "fused")
-    with pytest.raises(ValueError, match="sdpa, xformers, math, fused"):
+    assert ATTENTION_BACKENDS == ("sdpa", "xformers", "math", "fused", "fused_triton")
+    with pytest.raises(ValueError, match="sdpa, xformers, math, fused, fused_triton"):
         set_attention_backend(unet, "flash")
     try:
         import xformers  # noqa: F401

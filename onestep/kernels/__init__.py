@@ -4,14 +4,17 @@
     math_attention(q, k, v, attn_mask=None, scale=None)
     set_attention_backend(model, backend)   # backend in ATTENTION_BACKENDS
 
+impl="auto" is the blockwise torch implementation on every device; the Triton kernels run only when
+asked for (impl="triton", backend "fused_triton") until benchmarks/gpu_check.py passes on a GPU.
+
 The diffusers part is imported lazily, so ``onestep.kernels`` does not import diffusers.
 """
 from .attention import DEFAULT_BLOCK_SIZE, FusedAttentionFunction, fused_attention, math_attention
 
-__all__ = ["ATTENTION_BACKENDS", "DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "OnestepAttnProcessor",
-           "OnestepJointAttnProcessor", "fused_attention", "math_attention", "set_attention_backend"]
+_LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepFluxAttnProcessor", "OnestepJointAttnProcessor",
+         "OnestepSanaAttnProcessor", "set_attention_backend")
 
-_LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepJointAttnProcessor", "set_attention_backend")
+__all__ = ["DEFAULT_BLOCK_SIZE", "FusedAttentionFunction", "fused_attention", "math_attention", *_LAZY]
 
 
 def __getattr__(name):

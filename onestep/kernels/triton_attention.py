@@ -5,11 +5,13 @@ Same maths and saved state as the torch blockwise path in ``attention.py`` (row 
 consume the other's forward. One program handles one (batch*head, query block) for the forward, the
 JVP and dQ, and one (batch*head, key block) for dK/dV (FlashAttention-2's split, no atomics).
 
-Used automatically for CUDA tensors of dtype fp16/bf16/fp32 when triton imports (float64 stays on
-the torch path). On CPU the kernels run only under Triton's interpreter, which is for correctness tests, not
-speed. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` wraps a function, and
-``triton.language`` wraps its own helpers (``tl.zeros``, ``tl.sum``...) when it is imported, so the
-variable must be set before triton is first imported in the process (the tests use a subprocess).
+Used only when asked for (``fused_attention(..., impl="triton")``, attention backend
+``fused_triton``): ``impl="auto"`` stays on the torch path until ``benchmarks/gpu_check.py`` has
+compared these kernels with it on a GPU. CUDA tensors of dtype fp16/bf16/fp32; on CPU the kernels
+run only under Triton's interpreter, which is for correctness tests, not speed. Triton reads
+``TRITON_INTERPRET`` when ``@triton.jit`` wraps a function, and ``triton.language`` wraps its own
+helpers (``tl.zeros``, ``tl.sum``...) when it is imported, so the variable must be set before triton
+is first imported in the process (the tests use a subprocess).
 
 fp32 inputs use IEEE-precision dots (no TF32), fp16/bf16 inputs use tensor-core dots with fp32
 accumulation; probabilities are cast to V's dtype before the P V products, as FlashAttention does.
