@@ -77,7 +77,8 @@ def clip_score_of_chunks(chunks, prompts: list[str], model: str | Path | tuple =
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     pair = model if isinstance(model, tuple) else load_clip(model, local_files_only)
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(pair[0]), pair[1])).to(device)
+    # each process reads its own batch sums; they are gathered below, not by torchmetrics
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(pair[0]), pair[1]), sync_on_compute=False).to(device)
     mine = processes.mine(len(chunks)) if processes is not None else range(len(chunks))
     sums = {}
     for c in mine:

@@ -109,7 +109,7 @@ def _report_work(procs, generated: list, work: dict) -> None:
     if procs.num_processes > 1:
         print(f"process {procs.process_index} of {procs.num_processes} ({procs.device}): generated shards "
               f"{generated}; features of {work.get('reference_images', 0)} reference and "
-              f"{work.get('generated_images', 0)} generated images", flush=True)
+              f"{work.get('generated_images', 0)} scored images", flush=True)
 
 
 def eval_fid(args) -> int:

@@ -44,15 +44,25 @@ class Processes:
 
     def __init__(self, device="auto"):
         device = str(device)
-        self._group = False
+        self._group = self._owner = False
         if launched():
             from accelerate import PartialState
 
             explicit = None if device == "auto" else _parse_device(device)
-            # accelerate picks the backend (NCCL on GPUs, gloo on CPUs) and each process's own GPU
-            state = PartialState(cpu=explicit is not None and explicit.type == "cpu")
+            # accelerate picks the backend (NCCL on GPUs, gloo on CPUs) and each process's own GPU; without
+            # a GPU it must be told cpu=True, or it starts the group but reports a single process
+            on_cpu = explicit.type == "cpu" if explicit is not None else not torch.cuda.is_available()
+            # a group that exists already (a caller's, e.g. a script running several commands) is used
+            # and left up; one started here is destroyed by close()
+            self._owner = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            state = PartialState(cpu=on_cpu)
+            if state.num_processes != int(os.environ["WORLD_SIZE"]):
+                raise RuntimeError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is "
+                                   f"{os.environ['WORLD_SIZE']}: an accelerate state of another setup is in this process")
             self.process_index, self.num_processes = state.process_index, state.num_processes
             self.device = state.device if explicit is None else explicit
+            if self.device.type == "cpu":
+                self.device = torch.device("cpu")  # accelerate may say cpu:0; one CPU device either way
             self._group = torch.distributed.is_available() and torch.distributed.is_initialized()
         else:
             self.process_index, self.num_processes = 0, 1
@@ -115,7 +125,14 @@ class Processes:
         return all(self.all_gather_object(bool(flag)))
 
     def close(self) -> None:
-        """Destroy the process group: left up, a process can abort at interpreter exit."""
-        if self._group and torch.distributed.is_initialized():
+        """Destroy the process group if it was started here (left up, a process can abort at
+        interpreter exit), and accelerate's record of it."""
+        if self._group and self._owner and torch.distributed.is_initialized():
+            from accelerate.state import PartialState
+
+            # all leave together: a process that started a new group while another still used this
+            # one (a script running several commands) would meet it in the wrong group
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        self._group = False
+            PartialState._reset_state()
+        self._group = self._owner = False

@@ -484,7 +484,8 @@ def torchmetrics_frechet(fake_features: np.ndarray, mu_ref, sigma_ref, n_ref: in
         def forward(self, x):
             return x
 
-    metric = FrechetInceptionDistance(feature=_Features(), reset_real_features=False)
+    # no synchronisation: under several processes only the main one computes, with every feature
+    metric = FrechetInceptionDistance(feature=_Features(), reset_real_features=False, sync_on_compute=False)
     n = int(n_ref) if n_ref and n_ref > 1 else 2
     mu = torch.as_tensor(np.asarray(mu_ref, np.float64))
     sigma = torch.as_tensor(np.asarray(sigma_ref, np.float64))
