@@ -112,12 +112,21 @@ def _report_work(procs, generated: list, work: dict) -> None:
               f"{work.get('generated_images', 0)} scored images", flush=True)
 
 
-def eval_fid(args) -> int:
+def _run(command, args) -> int:
+    """`command(args, processes)`, then the process group (if one was started) ends: after every
+    process is done, or at once on an error (the launcher then stops the others)."""
     procs = _processes(args)
     try:
-        return _eval_fid(args, procs)
-    finally:
-        procs.close()
+        code = command(args, procs)
+    except BaseException:
+        procs.close(wait=False)
+        raise
+    procs.close()
+    return code
+
+
+def eval_fid(args) -> int:
+    return _run(_eval_fid, args)
 
 
 def _eval_fid(args, procs) -> int:
@@ -139,7 +148,8 @@ def _eval_fid(args, procs) -> int:
     if args.backend not in BACKENDS or args.mode not in MODES:
         raise FIDInputError(f"--backend must be one of {', '.join(BACKENDS)} and --mode one of {', '.join(MODES)}; "
                             f"got {args.backend!r}, {args.mode!r}")
-    extractor = feature_extractor(args.features, args.mode, args.backend, args.inception_weights, device)
+    with procs.main_process_first():  # one process downloads the weights, if they must be downloaded
+        extractor = feature_extractor(args.features, args.mode, args.backend, args.inception_weights, device)
     reference = reference_statistics(args.reference, extractor, args.backend, args.mode, args.batch_size,
                                      return_features=True, progress=True, processes=procs, chunk=args.shard_size)
     generation = {"seeds": None, "steps": None, "guidance": None}
@@ -183,11 +193,7 @@ def _eval_fid(args, procs) -> int:
 # ---------------------------------------------------------------------------------- eval clip
 
 def eval_clip(args) -> int:
-    procs = _processes(args)
-    try:
-        return _eval_clip(args, procs)
-    finally:
-        procs.close()
+    return _run(_eval_clip, args)
 
 
 def _eval_clip(args, procs) -> int:

@@ -8,6 +8,7 @@ single process makes: the same features, bit for bit, when the chunks' batches a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -49,6 +50,9 @@ class Processes:
             from accelerate import PartialState
 
             explicit = None if device == "auto" else _parse_device(device)
+            if explicit is not None and explicit.index is not None:
+                raise FIDInputError(f"--device {device}: under accelerate launch / torchrun each process takes its "
+                                    f"own GPU; use --device auto or cuda")
             # accelerate picks the backend (NCCL on GPUs, gloo on CPUs) and each process's own GPU; without
             # a GPU it must be told cpu=True, or it starts the group but reports a single process
             on_cpu = explicit.type == "cpu" if explicit is not None else not torch.cuda.is_available()
@@ -60,9 +64,8 @@ class Processes:
                 raise RuntimeError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is "
                                    f"{os.environ['WORLD_SIZE']}: an accelerate state of another setup is in this process")
             self.process_index, self.num_processes = state.process_index, state.num_processes
-            self.device = state.device if explicit is None else explicit
-            if self.device.type == "cpu":
-                self.device = torch.device("cpu")  # accelerate may say cpu:0; one CPU device either way
+            # accelerate may say cpu:0: one CPU device either way
+            self.device = torch.device("cpu") if on_cpu else state.device
             self._group = torch.distributed.is_available() and torch.distributed.is_initialized()
         else:
             self.process_index, self.num_processes = 0, 1
@@ -75,6 +78,16 @@ class Processes:
     def mine(self, num_chunks: int) -> list[int]:
         """The chunks of this process: c = rank, rank + world, ... (as `generate_shards` takes shards)."""
         return list(range(self.process_index, num_chunks, self.num_processes))
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        """The main process runs the block first (e.g. downloads weights), the others after it, so
+        that they find what it wrote. The block must not hold collectives."""
+        if not self.is_main_process:
+            self.wait_for_everyone()
+        yield
+        if self.is_main_process:
+            self.wait_for_everyone()
 
     def wait_for_everyone(self) -> None:
         if self._group:
@@ -124,15 +137,15 @@ class Processes:
         """Whether `flag` holds on every process: one decision that they all take together."""
         return all(self.all_gather_object(bool(flag)))
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Destroy the process group if it was started here (left up, a process can abort at
-        interpreter exit), and accelerate's record of it."""
+        interpreter exit), and accelerate's record of it; with `wait`, once every process is done
+        (without: after an error, when the others may be inside another collective)."""
         if self._group and self._owner and torch.distributed.is_initialized():
             from accelerate.state import PartialState
 
-            # all leave together: a process that started a new group while another still used this
-            # one (a script running several commands) would meet it in the wrong group
-            torch.distributed.barrier()
+            if wait:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
             PartialState._reset_state()
         self._group = self._owner = False

@@ -3,8 +3,8 @@
 every exit code to <file>-rank<R>.json beside it.
 
 One command: it starts and destroys its own process group, as `onestep eval` launched on its own does.
-Several: the group is started here, once, and the commands use it and leave it up (torch cannot start a
-default group again in a process of the same torchrun job once it was destroyed)."""
+Several: the group is started here, once, and the commands use it and leave it up (starting the default
+group again after destroying it failed in this setting: gloo could not connect at the third start)."""
 import json
 import os
 import sys
