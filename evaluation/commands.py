@@ -94,7 +94,7 @@ def _out_dir(args, name: str) -> Path:
     return Path("eval") / name
 
 
-# ----------------------------------------------------------------------------------- eval fid
+# ---------------------------------------------------------------------------------- processes
 
 def _processes(args):
     """The evaluation processes (onestep.evaluation.distributed): one, or those of accelerate launch /
@@ -109,7 +109,7 @@ def _report_work(procs, generated: list, work: dict) -> None:
     if procs.num_processes > 1:
         print(f"process {procs.process_index} of {procs.num_processes} ({procs.device}): generated shards "
               f"{generated}; features of {work.get('reference_images', 0)} reference and "
-              f"{work.get('generated_images', 0)} scored images", flush=True)
+              f"{work.get('scored_images', 0)} scored images", flush=True)
 
 
 def _run(command, args) -> int:
@@ -124,6 +124,8 @@ def _run(command, args) -> int:
     procs.close()
     return code
 
+
+# ----------------------------------------------------------------------------------- eval fid
 
 def eval_fid(args) -> int:
     return _run(_eval_fid, args)
@@ -175,8 +177,7 @@ def _eval_fid(args, procs) -> int:
     result = compute_fid(source, reference, backend=args.backend, mode=args.mode, features=extractor,
                          batch_size=args.batch_size, device=device, progress=True, processes=procs,
                          chunk=args.shard_size)
-    work = {**result["work"], "reference_images": reference.get("extracted", 0)}
-    _report_work(procs, made, work)
+    _report_work(procs, made, result["work"])
     if not procs.is_main_process:
         return 0
     p = result["protocol"]
@@ -232,7 +233,7 @@ def _eval_clip(args, procs) -> int:
     scores = clip_score_of_chunks(chunks, prompts, model=(model, processor), batch_size=args.batch_size,
                                   device=device, processes=procs)
     mine = procs.mine(len(chunks))
-    _report_work(procs, made, {"generated_images": sum(len(chunks[c]) for c in mine)})
+    _report_work(procs, made, {"scored_images": sum(len(chunks[c]) for c in mine)})
     if not procs.is_main_process:
         return 0
     shown = first_images(source, 64, args.shard_size)

@@ -529,7 +529,7 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
                                    return_features=want_feats, progress=progress, processes=processes, chunk=chunk)
     fake, made = sharded_image_features(generated, extractor, backend, mode, batch_size, processes=processes,
                                         chunk=chunk, progress=progress)
-    work = {"reference_images": int(ref.get("extracted", 0)), "generated_images": int(made)}
+    work = {"reference_images": int(ref.get("extracted", 0)), "scored_images": int(made)}
     if processes is not None and not processes.is_main_process:
         return {"scores": None, "protocol": None, "grid_images": None, "work": work}
     if fake.shape[1] != np.asarray(ref["mu"]).shape[-1]:

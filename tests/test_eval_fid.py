@@ -244,7 +244,7 @@ def test_cache_holds_the_features_and_old_caches_are_refilled(data, tmp_path):
     np.testing.assert_array_equal(again["features"], first["features"])
     a = F.compute_fid(fake, real_dir, features=net, cache_dir=tmp_path)  # from the cache
     b = F.compute_fid(fake, real, features=net)  # extracted now, in memory
-    assert a["scores"] == b["scores"] and a["work"] == {"reference_images": 0, "generated_images": len(fake)}
+    assert a["scores"] == b["scores"] and a["work"] == {"reference_images": 0, "scored_images": len(fake)}
     np.savez(cached, mu=first["mu"], sigma=first["sigma"], n=len(real))  # the layout before features
     refilled = F.reference_statistics(real_dir, net, cache_dir=tmp_path, return_features=True)
     assert refilled["extracted"] == len(real)
