@@ -226,15 +226,16 @@ def coverage_metrics(real, fake, precision_recall_k: int | None = 3, density_cov
         # are recomputed exactly below.
         undecided = torch.zeros(d2.shape, dtype=torch.bool, device=dev)
         inside = {}
-        for shift, tests in ((fake_margin[lo:hi, None], [(n, b0[None, :], b1[None, :]) for n, b0, b1 in column_tests]),
-                             (real_margin, [("recall", fake_band[0][lo:hi, None], fake_band[1][lo:hi, None])]
-                              if fake_band is not None else [])):
-            if not tests:
-                continue
-            up, down = d2 + shift, d2 - shift
-            for name, below, above in tests:
-                inside[name] = up < below
-                undecided |= ~inside[name] & (down <= above)
+        if column_tests:  # real balls are columns; the fake row's share of the bound shifts d^2
+            up, down = d2 + fake_margin[lo:hi, None], d2 - fake_margin[lo:hi, None]
+            for name, below, above in column_tests:
+                inside[name] = up < below[None, :]
+                undecided |= ~inside[name] & (down <= above[None, :])
+            del up, down
+        if fake_band is not None:  # fake balls are rows; the real column's share shifts d^2
+            up, down = d2 + real_margin, d2 - real_margin
+            inside["recall"] = up < fake_band[0][lo:hi, None]
+            undecided |= ~inside["recall"] & (down <= fake_band[1][lo:hi, None])
             del up, down
         rows, cols = _pairs(undecided, lo)
         dist = _exact_pairs(fake, real, rows, cols).to(dev)
