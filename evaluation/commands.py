@@ -94,9 +94,44 @@ def _out_dir(args, name: str) -> Path:
     return Path("eval") / name
 
 
+# ---------------------------------------------------------------------------------- processes
+
+def _processes(args):
+    """The evaluation processes (onestep.evaluation.distributed): one, or those of accelerate launch /
+    torchrun, each on its device (`--device auto`: the accelerator's)."""
+    from .distributed import Processes
+
+    return Processes(args.device)
+
+
+def _report_work(procs, generated: list, work: dict) -> None:
+    """One line a process under several processes: its share of the work, for the logs."""
+    if procs.num_processes > 1:
+        print(f"process {procs.process_index} of {procs.num_processes} ({procs.device}): generated shards "
+              f"{generated}; features of {work.get('reference_images', 0)} reference and "
+              f"{work.get('scored_images', 0)} scored images", flush=True)
+
+
+def _run(command, args) -> int:
+    """`command(args, processes)`, then the process group (if one was started) ends: after every
+    process is done, or at once on an error (the launcher then stops the others)."""
+    procs = _processes(args)
+    try:
+        code = command(args, procs)
+    except BaseException:
+        procs.close(wait=False)
+        raise
+    procs.close()
+    return code
+
+
 # ----------------------------------------------------------------------------------- eval fid
 
 def eval_fid(args) -> int:
+    return _run(_eval_fid, args)
+
+
+def _eval_fid(args, procs) -> int:
     from . import report
     from .fid import compute_fid
     from .generate import generate_shards
@@ -104,20 +139,25 @@ def eval_fid(args) -> int:
     _need_source(args)
     if args.num_samples < 2:
         raise FIDInputError(f"--num-samples must be >= 2, got {args.num_samples}")
+    if args.shard_size < 1:
+        raise FIDInputError(f"--shard-size must be >= 1, got {args.shard_size}")
     name = "fid" if args.images else f"fid-{args.model}-{args.steps}step"
     out = _out_dir(args, name)
+    device = procs.device
     # every input is checked (names, weights, reference) before anything is generated or written
     from .fid import BACKENDS, MODES, feature_extractor, reference_statistics
 
     if args.backend not in BACKENDS or args.mode not in MODES:
         raise FIDInputError(f"--backend must be one of {', '.join(BACKENDS)} and --mode one of {', '.join(MODES)}; "
                             f"got {args.backend!r}, {args.mode!r}")
-    extractor = feature_extractor(args.features, args.mode, args.backend, args.inception_weights, args.device)
+    with procs.main_process_first():  # one process downloads the weights, if they must be downloaded
+        extractor = feature_extractor(args.features, args.mode, args.backend, args.inception_weights, device)
     reference = reference_statistics(args.reference, extractor, args.backend, args.mode, args.batch_size,
-                                     return_features=True, progress=True)
+                                     return_features=True, progress=True, processes=procs, chunk=args.shard_size)
     generation = {"seeds": None, "steps": None, "guidance": None}
+    made: list[int] = []
     if args.run:
-        models = RunModels(args.run, args.checkpoint, args.device)
+        models = RunModels(args.run, args.checkpoint, device)
         sample = models.sampler(args.model, args.steps, args.guidance)
         teacher = models.teacher
         cond_fn = None
@@ -128,18 +168,22 @@ def eval_fid(args) -> int:
         source = generate_shards(sample, out / "samples", args.num_samples, tuple(teacher.sample_shape),
                                  shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
                                  num_classes=teacher.num_classes if cond_fn is None else None, cond_fn=cond_fn,
-                                 settings=settings, device=args.device, progress=True)
+                                 settings=settings, accelerator=procs, device=device, progress=True, made=made)
         generation = {"seeds": {"seed": args.seed, "per_shard": "sha256('onestep-shard:{seed}:{shard}')",
                                 "shard_size": args.shard_size}, "steps": args.steps, "guidance": args.guidance}
         extra = _without(settings, "steps", "guidance")
     else:
         source, extra = args.images, {"images": str(args.images)}
     result = compute_fid(source, reference, backend=args.backend, mode=args.mode, features=extractor,
-                         batch_size=args.batch_size, device=args.device, progress=True)
+                         batch_size=args.batch_size, device=device, progress=True, processes=procs,
+                         chunk=args.shard_size)
+    _report_work(procs, made, result["work"])
+    if not procs.is_main_process:
+        return 0
     p = result["protocol"]
     protocol = report.make_protocol(metric="fid", **{k: p[k] for k in ("backend", "mode", "feature_extractor",
                                     "feature_extractor_sha256", "reference", "num_generated", "num_reference",
-                                    "resolution")}, **generation, resize=p["resize"], **extra)
+                                    "resolution", "processes")}, **generation, resize=p["resize"], **extra)
     report.save_grid(result["grid_images"], out / "grid.png")
     path = report.write_score(out / "fid.json", result["scores"], protocol)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result["scores"].items() if isinstance(v, float))
@@ -150,41 +194,57 @@ def eval_fid(args) -> int:
 # ---------------------------------------------------------------------------------- eval clip
 
 def eval_clip(args) -> int:
+    return _run(_eval_clip, args)
+
+
+def _eval_clip(args, procs) -> int:
     from . import report
-    from .clip_score import clip_score, load_clip
-    from .fid import load_images
+    from .clip_score import clip_score_of_chunks, load_clip
+    from .fid import first_images, image_chunks
     from .generate import generate_shards
 
     _need_source(args)
+    if args.shard_size < 1:
+        raise FIDInputError(f"--shard-size must be >= 1, got {args.shard_size}")
     prompts = read_prompts(args.prompts)
     out = _out_dir(args, "clip" if args.images else f"clip-{args.model}-{args.steps}step")
+    device = procs.device
     generation, extra = {"seeds": None, "steps": None, "guidance": None}, {"images": str(args.images)}
+    made: list[int] = []
     if args.run:
-        models = RunModels(args.run, args.checkpoint, args.device)
+        models = RunModels(args.run, args.checkpoint, device)
         settings = models.describe(args.model, args.steps, args.guidance)
         extra = _without(settings, "steps", "guidance")
         source = generate_shards(models.sampler(args.model, args.steps, args.guidance), out / "samples", len(prompts),
                                  tuple(models.teacher.sample_shape), shard_size=args.shard_size,
                                  batch_size=args.batch_size, seed=args.seed,
                                  cond_fn=lambda idx: models.encode_prompts([prompts[i] for i in idx]),
-                                 settings={**settings, "prompts": str(args.prompts)}, device=args.device)
+                                 settings={**settings, "prompts": str(args.prompts)}, accelerator=procs,
+                                 device=device, made=made)
         generation = {"seeds": {"seed": args.seed, "per_shard": "sha256('onestep-shard:{seed}:{shard}')"},
                       "steps": args.steps, "guidance": args.guidance}
     else:
         source = args.images
-    images = load_images(source)
-    if len(images) != len(prompts):
-        raise FIDInputError(f"{len(images)} images but {len(prompts)} prompts in {args.prompts} (one image a prompt, in order)")
+    chunks = image_chunks(source, args.shard_size)
+    num_images = chunks[-1].stop if chunks else 0
+    if num_images != len(prompts):
+        raise FIDInputError(f"{num_images} images but {len(prompts)} prompts in {args.prompts} (one image a prompt, in order)")
     model, processor = load_clip(args.clip_model)
-    scores = clip_score(images, prompts, model=(model, processor), batch_size=args.batch_size, device=args.device)
+    scores = clip_score_of_chunks(chunks, prompts, model=(model, processor), batch_size=args.batch_size,
+                                  device=device, processes=procs)
+    mine = procs.mine(len(chunks))
+    _report_work(procs, made, {"scored_images": sum(len(chunks[c]) for c in mine)})
+    if not procs.is_main_process:
+        return 0
+    shown = first_images(source, 64, args.shard_size)
     protocol = report.make_protocol(metric="clip_score", backend="torchmetrics.CLIPScore", mode=None,
                                     feature_extractor=f"CLIP {args.clip_model}",
                                     feature_extractor_sha256=report.module_sha256(model), reference=str(args.prompts),
-                                    num_generated=len(images), num_reference=None, resolution=list(images.shape[1:3]),
-                                    **generation, **extra)
-    report.save_grid(images, out / "grid.png")
+                                    num_generated=num_images, num_reference=None, resolution=list(shown.shape[1:3]),
+                                    processes=procs.num_processes, **generation, **extra)
+    report.save_grid(shown, out / "grid.png")
     path = report.write_score(out / "clip.json", scores, protocol)
-    print(f"CLIP score {scores['clip_score']:.4f} ({len(images)} images, {args.clip_model}); written to {path}")
+    print(f"CLIP score {scores['clip_score']:.4f} ({num_images} images, {args.clip_model}); written to {path}")
     return 0
 
 
@@ -193,7 +253,12 @@ def eval_clip(args) -> int:
 def eval_geneval(args) -> int:
     from . import geneval as G
     from . import report
+    from .distributed import Processes, launched
 
+    if launched():
+        # its detector and colour classifier run image by image and write one results file; not sharded
+        raise GenEvalError("onestep eval geneval runs in one process: start it without accelerate launch or torchrun")
+    args.device = str(Processes(args.device).device)  # auto: CUDA if there, else the CPU
     _need_source(args)
     metadata = G.read_metadata(args.metadata)
     out = _out_dir(args, "geneval" if args.images else f"geneval-{args.model}-{args.steps}step")

@@ -167,40 +167,48 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def iter_images(source, chunk: int = 1000):
-    """uint8 [n, H, W, 3] chunks of an image folder (recursive, sorted), a folder of `shard-*.npz`
-    (`generate_shards`; refused while incomplete), an `.npz` of images (key `images`, else `arr_0`),
-    or an array/tensor: large sample sets are scored without holding them all in memory."""
+class ImageChunk:
+    """Images [start, stop) of a source (uint8 [n, H, W, 3] from `load()`), not read until loaded:
+    a process reads only its own chunks."""
+
+    def __init__(self, start: int, stop: int, load):
+        self.start, self.stop, self.load = start, stop, load
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def image_chunks(source, chunk: int = 1000) -> list[ImageChunk]:
+    """The chunks of an image folder (recursive, sorted; `chunk` files each), a folder of
+    `shard-*.npz` (`generate_shards`, a chunk a shard; refused while incomplete), an `.npz` of images
+    (key `images`, else `arr_0`), or an array/tensor, in order."""
+    if chunk < 1:
+        raise FIDInputError(f"chunk size must be >= 1, got {chunk}")
+
+    def slices(images, convert):
+        return [ImageChunk(s, min(s + chunk, len(images)), lambda s=s: convert(images[s:s + chunk]))
+                for s in range(0, len(images), chunk)]
+
     if not isinstance(source, (str, Path)):
-        images = to_uint8_images(source)
-        for s in range(0, len(images), chunk):
-            yield images[s:s + chunk]
-        return
+        return slices(to_uint8_images(source), lambda x: x)
     path = Path(source)
     if not path.exists():
         raise FIDInputError(f"image source not found: {path}")
     if path.is_dir():
         shards = sorted(p for p in path.glob("shard-*.npz") if p.stem[6:].isdigit())  # not *.tmp.npz
         if shards:
-            manifest = path / "manifest.json"
-            if manifest.is_file():
-                m = json.loads(manifest.read_text())
-                expected = -(-m["num_samples"] // m["shard_size"])
-                if len(shards) != expected:
-                    raise FIDInputError(f"{path} holds {len(shards)} of {expected} shards: generation was interrupted; "
-                                        f"run the same command again to resume it")
-            for shard in shards:
-                with np.load(shard) as data:
-                    yield to_uint8_images(data["images"])
-            return
+            return _shard_chunks(path, shards)
         files = _image_files(path)
         if not files:
             raise FIDInputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or shard-*.npz in {path}")
-        from PIL import Image
 
-        for s in range(0, len(files), chunk):
-            yield np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[s:s + chunk]])
-        return
+        def read(group):
+            from PIL import Image
+
+            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in group])
+
+        return [ImageChunk(s, min(s + chunk, len(files)), lambda s=s: read(files[s:s + chunk]))
+                for s in range(0, len(files), chunk)]
     if path.suffix == ".npz":
         with np.load(path) as data:
             key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
@@ -208,10 +216,35 @@ def iter_images(source, chunk: int = 1000):
                 raise FIDInputError(f"{path} holds neither images (key images / arr_0) nor statistics (mu, sigma): "
                                     f"keys {sorted(data.keys())}")
             images = data[key]
-        for s in range(0, len(images), chunk):
-            yield to_uint8_images(images[s:s + chunk])
-        return
+        return slices(images, to_uint8_images)
     raise FIDInputError(f"unsupported image source {path}: give a folder of images, a folder of shard-*.npz, or an .npz")
+
+
+def _shard_chunks(path: Path, shards: list[Path]) -> list[ImageChunk]:
+    def read(shard):
+        with np.load(shard) as data:
+            return to_uint8_images(data["images"])
+
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        expected = -(-m["num_samples"] // m["shard_size"])
+        if len(shards) != expected:
+            raise FIDInputError(f"{path} holds {len(shards)} of {expected} shards: generation was interrupted; "
+                                f"run the same command again to resume it")
+        # shard i holds samples [i * shard_size, ...): sizes known without reading a shard
+        bounds = [(i * m["shard_size"], min((i + 1) * m["shard_size"], m["num_samples"])) for i in range(expected)]
+    else:  # shards of unknown size: read their lengths
+        ends = np.cumsum([len(read(s)) for s in shards])
+        bounds = list(zip([0, *ends[:-1]], ends))
+    return [ImageChunk(int(lo), int(hi), lambda s=s: read(s)) for (lo, hi), s in zip(bounds, shards)]
+
+
+def iter_images(source, chunk: int = 1000):
+    """uint8 [n, H, W, 3] chunks of `source` (see `image_chunks`): large sample sets are scored
+    without holding them all in memory."""
+    for c in image_chunks(source, chunk):
+        yield c.load()
 
 
 def load_images(source) -> np.ndarray:
@@ -271,6 +304,45 @@ def image_features(images, extractor: nn.Module, backend: str = "clean-fid", mod
     return torch.cat(out).numpy()
 
 
+def sharded_image_features(source, extractor: nn.Module, backend: str = "clean-fid", mode: str = "clean",
+                           batch_size: int = 64, *, processes=None, chunk: int = 1000,
+                           progress: bool = False) -> tuple[np.ndarray, int]:
+    """`image_features` of all of `source` (see `image_chunks`), on every process, in source order,
+    and the number of images this process extracted. With `processes` (onestep.evaluation.distributed)
+    each process extracts its own chunks only and one all-gather joins them; batches never span chunks,
+    so the features are those of one process, whatever the number of processes."""
+    chunks = image_chunks(source, chunk)
+    if not chunks:
+        raise FIDInputError("no images to score")
+    mine = processes.mine(len(chunks)) if processes is not None else range(len(chunks))
+    bar = None
+    if progress and (processes is None or processes.is_main_process):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"features ({backend})", unit="img")
+    results = {}
+    for c in mine:
+        results[c] = image_features(chunks[c].load(), extractor, backend, mode, batch_size)
+        if bar is not None:
+            bar.update(len(results[c]))
+    if bar is not None:
+        bar.close()
+    made = sum(len(f) for f in results.values())
+    parts = processes.gather_chunks(results, len(chunks)) if processes is not None else [results[c] for c in mine]
+    return np.concatenate(parts), made
+
+
+def first_images(source, n: int = 64, chunk: int = 1000) -> np.ndarray:
+    """The first n images of `source` (for the grid), reading no more chunks than needed."""
+    out, have = [], 0
+    for c in image_chunks(source, chunk):
+        if have >= n:
+            break
+        out.append(c.load()[:n - have])
+        have += len(out[-1])
+    return np.concatenate(out)
+
+
 # ------------------------------------------------------------------------- reference statistics
 
 def default_cache_dir() -> Path:
@@ -319,12 +391,18 @@ def _named_statistics(name: str, mode: str, extractor: nn.Module, download: bool
 
 def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-fid", mode: str = "clean",
                          batch_size: int = 64, cache_dir=None, download: bool | None = None,
-                         return_features: bool = False, progress: bool = False) -> dict:
-    """{"mu", "sigma", "n" (None if unknown), "source", "features" (None unless computed now and
-    asked for)} for `reference`: a clean-fid name (cifar10-train, cifar10-test), an `.npz` with
-    `mu` and `sigma` (EDM / clean-fid style), or images (folder, shards, `.npz` of images, array).
-    Statistics computed from images are cached under `cache_dir`, keyed by the source, the
-    extractor's weights hash, the backend and the mode."""
+                         return_features: bool = False, progress: bool = False, *, processes=None,
+                         chunk: int = 1000) -> dict:
+    """{"mu", "sigma", "n" (None if unknown), "source", "features" (None unless asked for and the
+    reference is images), "extracted" (images whose features this process extracted now)} for
+    `reference`: a clean-fid name (cifar10-train, cifar10-test), an `.npz` with `mu` and `sigma`
+    (EDM / clean-fid style), or images (folder, shards, `.npz` of images, array).
+
+    Statistics and features computed from images are cached under `cache_dir`, keyed by the source,
+    the extractor's weights hash, the backend and the mode. With `processes` the extraction is shared
+    (`sharded_image_features`), the processes decide together whether the cache holds what they need
+    (so none skips work that the others wait on), only the main process writes it, and only the main
+    process gets mu, sigma and features (None elsewhere: the others only helped extract)."""
     if isinstance(reference, str) and reference in NAMED_REFERENCES:
         if backend == "torchmetrics" and mode != "legacy_tensorflow":
             # the torchmetrics backend resizes inside the network: only clean-fid's legacy_tensorflow
@@ -332,9 +410,10 @@ def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-
             raise FIDInputError(f"reference {reference} with --backend torchmetrics needs --mode legacy_tensorflow "
                                 f"(statistics of in-network resizing); or use --backend clean-fid")
         mu, sigma, n, source = _named_statistics(reference, mode, extractor, download)
-        return {"mu": mu, "sigma": sigma, "n": n, "source": source, "features": None}
+        return {"mu": mu, "sigma": sigma, "n": n, "source": source, "features": None, "extracted": 0}
     sha = _extractor_sha(extractor)
     cache_file = None
+    main = processes is None or processes.is_main_process
     if isinstance(reference, (str, Path)):
         path = Path(reference)
         if not path.exists():
@@ -345,25 +424,49 @@ def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-
                 if "mu" in data and "sigma" in data:
                     n = int(data["n"]) if "n" in data else None
                     return {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64),
-                            "n": n, "source": f"npz-stats:{path}", "features": None}
+                            "n": n, "source": f"npz-stats:{path}", "features": None, "extracted": 0}
         key = hashlib.sha256(f"{path.resolve()}|{_source_fingerprint(path)}|{sha}|{backend}|{mode}".encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key[:20]}.npz"
-        if cache_file.is_file() and not return_features:
+        hit = _cache_holds(cache_file, "features" if return_features else "mu")
+        if processes is not None:
+            hit = processes.all_true(hit)
+        if hit:
+            if not main:
+                return {"mu": None, "sigma": None, "n": None, "source": None, "features": None, "extracted": 0}
             with np.load(cache_file) as data:
                 return {"mu": data["mu"], "sigma": data["sigma"], "n": int(data["n"]),
-                        "source": f"images:{path} (cached {cache_file.name})", "features": None}
+                        "source": f"images:{path} (cached {cache_file.name})",
+                        "features": data["features"].astype(np.float64) if return_features else None, "extracted": 0}
         source = f"images:{path}"
     else:
         source = "images:in-memory"
-    feats = image_features(iter_images(reference), extractor, backend, mode, batch_size, progress=progress)
+    feats, made = sharded_image_features(reference, extractor, backend, mode, batch_size, processes=processes,
+                                         chunk=chunk, progress=progress)
+    if not main:
+        return {"mu": None, "sigma": None, "n": None, "source": None, "features": None, "extracted": made}
     mu, sigma = feature_statistics(feats)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats))
+        # a name of this process's own: independent jobs filling the same cache never share a file
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")
+        # features are cached for precision/recall; float32 when that loses nothing (extractors give float32)
+        stored = feats.astype(np.float32) if np.array_equal(feats.astype(np.float32), feats) else feats
+        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), features=stored)
         tmp.replace(cache_file)
     return {"mu": mu, "sigma": sigma, "n": len(feats), "source": source,
-            "features": feats if return_features else None}
+            "features": feats if return_features else None, "extracted": made}
+
+
+def _cache_holds(path: Path, key: str) -> bool:
+    """Whether a statistics cache file exists and holds `key` (files written before features were
+    cached hold only mu, sigma, n)."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as data:
+            return key in data.files
+    except (OSError, ValueError):  # unreadable (e.g. truncated): computed again and replaced
+        return False
 
 
 # ----------------------------------------------------------------------------------- distances
@@ -381,7 +484,8 @@ def torchmetrics_frechet(fake_features: np.ndarray, mu_ref, sigma_ref, n_ref: in
         def forward(self, x):
             return x
 
-    metric = FrechetInceptionDistance(feature=_Features(), reset_real_features=False)
+    # no synchronisation: under several processes only the main one computes, with every feature
+    metric = FrechetInceptionDistance(feature=_Features(), reset_real_features=False, sync_on_compute=False)
     n = int(n_ref) if n_ref and n_ref > 1 else 2
     mu = torch.as_tensor(np.asarray(mu_ref, np.float64))
     sigma = torch.as_tensor(np.asarray(sigma_ref, np.float64))
@@ -397,18 +501,24 @@ def torchmetrics_frechet(fake_features: np.ndarray, mu_ref, sigma_ref, n_ref: in
 def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str = "clean",
                 features: str | nn.Module = "inception", inception_weights=None, batch_size: int = 64,
                 device="cpu", cache_dir=None, download: bool | None = None, coverage_metrics: bool = True,
-                progress: bool = False) -> dict:
+                progress: bool = False, processes=None, chunk: int = 1000) -> dict:
     """FID of `generated` images (folder, shards, .npz, array/tensor) against `reference` (see
-    `reference_statistics`, or its result). Returns {"scores": {...}, "protocol": {...}} where the protocol holds
-    the FID-specific fields (backend, mode, extractor and its sha256, reference source, counts);
-    the caller adds seeds, steps, guidance (`report.make_protocol`).
+    `reference_statistics`, or its result). Returns {"scores": {...}, "protocol": {...}, "grid_images",
+    "work"} where the protocol holds the FID-specific fields (backend, mode, extractor and its sha256,
+    reference source, counts); the caller adds seeds, steps, guidance (`report.make_protocol`).
+    "work" counts the reference and generated images whose features this process extracted.
 
     With image references and `coverage_metrics`, precision/recall (k=3) and density/coverage (k=5)
-    in the same features are added."""
+    in the same features are added, computed on `device` (`coverage_metrics` of precision_recall).
+
+    With `processes` (onestep.evaluation.distributed) feature extraction is shared by the processes,
+    chunk by chunk, and the main process scores; the others get scores, protocol and grid None."""
     if backend not in BACKENDS:
         raise FIDInputError(f"unknown FID backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if mode not in MODES:
         raise FIDInputError(f"unknown FID mode {mode!r}; choose one of {', '.join(MODES)}")
+    if processes is not None:
+        device = processes.device
     extractor = features if isinstance(features, nn.Module) else feature_extractor(
         features, mode, backend, inception_weights, device, download)
     if isinstance(reference, dict):  # already resolved by reference_statistics
@@ -416,9 +526,12 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
     else:
         want_feats = coverage_metrics and not (isinstance(reference, str) and reference in NAMED_REFERENCES)
         ref = reference_statistics(reference, extractor, backend, mode, batch_size, cache_dir, download,
-                                   return_features=want_feats, progress=progress)
-    shown: list = []
-    fake = image_features(iter_images(generated), extractor, backend, mode, batch_size, progress=progress, keep=shown)
+                                   return_features=want_feats, progress=progress, processes=processes, chunk=chunk)
+    fake, made = sharded_image_features(generated, extractor, backend, mode, batch_size, processes=processes,
+                                        chunk=chunk, progress=progress)
+    work = {"reference_images": int(ref.get("extracted", 0)), "scored_images": int(made)}
+    if processes is not None and not processes.is_main_process:
+        return {"scores": None, "protocol": None, "grid_images": None, "work": work}
     if fake.shape[1] != np.asarray(ref["mu"]).shape[-1]:
         raise FIDInputError(f"reference statistics have {np.asarray(ref['mu']).shape[-1]} dimensions but the "
                             f"feature extractor gives {fake.shape[1]}: they come from another network")
@@ -431,16 +544,17 @@ def compute_fid(generated, reference, *, backend: str = "clean-fid", mode: str =
         fid = torchmetrics_frechet(fake, ref["mu"], ref["sigma"], ref["n"], fake.shape[1])
     scores = {"fid": fid}
     if coverage_metrics and ref.get("features") is not None:
-        from .precision_recall import density_coverage, precision_recall
+        from .precision_recall import coverage_metrics as mode_coverage
 
-        scores.update(precision_recall(ref["features"], fake, k=3))
-        scores.update(density_coverage(ref["features"], fake, k=5))
+        scores.update(mode_coverage(ref["features"], fake, 3, 5, device=device))
     resize = {"clean-fid": {"clean": "PIL bicubic to 299 (float, clean-fid)", "legacy_pytorch": "torch bilinear to 299",
                             "legacy_tensorflow": "inside the network (TF-1 bilinear for Inception)"}[mode],
               "torchmetrics": "inside the feature extractor (uint8 input, as torchmetrics)"}[backend]
+    shown = first_images(generated, 64, chunk)
     protocol = {"backend": backend, "mode": mode, "resize": resize,
                 "feature_extractor": getattr(extractor, "name", type(extractor).__name__),
                 "feature_extractor_sha256": _extractor_sha(extractor), "reference": ref["source"],
                 "num_generated": int(len(fake)), "num_reference": ref["n"],
-                "resolution": list(shown[0].shape[1:3])}
-    return {"scores": scores, "protocol": protocol, "grid_images": np.concatenate(shown)}
+                "resolution": list(shown.shape[1:3]),
+                "processes": 1 if processes is None else processes.num_processes}
+    return {"scores": scores, "protocol": protocol, "grid_images": shown, "work": work}

@@ -70,7 +70,7 @@ def shard_generator(seed: int, shard: int) -> torch.Generator:
 def generate_shards(sample_fn: Callable, out_dir, num_samples: int, noise_shape: tuple, *, shard_size: int = 1000,
                     batch_size: int = 100, seed: int = 0, num_classes: int | None = None,
                     cond_fn: Callable | None = None, settings: dict | None = None, accelerator=None,
-                    device="cpu", progress: bool = True):
+                    device="cpu", progress: bool = True, made: list | None = None):
     """Write `num_samples` images as `shard-NNNNN.npz` (uint8 [n, H, W, 3] `images`, `labels`) into
     `out_dir`, skipping shards already there: an interrupted run resumes where it stopped.
 
@@ -78,7 +78,8 @@ def generate_shards(sample_fn: Callable, out_dir, num_samples: int, noise_shape:
     `num_classes`, uniform labels) come from `shard_generator(seed, i)`; `cond_fn(indices) -> cond`
     gives other conditions (e.g. encoded prompts) by sample index. Processes of an accelerator take
     shards i = rank, rank + world, .... `settings` (model, steps, guidance, ...) are stored in
-    `manifest.json`; resuming with other settings is refused."""
+    `manifest.json`; resuming with other settings is refused. `made`, a list, receives the indices
+    of the shards this process generated (not those it found already there)."""
     import json
     from pathlib import Path
 
@@ -100,7 +101,10 @@ def generate_shards(sample_fn: Callable, out_dir, num_samples: int, noise_shape:
                                   f"delete it or choose another --out")
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        # written whole or not at all: another process may be reading it at this moment
+        tmp = out_dir / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(manifest_path)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     num_shards = -(-num_samples // shard_size)
@@ -126,6 +130,8 @@ def generate_shards(sample_fn: Callable, out_dir, num_samples: int, noise_shape:
         np.savez(tmp, images=np.concatenate(parts), labels=(labels.numpy() if labels is not None else np.zeros(0)),
                  first_index=lo)
         tmp.replace(out_dir / f"shard-{i:05d}.npz")
+        if made is not None:
+            made.append(i)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out_dir

@@ -53,7 +53,7 @@ def default_weights_path(mode: str) -> Path:
 
 def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # processes downloading at once never share it
     with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
         while block := response.read(1 << 20):
             f.write(block)

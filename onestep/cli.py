@@ -259,13 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--guidance", type=float, help="teacher CFG scale (default: none)")
         sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
         sp.add_argument("--batch-size", type=int, default=64)
-        sp.add_argument("--shard-size", type=int, default=1000, help="samples per resumable shard file")
-        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--shard-size", type=int, default=1000,
+                        help="samples per resumable shard file; with --images, images per chunk (default 1000). "
+                             "Shards and chunks are the units that processes share")
+        sp.add_argument("--device", default="auto",
+                        help="auto (default: CUDA if there, else the CPU; each process's own GPU under accelerate "
+                             "launch / torchrun), cpu, cuda or cuda:N")
         sp.add_argument("--out", help="output folder (default: RUN/eval/<metric>-<model>-<k>step)")
         sp.set_defaults(func=cmd_eval)
         return sp
 
-    fid = eval_parser("fid", "FID (+ precision/recall, density/coverage) with clean-fid or torchmetrics")
+    # fid and clip shard generation and feature extraction across the processes of accelerate launch / torchrun
+    fid = eval_parser("fid", "FID (+ precision/recall, density/coverage) with clean-fid or torchmetrics; "
+                      "shared across processes under accelerate launch / torchrun")
     fid.add_argument("--reference", required=True, help="cifar10-train, cifar10-test, an .npz (mu, sigma or "
                      "images), or an image folder (statistics cached)")
     fid.add_argument("--num-samples", type=int, default=10000)
@@ -274,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--features", default="inception", help="inception (default) or digits")
     fid.add_argument("--inception-weights", help="local Inception weights file (offline use)")
     fid.add_argument("--prompts", help="text-to-image runs: prompts file (.txt or .jsonl), cycled over samples")
-    clip = eval_parser("clip", "CLIP score (torchmetrics) of text-to-image samples")
+    clip = eval_parser("clip", "CLIP score (torchmetrics) of text-to-image samples; shared across processes "
+                       "under accelerate launch / torchrun")
     clip.add_argument("--prompts", required=True, help="prompts file (.txt or .jsonl), one image per prompt")
     clip.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="hub id or local folder")
-    gen = eval_parser("geneval", "GenEval (Mask2Former via transformers; mmdet optional)")
+    gen = eval_parser("geneval", "GenEval (Mask2Former via transformers; mmdet optional); one process only "
+                      "(not under accelerate launch / torchrun)")
     gen.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: download GenEval's)")
     gen.add_argument("--images-per-prompt", type=int, default=4)
     gen.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",

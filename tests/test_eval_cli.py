@@ -87,6 +87,8 @@ def test_bench_latency(run_dir, tmp_path, capsys):
     (["--backend", "nope"], "backend"),
     (["--reference", "cifar10-train", "--inception-weights", "/nonexistent/inc.pt"], "/nonexistent/inc.pt"),
     (["--model", "teacher", "--guidance", "2", "--reference", "missing.npz"], "not found"),
+    (["--device", "tpu9"], "--device must be"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
 ])
 def test_bad_input_is_one_line_exit_2(run_dir, digits_ref, tmp_path, capsys, extra, words):
     args = ["eval", "fid", "--run", str(run_dir), "--num-samples", "8", "--shard-size", "8", "--out", str(tmp_path / "o")]
@@ -210,3 +212,10 @@ def test_clip_and_geneval_generate_from_a_text_to_image_run(sd_run, tmp_path):
     assert sorted(p.name for p in (out / "images" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
     result = json.loads((out / "geneval.json").read_text())
     assert result["scores"]["num_images"] == 2 and result["protocol"]["seeds"]["seed"] == 0
+
+
+def test_geneval_refuses_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under accelerate launch / torchrun
+    assert main(["eval", "geneval", "--images", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one process" in err

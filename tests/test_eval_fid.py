@@ -226,3 +226,27 @@ def test_chunked_folders_give_the_same_features(data):
     chunked = F.image_features(F.iter_images(fake_dir, chunk=7), net, mode="legacy_pytorch", batch_size=5, keep=keep)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-8)
     assert sum(len(k) for k in keep) == len(fake) and (np.concatenate(keep) == fake).all()  # PNG is lossless
+
+
+def test_cache_holds_the_features_and_old_caches_are_refilled(data, tmp_path):
+    """Precision/recall need the reference features: they are cached beside mu and sigma (float32,
+    losslessly: the extractor gives float32), so a second score reads them instead of extracting again;
+    a cache file of the old layout (mu, sigma, n) is computed again and replaced."""
+    fake, real, fake_dir, real_dir, root = data
+    net = TinyFeatures()
+    first = F.reference_statistics(real_dir, net, cache_dir=tmp_path, return_features=True)
+    assert first["extracted"] == len(real)
+    (cached,) = tmp_path.glob("real-*.npz")
+    with np.load(cached) as stored:
+        assert stored["features"].dtype == np.float32 and stored["features"].shape == first["features"].shape
+    again = F.reference_statistics(real_dir, net, cache_dir=tmp_path, return_features=True)
+    assert again["extracted"] == 0 and "cached" in again["source"]
+    np.testing.assert_array_equal(again["features"], first["features"])
+    a = F.compute_fid(fake, real_dir, features=net, cache_dir=tmp_path)  # from the cache
+    b = F.compute_fid(fake, real, features=net)  # extracted now, in memory
+    assert a["scores"] == b["scores"] and a["work"] == {"reference_images": 0, "scored_images": len(fake)}
+    np.savez(cached, mu=first["mu"], sigma=first["sigma"], n=len(real))  # the layout before features
+    refilled = F.reference_statistics(real_dir, net, cache_dir=tmp_path, return_features=True)
+    assert refilled["extracted"] == len(real)
+    with np.load(cached) as stored:
+        assert "features" in stored.files

@@ -1,9 +1,12 @@
 """Precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) against
-brute-force numpy loops written from the papers' definitions, plus limiting cases."""
+brute-force numpy loops written from the papers' definitions, plus limiting cases; the default
+(screened, chunked, on a device) computation against the exact float64 reference on tied data."""
 import numpy as np
 import pytest
+import torch
 
-from onestep.evaluation.precision_recall import density_coverage, knn_radii, precision_recall
+from onestep.evaluation import precision_recall as PR
+from onestep.evaluation.precision_recall import coverage_metrics, density_coverage, knn_radii, precision_recall
 
 
 def brute_radii(x, k):
@@ -60,3 +63,103 @@ def test_limits():
 def test_bad_k():
     with pytest.raises(ValueError, match="k"):
         knn_radii(np.zeros((3, 2)), 3)
+
+
+# ------------------------------------------------------------------ the screened (default) path
+
+def tied_sets(seed: int, d: int):
+    """Features with many exactly equal distances: points on a coarse lattice, duplicated points, fake
+    points that copy real ones, far from the origin (so the matrix-product formula's rounding is large)."""
+    rng = np.random.default_rng(seed)
+    real = rng.integers(0, 3, (160, d)) * 0.1 + 7.0
+    fake = rng.integers(0, 3, (130, d)) * 0.1 + 7.0
+    real[:20] = real[20:40]
+    fake[:25] = real[50:75]
+    noisy = rng.normal(size=(60, d)) * 0.05 + 7.1  # and some points off the lattice
+    return np.concatenate([real, noisy]), np.concatenate([fake, noisy[:30] + 0.01])
+
+
+def exact(real, fake):
+    return {**precision_recall(real, fake, 3, exact=True), **density_coverage(real, fake, 5, exact=True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed,d,chunk", [(0, 2, 7), (1, 3, 64), (2, 8, None), (3, 40, 13)])
+def test_screened_equals_exact_with_ties(seed, d, chunk, dtype):
+    real, fake = tied_sets(seed, d)
+    stats = {}
+    got = coverage_metrics(real, fake, 3, 5, dtype=dtype, chunk=chunk, device="cpu", stats=stats)
+    assert got == exact(real, fake)  # counts are discrete: equal, not close
+    assert 0 < stats["exact"] < stats["approximate"]
+    assert precision_recall(real, fake, 3, chunk=chunk, dtype=dtype) == precision_recall(real, fake, 3, exact=True)
+    assert density_coverage(real, fake, 5, chunk=chunk, dtype=dtype) == density_coverage(real, fake, 5, exact=True)
+    assert torch.equal(knn_radii(real, 4, chunk, dtype=dtype), knn_radii(real, 4, chunk, exact=True))
+
+
+def test_without_the_error_bound_the_ties_break(monkeypatch):
+    """The exact recomputation is what makes the screened path exact: with a zero bound (approximate
+    distances taken as they are) the float32 results differ from the reference on tied data."""
+    original = PR._Screen.__init__
+
+    def no_bound(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.tol = 0.0
+        self.margin = {name: m * 0 for name, m in self.margin.items()}
+
+    differ = 0
+    for seed in range(4):  # all four differ in float32 (checked when this test was written)
+        real, fake = tied_sets(seed, 3)
+        want = exact(real, fake)
+        with monkeypatch.context() as m:
+            m.setattr(PR._Screen, "__init__", no_bound)
+            differ += coverage_metrics(real, fake, 3, 5) != want
+        assert coverage_metrics(real, fake, 3, 5) == want
+    assert differ == 4
+
+
+def test_the_bound_holds_and_is_small():
+    """The approximate squared distances are within the bound of the reference's, by a wide margin,
+    and the bound is a small fraction of the distances (few pairs need an exact recomputation)."""
+    rng = np.random.default_rng(5)
+    x = torch.as_tensor(np.maximum(rng.normal(size=(400, 512)) + 0.3, 0) * 3 + 50)
+    screen = PR._Screen({"real": x}, "cpu", torch.float32)
+    approx = screen.squared("real", 0, len(x), "real").double()
+    ref = torch.cdist(x, x, compute_mode=PR.EXACT_MODE) ** 2
+    bound = screen.margin["real"][:, None] + screen.margin["real"][None, :]
+    assert ((approx - ref).abs() / bound).max() < 0.1
+    off = ~torch.eye(len(x), dtype=torch.bool)
+    assert (bound[off] / ref[off]).median() < 1e-3
+
+
+def test_memory_is_chunk_by_n(monkeypatch):
+    """No distance matrix larger than chunk x N is made: every approximate block and every exact cdist
+    call has at most `chunk` rows (the exact recomputations are of gathered pairs, one row each)."""
+    rng = np.random.default_rng(6)
+    real, fake = rng.normal(size=(300, 5)), rng.normal(size=(250, 5)) + 0.3
+    shapes = []
+    squared, cdist = PR._Screen.squared, torch.cdist
+
+    def record_squared(self, a, lo, hi, b):
+        out = squared(self, a, lo, hi, b)
+        shapes.append(tuple(out.shape))
+        return out
+
+    def record_cdist(x1, x2, *args, **kwargs):
+        out = cdist(x1, x2, *args, **kwargs)
+        shapes.append(tuple(out.shape[-2:]))
+        return out
+
+    monkeypatch.setattr(PR._Screen, "squared", record_squared)
+    monkeypatch.setattr(PR.torch, "cdist", record_cdist)
+    coverage_metrics(real, fake, 3, 5, chunk=32)
+    assert shapes and max(s[0] for s in shapes) <= 32
+    assert {s[1] for s in shapes if s[0] > 1} <= {300, 250}  # blocks of rows against a whole set
+
+
+def test_bad_features_are_one_line():
+    with pytest.raises(ValueError, match="NaN"):
+        coverage_metrics(np.full((5, 2), np.nan), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="dimension"):
+        coverage_metrics(np.zeros((5, 2)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="dtype"):
+        coverage_metrics(np.random.rand(9, 2), np.random.rand(9, 2), dtype=torch.float16)
