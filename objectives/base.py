@@ -154,6 +154,16 @@ def sample_intervals(obj: Objective, n: int, *, sampler: str, mu: float, sigma: 
     return r, t, is_equal
 
 
+def at_least_one_row(index: torch.Tensor) -> torch.Tensor:
+    """`index` (row numbers of a subset of the batch), or row 0 if it is empty.
+
+    Objectives that compute targets on subsets (boundary vs consistency samples) call their networks even for an
+    empty subset, on this stand-in row, and drop the result: processes that shard a network (FSDP) gather its
+    parameters in every forward, so all of them must make the same calls whatever their own samples drew, and
+    diffusers' attention cannot take an empty batch."""
+    return index if len(index) else torch.zeros(1, dtype=index.dtype, device=index.device)
+
+
 def autocast_off(device: torch.device):
     """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 (spec §9)."""
     return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)

@@ -133,6 +133,12 @@ def call_with_frozen_parameters(module: nn.Module, *args, **kwargs):
     parameters are then not in the autograd graph at all, so DDP counts them as unused in that step
     instead of waiting for gradients that the trainer's backward(inputs=...) never computes.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        # sharded (FSDP): the module gathers its own parameters in every forward, which swapping them would undo;
+        # it runs as it is and the trainer drops the gradients its parameters get from another group's loss
+        return module(*args, **kwargs)
     params = {name: p.detach() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, params, args, kwargs)
 

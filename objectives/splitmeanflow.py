@@ -23,7 +23,9 @@ import torch
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, anchor_tensor, frozen_eval, sample_intervals
+from onestep.objectives.base import (
+    Objective, OptimDefaults, anchor_tensor, at_least_one_row, frozen_eval, sample_intervals,
+)
 from onestep.registry import OBJECTIVES
 
 
@@ -109,9 +111,11 @@ class SplitMeanFlow(Objective):
         target = torch.empty(z_t.shape, device=x.device, dtype=_accumulation_dtype(x))
         b, c = is_boundary.nonzero().squeeze(1), (~is_boundary).nonzero().squeeze(1)
         sub = (lambda v, i: None if v is None else v[i])
-        # both run even on an empty subset: sharded (FSDP) processes must call the same networks in lockstep
-        target[b] = self.boundary_target(x[b], eps[b], z_t[b], t[b], sub(cond, b))
-        target[c] = self.consistency_target(z_t[c], r[c], t[c], lam[c], sub(cond, c))
+        # both run even when this process has no sample of a kind (on one stand-in row, dropped): sharded (FSDP)
+        # processes must call the same networks in lockstep
+        bb, cc = at_least_one_row(b), at_least_one_row(c)
+        target[b] = self.boundary_target(x[bb], eps[bb], z_t[bb], t[bb], sub(cond, bb))[:len(b)]
+        target[c] = self.consistency_target(z_t[cc], r[cc], t[cc], lam[cc], sub(cond, cc))[:len(c)]
 
         pred = self.student(z_t, r, t, cond).to(target.dtype)
         err = (pred - target).pow(2).flatten(1).mean(1)      # per-sample mean squared error

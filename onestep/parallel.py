@@ -210,6 +210,10 @@ class FullyShardedDataParallel:
             for block in _block_modules(net):
                 fully_shard(block, mesh=self.mesh)
             fully_shard(net, mesh=self.mesh)
+            # a network's own parameters (embeddings, input/output layers) stay gathered until the step ends: a
+            # second forward of the network whose output is not used (discriminator features read from its
+            # blocks) would otherwise find them freed by the first forward's backward
+            net.set_reshard_after_backward(False, recurse=False)
             self.roots.append(net)
         whole = [n for n, p in objective.named_parameters() if p.requires_grad and not is_dtensor(p)]
         if whole:  # a trainable parameter outside every unit would never be reduced: the ranks would drift

@@ -179,13 +179,14 @@ def _save_sd3(cfg: dict, folder: Path, class_conditional: bool) -> dict:
 
     tok = clip_tokenizer(folder / "vocab")
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+    # SD3's real latent layout: 16 channels, 2x2 patches (the tiny VAE's 8x8 latents are 4x4 tokens)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
     load_t5 = cfg.get("load_t5", True)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False),
+        vae=tiny_vae(16, shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=clip_text_encoder(len(tok), hidden=8, projection=8, seed=1), tokenizer=tok,
         text_encoder_2=clip_text_encoder(len(tok), hidden=8, projection=8, seed=2), tokenizer_2=tok,
         text_encoder_3=t5_encoder(len(tok), d_model=16) if load_t5 else None, tokenizer_3=tok if load_t5 else None)
@@ -194,18 +195,19 @@ def _save_sd3(cfg: dict, folder: Path, class_conditional: bool) -> dict:
 
 
 def tiny_flux_pipeline(tok, guidance_embeds: bool = True):
-    """A FluxPipeline with one double and one single block, dynamic shifting, around tokenizer `tok`."""
+    """A FluxPipeline with one double and one single block, dynamic shifting, around tokenizer `tok`; FLUX's real
+    latent layout: 16 latent channels packed 2x2 into 64-channel tokens."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                          pooled_projection_dim=8, guidance_embeds=guidance_embeds,
                                          axes_dims_rope=(2, 2, 4))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer.eval(), scheduler=scheduler,
-                        vae=tiny_vae(shift_factor=0.1, scaling_factor=0.3, use_quant_conv=False,
+                        vae=tiny_vae(16, shift_factor=0.1, scaling_factor=0.3, use_quant_conv=False,
                                      use_post_quant_conv=False),
                         text_encoder=clip_text_encoder(len(tok), hidden=8, seed=1), tokenizer=tok,
                         text_encoder_2=t5_encoder(len(tok), d_model=16), tokenizer_2=tok)
@@ -220,15 +222,16 @@ def _save_flux(cfg: dict, folder: Path, class_conditional: bool) -> dict:
 
 
 def tiny_sana_pipeline(tok):
-    """A SanaPipeline with a 2-block transformer, a tiny DC-AE and a 1-layer Gemma2 around tokenizer `tok`."""
+    """A SanaPipeline with a 2-block transformer, a tiny DC-AE and a 1-layer Gemma2 around tokenizer `tok`; SANA's
+    real latent layout: 32 channels, patch size 1."""
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+    transformer = SanaTransformer2DModel(in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=4,
                                          num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
                                          cross_attention_dim=8, caption_channels=8, sample_size=8)
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+    vae = AutoencoderDC(in_channels=3, latent_channels=32, attention_head_dim=2,
                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
                         decoder_block_types=("ResBlock", "EfficientViTBlock"),
                         encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),

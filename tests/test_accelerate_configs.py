@@ -29,25 +29,26 @@ def test_ddp():
     assert env.get("ACCELERATE_USE_FSDP", "false") == "false"
 
 
-def test_fsdp_shards_the_frozen_teacher_with_the_student():
-    from accelerate.utils import FullyShardedDataParallelPlugin
+@pytest.mark.parametrize("name, strategy", [("ddp", "ddp"), ("fsdp", "fsdp"), ("deepspeed_zero2", "deepspeed")])
+def test_each_config_selects_onestep_s_own_strategy(name, strategy):
+    """train.distributed=auto follows the launch config; the Accelerator is then built without accelerate's own
+    FSDP / DeepSpeed plugin (which would shard a second time on GPUs and fall back to DDP on CPUs)."""
+    from onestep import parallel
 
-    args, env = launch_env("fsdp")
-    assert env["ACCELERATE_USE_FSDP"] == "true"
-    fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
-    # syncing module states needs a GPU; everything else is what a GPU run would get
-    fsdp_env.update(FSDP_SYNC_MODULE_STATES="false", FSDP_CPU_RAM_EFFICIENT_LOADING="false")
-    with mock.patch.dict(os.environ, fsdp_env):
-        plugin = FullyShardedDataParallelPlugin()
-    assert plugin.use_orig_params            # frozen teacher + trainable student in one FSDP unit
-    assert plugin.sharding_strategy.name == "FULL_SHARD"
-    assert "BasicTransformerBlock" in plugin.transformer_cls_names_to_wrap
+    _, env = launch_env(name)
+    launched = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+    with mock.patch.dict(os.environ, launched):
+        assert parallel.requested_strategy("auto") == strategy
+        assert parallel.requested_strategy("ddp") == "ddp"       # an explicit setting wins
+        with parallel.accelerate_without_sharding():
+            assert os.environ.get("ACCELERATE_USE_FSDP", "false") == "false"
+            assert os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "false"
+        assert os.environ.get("ACCELERATE_USE_FSDP", "false") == launched.get("ACCELERATE_USE_FSDP", "false")
 
 
 def test_deepspeed_zero2():
     args, env = launch_env("deepspeed_zero2")
     assert args.use_deepspeed and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
-    assert env["ACCELERATE_GRADIENT_CLIPPING"] == "1.0"
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2"])
