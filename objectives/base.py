@@ -50,6 +50,12 @@ class Objective(nn.Module):
         this objective had set on it after `steps_done` training steps (e.g. Lightning's sampling grid
         from `teacher`'s schedule). Default: nothing to set."""
 
+    @classmethod
+    def smoke_options(cls, options: dict) -> dict:
+        """Objective options (of the recipe's `objective` section, `options`) that `--smoke` overrides so that a
+        few training steps reach every optimizer group, e.g. Lightning's stage lengths. Default: none."""
+        return {}
+
     def milestones(self) -> list[int]:
         """Training steps whose checkpoints the trainer always writes and never prunes, besides its
         `checkpoint_every` / `keep_checkpoints` ones (e.g. the end of each Lightning stage). Default: none."""

@@ -195,6 +195,13 @@ class Lightning(Objective):
     def total_steps(self) -> int:
         return sum(self.cfg.stage_iters)
 
+    @classmethod
+    def smoke_options(cls, options: dict) -> dict:
+        """Four iterations a stage: the adversarial stages' generator and discriminator steps, conditional then
+        unconditional, all come round."""
+        stages = options.get("stages", LightningConfig().stages)
+        return {"stage_iters": [4] * len(stages)}
+
     def milestones(self) -> list[int]:
         """The last step of every stage: its checkpoint is that stage's model (benchmarks/lightning_stages.py)."""
         return list(accumulate(self.cfg.stage_iters))

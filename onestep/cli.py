@@ -2,7 +2,7 @@
 
     onestep demo [key=value ...]                         teacher -> SplitMeanFlow student -> report
     onestep teacher-train [--config C] [--out DIR] [key=value ...]
-    onestep distill --config C [key=value ...]
+    onestep distill --config C [--dry-run | --smoke] [key=value ...]
     onestep list                                         registered teachers, objectives, metrics
     onestep export --run runs/X --out DIR [--checkpoint step-N] [--format diffusers|onestep|lora] [--steps K]
 
@@ -145,11 +145,17 @@ def cmd_distill(args) -> int:
     if not args.config:
         raise UsageError("onestep distill needs --config (a YAML path or a shipped config name, see onestep list)")
     cfg = _config(args, None)
+    if args.dry_run and args.smoke:
+        raise UsageError("--dry-run and --smoke are two rehearsals: give one")
     if args.dry_run:  # validate, build at tiny size, one training step, full-size counts; nothing downloaded
         from onestep.dryrun import dry_run
 
         dry_run(cfg)
         return 0
+    if args.smoke:  # the whole path at tiny size: train, checkpoint, resume, grid, export, load, eval
+        from onestep.smoke import smoke
+
+        return 0 if smoke(cfg)["passed"] else 1
     trainer = start_trainer(cfg, resume=not args.no_resume).fit(resume=False)
     print(f"run saved to {trainer.run_dir}")
     trainer.close()
@@ -229,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     di = with_config("distill", "train a student with any registered objective", cmd_distill, "required")
     di.add_argument("--dry-run", action="store_true", help="validate the recipe, build it at a tiny size, run one "
                     "training step and print parameter counts and a full-size GPU memory estimate (no download)")
+    di.add_argument("--smoke", action="store_true", help="rehearse the recipe end to end at tiny size (its teacher "
+                    "family built tiny, the recipe's precision/LoRA/schedule): train every optimizer group, checkpoint, "
+                    "resume, decoded sample grid, export in every format, load, eval; writes <output_dir>/<name>-smoke/"
+                    "smoke.json and exits 0 only if every stage passed")
     sp = sub.add_parser("list", help="registered teachers, objectives and metrics")
     sp.set_defaults(func=cmd_list)
     # no argparse `required`/`choices`/`type` here: export_run checks them and reports in one line

@@ -86,6 +86,13 @@ def one_step_only(cfg, exporter) -> str | None:
     return None
 
 
+def torch_dtype_argument(dtype: torch.dtype) -> str:
+    """`, torch_dtype=torch.bfloat16` for the model card's loading line of weights saved in a half dtype: without
+    it diffusers loads the denoiser and VAE in float32 while transformers keeps the text encoders' bfloat16, and
+    the pipeline's first layer meets mixed dtypes."""
+    return "" if dtype == torch.float32 else f", torch_dtype=torch.{str(dtype).removeprefix('torch.')}"
+
+
 class ExportError(ValueError):
     """Bad input to `export_run`; the message is one line meant for the user (the CLI exits with 2)."""
 
@@ -173,15 +180,20 @@ def load_student(info: RunInfo):
     # trainable.safetensors holds the objective's modules, the student's under "student."; ema.safetensors the
     # EMA of the student's trained parameters under their own names (of every parameter in older checkpoints;
     # a LoRA student's frozen base never changes, so it comes from trainable.safetensors)
-    state = {}
+    params = dict(student.named_parameters())
+    state, unexpected = {}, []
     if info.weights == "trained" or (info.checkpoint / "trainable.safetensors").is_file():
         raw = load_file(info.checkpoint / "trainable.safetensors")
-        state = {k[len("student."):]: v for k, v in raw.items() if k.startswith("student.")}
+        raw = {k[len("student."):]: v for k, v in raw.items() if k.startswith("student.")}
+        known = set(params) | {n for n, _ in student.named_buffers()}   # the state dict holds buffers too
+        state = {k: v for k, v in raw.items() if k in params}
+        unexpected = [k for k in raw if k not in known]
     if info.weights == "ema":
-        state.update(load_file(info.checkpoint / "ema.safetensors"))
-    params = dict(student.named_parameters())
+        ema = load_file(info.checkpoint / "ema.safetensors")
+        state.update(ema)
+        unexpected += [k for k in ema if k not in params]
     missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+    unexpected = sorted(set(unexpected))
     if missing or unexpected:
         raise ExportError(f"checkpoint {info.checkpoint} does not match the run's student: "
                           f"{len(missing)} missing, {len(unexpected)} unexpected parameters "
@@ -739,7 +751,8 @@ class _AdapterExporter(Exporter):
 
         if not isinstance(student, TeacherStudent):
             raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
-        backbone = folded_backbone(student, steps, next(teacher.backbone().parameters()).dtype)
+        dtype = next(teacher.backbone().parameters()).dtype
+        backbone = folded_backbone(student, steps, dtype)
         # a VP student's LoRA for k >= 2 needs onestep's scheduler, as --format onestep does
         scheduler = self.scheduler(student.adapter, steps, "onestep" if format == "lora" and steps != 1 else format)
         if format == "lora":
@@ -751,7 +764,7 @@ class _AdapterExporter(Exporter):
         return ExportResult(
             pipeline=f"`{name}` (stock diffusers)" + (ONESTEP_SCHEDULER_NOTE if format == "onestep" else ""),
             loader="import torch\nfrom diffusers import DiffusionPipeline",
-            load_call="DiffusionPipeline.from_pretrained({path!r})",
+            load_call="DiffusionPipeline.from_pretrained({path!r}" + torch_dtype_argument(dtype) + ")",
             call_args=self._call_args(teacher, steps),
             scheduler=_scheduler_line(scheduler),
             notes=self._notes(student, teacher, steps, name, format),
@@ -867,7 +880,8 @@ class _AdapterExporter(Exporter):
             loader=(f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}" if sched_module == "diffusers"
                     else f"import torch\nfrom diffusers import {pipe_cls.__name__}\n"
                          f"from {type(scheduler).__module__} import {sched_cls}"),
-            load_call=f"{pipe_cls.__name__}.from_pretrained({teacher_path!r})",
+            load_call=f"{pipe_cls.__name__}.from_pretrained({teacher_path!r}"
+                      f"{torch_dtype_argument(next(teacher.backbone().parameters()).dtype)})",
             setup=["pipe.load_lora_weights({path!r})",
                    f"pipe.scheduler = {sched_cls}.from_pretrained({{path!r}}, subfolder=\"scheduler\")"],
             call_args=self._call_args(teacher, steps), scheduler=_scheduler_line(scheduler), notes=notes,

@@ -360,7 +360,9 @@ class Trainer:
             self.nonfinite_total += 1
         return logs
 
-    def fit(self, resume: bool = True) -> "Trainer":
+    def fit(self, resume: bool = True, samples: bool = True) -> "Trainer":
+        """Train to train.steps (resuming from the latest checkpoint unless `resume` is False); `samples`: write
+        the final sample grid."""
         acc, tc = self.accelerator, self.cfg.train
         if resume:  # before anything is written: a checkpoint that fails to load leaves the run as it was
             self.maybe_resume()
@@ -406,7 +408,8 @@ class Trainer:
                 self.save_samples()
         if bar is not None:
             bar.close()
-        self.save_samples()
+        if samples:
+            self.save_samples()
         for tracker in acc.trackers:  # the process group stays up: evaluation after training may be sharded
             tracker.finish()
         return self

@@ -234,7 +234,7 @@ def tiny_sana_pipeline(tok):
     vae = AutoencoderDC(in_channels=3, latent_channels=32, attention_head_dim=2,
                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
                         decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                        encoder_block_out_channels=(8, 32), decoder_block_out_channels=(8, 32),
                         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
                         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
                         downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41)

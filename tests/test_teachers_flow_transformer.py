@@ -136,8 +136,8 @@ def test_flux_sampler_equals_stock_pipeline(flux_dirs, distilled):
     teacher = FluxTeacher.from_pretrained(str(flux_dirs[distilled]), dtype="float32", max_sequence_length=SEQ)
     pipe = FluxPipeline.from_pretrained(str(flux_dirs[distilled]))
     pipe.set_progress_bar_config(disable=True)
-    latents = _latents((2, 4, 8, 8), 1)
-    packed = FluxPipeline._pack_latents(latents, 2, 4, 8, 8)
+    latents = _latents((2, 16, 8, 8), 1)   # FLUX's 16 latent channels, packed 2x2 into 64-channel tokens
+    packed = FluxPipeline._pack_latents(latents, 2, 16, 8, 8)
     if distilled:  # one pass, guidance scale as an input embedding
         ref = pipe(PROMPTS, latents=packed.clone(), num_inference_steps=4, guidance_scale=2.5, height=16, width=16,
                    max_sequence_length=SEQ, output_type="latent").images
@@ -146,16 +146,16 @@ def test_flux_sampler_equals_stock_pipeline(flux_dirs, distilled):
         ref = pipe(PROMPTS, negative_prompt=["", ""], true_cfg_scale=3.0, latents=packed.clone(),
                    num_inference_steps=4, height=16, width=16, max_sequence_length=SEQ, output_type="latent").images
         out = teacher.sample(latents, teacher.encode_prompt(PROMPTS), steps=4, guidance=3.0)
-    diff = (FluxPipeline._pack_latents(out, 2, 4, 8, 8) - ref).abs().max().item()
+    diff = (FluxPipeline._pack_latents(out, 2, 16, 8, 8) - ref).abs().max().item()
     _report(f"FLUX {'guidance-embedded 2.5' if distilled else 'true CFG 3'} 4 steps dynamic shift", diff, ref)
     assert diff < 1e-4
 
 
 def test_flux_velocity_features_and_vae(flux_dirs):
     teacher = FluxTeacher.from_pretrained(str(flux_dirs[True]), dtype="float64", max_sequence_length=SEQ, guidance=3.5)
-    assert teacher.guidance_embeds and teacher.sample_shape[0] == 4
+    assert teacher.guidance_embeds and teacher.sample_shape[0] == 16
     cond = teacher.encode_prompt(PROMPTS)
-    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
     # guidance None means the configured embedded scale
     torch.testing.assert_close(teacher.velocity(x, 0.4, cond), teacher.velocity(x, 0.4, cond, guidance=3.5))
     assert (teacher.velocity(x, 0.4, cond, guidance=1.0) - teacher.velocity(x, 0.4, cond)).abs().max() > 0
@@ -190,7 +190,7 @@ def test_sana_sampler_equals_stock_pipeline(sana_dir, guidance):
     pipe = SanaPipeline.from_pretrained(str(sana_dir))
     pipe.set_progress_bar_config(disable=True)
     vsf = pipe.vae_scale_factor
-    latents = _latents((2, 4, 16, 16), 2)  # the pipeline wants image sides divisible by 32
+    latents = _latents((2, 32, 16, 16), 2)  # SANA's 32 latent channels; the pipeline wants sides divisible by 32
     ref = pipe(PROMPTS, latents=latents.clone(), num_inference_steps=4, guidance_scale=guidance, height=16 * vsf,
                width=16 * vsf, max_sequence_length=SEQ, output_type="latent", use_resolution_binning=False).images
     out = teacher.sample(latents, teacher.encode_prompt(PROMPTS), steps=4, guidance=guidance)
@@ -203,7 +203,7 @@ def test_sana_features_and_vae(sana_dir):
     teacher = SanaTeacher.from_pretrained(str(sana_dir), dtype="float32", max_sequence_length=SEQ)
     cond = teacher.encode_prompt(PROMPTS)
     assert cond.attention_mask is not None and cond.attention_mask.shape == (2, SEQ)
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 32, 8, 8)
     feats = teacher.features(x, 0.5, cond)
     assert len(feats) == 2 and all(not m._forward_hooks for m in teacher.denoiser.modules())
     images = torch.rand(1, 3, 16, 16) * 2 - 1
