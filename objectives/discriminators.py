@@ -162,3 +162,9 @@ def module_features(module: nn.Module, layers: Sequence[str], run: Callable[[], 
         for h in handles:
             h.remove()
     return [found[name] for name in layers]
+
+
+def find_module(net: nn.Module, name: str) -> str | None:
+    """The dotted path of the first submodule of `net` whose own name is `name` (e.g. a UNet's `mid_block`, also
+    inside a preconditioning wrapper such as EDM's), or None."""
+    return next((path for path, _ in net.named_modules() if path.rsplit(".", 1)[-1] == name), None)

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
-from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, module_features
+from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, find_module, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
 from onestep.registry import OBJECTIVES
@@ -114,8 +114,9 @@ def default_encoder_layers(net: nn.Module) -> list[str]:
     if isinstance(net, MLPAvgVelocity):
         return [f"body.{len(net.body) - 2}"]
     if isinstance(net, TeacherStudent):
-        if hasattr(net.backbone, "mid_block"):
-            return ["backbone.mid_block"]
+        mid = find_module(net.backbone, "mid_block")   # UNets, also inside EDM's preconditioning
+        if mid is not None:
+            return [f"backbone.{mid}"]
         for blocks in ("transformer_blocks", "single_transformer_blocks"):
             if hasattr(net.backbone, blocks) and len(getattr(net.backbone, blocks)):
                 count = len(getattr(net.backbone, blocks))

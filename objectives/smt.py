@@ -72,7 +72,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.config import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
-from onestep.objectives.discriminators import FeatureDiscriminator, module_features
+from onestep.objectives.discriminators import FeatureDiscriminator, find_module, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, karras_sigmas, module_device_dtype, one_step_generate, pseudo_target_loss,
     sample_noise_levels, sample_shape_of, trainable_copy_of_backbone,
@@ -119,8 +119,12 @@ class MixtureScore(nn.Module):
             return ["net.unet.mid_block"]
         if isinstance(self.net, MLPAvgVelocity):
             return [f"net.body.{len(self.net.body) - 2}"]
-        if isinstance(self.net, TeacherStudent) and hasattr(self.net.backbone, "mid_block"):
-            return ["net.backbone.mid_block"]   # diffusers UNets (SD, SDXL, EDM adapters)
+        mid = find_module(self.net.backbone, "mid_block") if isinstance(self.net, TeacherStudent) else None
+        if mid is not None:
+            return [f"net.backbone.{mid}"]   # diffusers UNets (SD, SDXL; EDM's inside its preconditioning)
+        blocks = getattr(getattr(self.net, "backbone", None), "transformer_blocks", None)
+        if isinstance(self.net, TeacherStudent) and blocks is not None and len(blocks):
+            return [f"net.backbone.transformer_blocks.{len(blocks) // 2}"]   # DiTs (SD3, FLUX, SANA): the middle block
         raise ValueError(f"no default bottleneck for {type(self.net).__name__}: set objective.gan_layers")
 
 

@@ -12,7 +12,9 @@
    (FULL_SIZE_MODELS), or, when `teacher.path` is a local folder, from that folder's own config files.
 5. An estimate of GPU memory at full size: frozen weights in the teacher's dtype, trainable parameters
    at 16 bytes each (fp32 weight, gradient and two AdamW moments), the frozen part of the student and its
-   trainable copies, the student's EMA copy; activations are NOT included.
+   trainable copies, the EMA of the student's trainable parameters, and (latent text-to-image families) the
+   activations of one training pass of the student, traced at full size on fake tensors (`activation_bytes`).
+   benchmarks/full_size.py checks it against peak memory measured at full size on a CPU.
 """
 from __future__ import annotations
 
@@ -24,7 +26,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import weakref
+
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from onestep.config import ConfigError, RunConfig, validate
 
@@ -99,6 +105,10 @@ _SANA_1600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_ch
                                                           num_cross_attention_heads=20, cross_attention_head_dim=112,
                                                           cross_attention_dim=2240, caption_channels=2304,
                                                           mlp_ratio=2.5, sample_size=32, patch_size=1))
+_SANA_600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_channels=32, num_attention_heads=36,
+                                                         attention_head_dim=32, num_layers=28, num_cross_attention_heads=16,
+                                                         cross_attention_head_dim=72, cross_attention_dim=1152,
+                                                         caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1))
 _DDPM_CIFAR10_UNET = ("UNet2DModel", dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                                           block_out_channels=(128, 256, 256, 256), norm_eps=1e-6, freq_shift=1,
                                           flip_sin_to_cos=False, downsample_padding=0, attention_head_dim=None,
@@ -131,6 +141,8 @@ FULL_SIZE_MODELS = {
                                      "text_encoder_2": _T5_XXL},
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": {"denoiser": _SANA_1600M_TRANSFORMER, "vae": _DC_AE_F32C32,
                                                           "text_encoder": _GEMMA2_2B},
+    "Efficient-Large-Model/Sana_600M_1024px_diffusers": {"denoiser": _SANA_600M_TRANSFORMER, "vae": _DC_AE_F32C32,
+                                                         "text_encoder": _GEMMA2_2B},
 }
 #: the table entry a family falls back to when its path is neither listed nor a local folder
 FAMILY_DEFAULT = {"unet": "google/ddpm-cifar10-32", "edm": "imagenet64-adm",
@@ -208,21 +220,26 @@ def _local_components(cfg: RunConfig) -> tuple[dict, str] | None:
     return comps, str(root)
 
 
-def full_size_components(cfg: RunConfig) -> tuple[dict, str]:
-    """({component: meta-device module}, where the configs came from) at full size."""
+def _full_size_spec(cfg: RunConfig) -> tuple[dict, str]:
+    """({component: (class name, config)}, where the configs came from) of the recipe's teacher at full size."""
     name = cfg.teacher["name"]
     local = _local_components(cfg)
     if local is not None:
         spec, source = local
-        source = f"the config files in {source}"
-    else:
-        path = cfg.teacher.get("path") or ""
-        key = path if path in FULL_SIZE_MODELS else FAMILY_DEFAULT[name]
-        spec = dict(FULL_SIZE_MODELS[key])
-        if name == "sd3" and not cfg.teacher.get("load_t5", True):
-            spec.pop("text_encoder_3", None)
-        source = f"the published config of {key}, embedded in onestep/dryrun.py" + \
-            ("" if key == path else f" (teacher.path {path!r} is not in the table: {key} stands in)")
+        return spec, f"the config files in {source}"
+    path = cfg.teacher.get("path") or ""
+    key = path if path in FULL_SIZE_MODELS else FAMILY_DEFAULT[name]
+    spec = dict(FULL_SIZE_MODELS[key])
+    if name == "sd3" and not cfg.teacher.get("load_t5", True):
+        spec.pop("text_encoder_3", None)
+    source = f"the published config of {key}, embedded in onestep/dryrun.py" + \
+        ("" if key == path else f" (teacher.path {path!r} is not in the table: {key} stands in)")
+    return spec, source
+
+
+def full_size_components(cfg: RunConfig) -> tuple[dict, str]:
+    """({component: meta-device module}, where the configs came from) at full size."""
+    spec, source = _full_size_spec(cfg)
     return {k: meta_model(cls, conf) for k, (cls, conf) in spec.items()}, source
 
 
@@ -291,7 +308,7 @@ def full_size_estimate(cfg: RunConfig, aux_copies: int) -> Estimate:
         "student + copies: trainable (fp32 weight, grad, 2 AdamW moments: 16 B)":
             (est.student_trainable + est.aux_trainable) * 16 / GIB,
         f"student + copies: frozen base ({est.teacher_dtype})": (frozen_student + frozen_aux) * b / GIB,
-        "student EMA copy (all its parameters)": (est.student_trainable * 4 + frozen_student * b) / GIB,
+        "student EMA (its trainable parameters, fp32)": est.student_trainable * 4 / GIB,
     }
     return est
 
@@ -302,6 +319,160 @@ def _teacher_config_default(cfg: RunConfig, key: str):
     load_builtin()
     dc = TEACHERS.get(cfg.teacher["name"]).Config
     return getattr(dc(**({"path": "x"} if cfg.teacher["name"] == "edm" else {})), key, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# activations at full size, without the memory: the student's training pass on fake tensors
+
+
+class LiveBytes(TorchDispatchMode):
+    """A dispatch mode that adds up the bytes of every storage the ops under it create (views share theirs) and keeps
+    the largest sum alive at once: activations saved for backward, temporaries, gradients. A storage counts while a
+    tensor the ops returned still uses it (weak references to those tensors), and nothing is followed after the mode
+    exits."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self._users: dict[int, list] = {}    # storage id -> [bytes, number of live tensors]
+        self._refs: list = []
+
+    def _release(self, key: int) -> None:
+        entry = self._users.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.live -= entry[0]
+                del self._users[key]
+
+    def __exit__(self, *exc):
+        self._refs, self._users = [], {}    # the callbacks go with their references
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = torch._C._storage_id(t)
+                if key not in self._users:
+                    nbytes = _extent_bytes(t)
+                    self._users[key] = [nbytes, 0]
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._users[key][1] += 1
+                self._refs.append(weakref.ref(t, lambda _ref, k=key: self._release(k)))
+        return out
+
+
+def _extent_bytes(t: torch.Tensor) -> int:
+    """The bytes of storage a tensor reaches (its offset plus its strided extent), read from its metadata: making a
+    Python object of the storage itself, under a dispatch mode, crashes the process later."""
+    if t.numel() == 0:
+        return 0
+    extent = 1 + t.storage_offset() + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return extent * t.element_size()
+
+
+def meta_free_model(class_name: str, config):
+    """The model of `class_name` built from `config` in the current tensor mode (fake parameters under fake mode)."""
+    cls = _class(class_name)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config)
+    model = cls(cls.config_class(**config) if isinstance(config, dict) else config)
+    model.tie_weights()
+    return model
+
+
+def _denoiser_inputs(denoiser, cfg: RunConfig, spec: dict, batch: int, dtype: torch.dtype) -> dict:
+    """Keyword arguments of one forward of the full-size denoiser at the recipe's resolution, as its adapter passes
+    them (shapes and dtypes from the published configs: latents, timestep, prompt embeddings of the text encoders'
+    width and the recipe's sequence length)."""
+    name = type(denoiser).__name__
+    c = denoiser.config
+    side_px = cfg.teacher.get("resolution") or None
+    factor = 32 if spec.get("vae", ("", {}))[0] == "AutoencoderDC" else 8
+    side = side_px // factor if side_px else c.sample_size
+    seq = cfg.teacher.get("max_sequence_length") or 77
+    t = torch.full((batch,), 500.0)
+    if name == "UNet2DModel":
+        labels = torch.zeros(batch, dtype=torch.long) if c.num_class_embeds else None
+        return dict(sample=torch.randn(batch, c.in_channels, side, side, dtype=dtype), timestep=t, class_labels=labels)
+    if name == "UNet2DConditionModel":
+        kw = dict(sample=torch.randn(batch, c.in_channels, side, side, dtype=dtype), timestep=t,
+                  encoder_hidden_states=torch.randn(batch, 77, c.cross_attention_dim, dtype=dtype))
+        if c.addition_embed_type == "text_time":   # SDXL: pooled text embedding and 6 micro-conditioning ids
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                                       "time_ids": torch.zeros(batch, 6, dtype=dtype)}
+        return kw
+    if name == "SD3Transformer2DModel":
+        return dict(hidden_states=torch.randn(batch, c.in_channels, side, side, dtype=dtype), timestep=t,
+                    encoder_hidden_states=torch.randn(batch, 77 + seq, c.joint_attention_dim, dtype=dtype),
+                    pooled_projections=torch.randn(batch, c.pooled_projection_dim, dtype=dtype))
+    if name == "FluxTransformer2DModel":
+        tokens = (side // 2) ** 2
+        return dict(hidden_states=torch.randn(batch, tokens, c.in_channels, dtype=dtype), timestep=t / 1000,
+                    encoder_hidden_states=torch.randn(batch, seq, c.joint_attention_dim, dtype=dtype),
+                    pooled_projections=torch.randn(batch, c.pooled_projection_dim, dtype=dtype),
+                    img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(seq, 3),
+                    guidance=torch.full((batch,), 3.5) if c.guidance_embeds else None)
+    if name == "SanaTransformer2DModel":
+        return dict(hidden_states=torch.randn(batch, c.in_channels, side, side, dtype=dtype), timestep=t,
+                    encoder_hidden_states=torch.randn(batch, seq, c.caption_channels, dtype=dtype),
+                    encoder_attention_mask=torch.ones(batch, seq))
+    raise ValueError(f"no example inputs for {name}")
+
+
+def training_pass_bytes(denoiser, cfg: RunConfig, spec: dict, dtype: torch.dtype) -> int:
+    """Peak bytes the student's training pass holds beyond its weights: `denoiser` (the teacher's architecture, fake
+    or real) given the student's LoRA adapters (trainable, fp32) and gradient checkpointing as the recipe says, run
+    forward and backward at the recipe's resolution and data.batch_size under its autocast."""
+    s = cfg.student
+    if s.lora_rank > 0:
+        from unittest import mock
+
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # the adapters stay fp32 (as the trainer keeps them) and where they are made: peft's moves to the base
+        # layer's dtype and device would swap fake parameters, which torch refuses
+        with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None), \
+                mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+            inject_adapter_in_model(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or s.lora_rank,
+                                               target_modules=list(s.lora_targets)), denoiser)
+        for n, p in denoiser.named_parameters():
+            p.requires_grad_("lora_" in n)
+    else:
+        denoiser.requires_grad_(True)
+    if s.gradient_checkpointing and getattr(denoiser, "_supports_gradient_checkpointing", False):
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    inputs = _denoiser_inputs(denoiser, cfg, spec, cfg.data.batch_size, dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+    with LiveBytes() as mode:
+        with autocast:
+            out = denoiser(**inputs, return_dict=False)[0]
+        out.float().pow(2).mean().backward()
+    return int(mode.peak)
+
+
+def activation_bytes(cfg: RunConfig) -> int:
+    """Peak memory of one training pass of the recipe's student at full size, beyond its weights, in bytes: the
+    published architecture of the teacher's denoiser built with fake parameters in the teacher's dtype (torch's
+    FakeTensorMode: shapes and dtypes, no storage) and run by `training_pass_bytes`. Only fake tensors take part
+    (fake and real tensors mixed in one trace corrupted memory under torch 2.14)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec, _ = _full_size_spec(cfg)
+    dtype = getattr(torch, cfg.teacher.get("dtype") or _teacher_config_default(cfg, "dtype") or "float32")
+    previous = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(dtype)
+        try:
+            denoiser = meta_free_model(*spec["denoiser"])
+        finally:
+            torch.set_default_dtype(previous)
+        return training_pass_bytes(denoiser, cfg, spec, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,8 +595,20 @@ def _fmt(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def dry_run(cfg: RunConfig, print_fn=print) -> dict:
-    """Validate `cfg` (already loaded by load_config), build it at tiny size, estimate the full size."""
+def dry_run_estimate(cfg: RunConfig) -> dict:
+    """The full-size memory estimate `--dry-run` prints, in bytes: {"total_bytes", "parts": {part: bytes}}
+    (a tiny build counts the objective's teacher-copied networks)."""
+    with _quiet(), tempfile.TemporaryDirectory(prefix="onestep-estimate-") as tmp:
+        copies = tiny_run(cfg, Path(tmp))["aux_copies"]
+    est = full_size_estimate(cfg, copies)
+    parts = {k: int(v * GIB) for k, v in est.memory_gib.items()}
+    parts["activations of one training pass"] = activation_bytes(cfg)
+    return {"total_bytes": sum(parts.values()), "parts": parts}
+
+
+def dry_run(cfg: RunConfig, print_fn=print, activations: bool = True) -> dict:
+    """Validate `cfg` (already loaded by load_config), build it at tiny size, estimate the full size (with the
+    activations of one training pass unless `activations` is False: that trace takes tens of seconds)."""
     if cfg.teacher.get("name") not in FAMILY_DEFAULT:
         raise ConfigError(f"--dry-run builds the adapter teachers ({', '.join(FAMILY_DEFAULT)}); teacher "
                           f"{cfg.teacher.get('name')} runs as it is: use onestep distill without --dry-run")
@@ -458,11 +641,18 @@ def dry_run(cfg: RunConfig, print_fn=print) -> dict:
     if heads:
         print_fn("  discriminator heads: " + ", ".join(f"{n} {_fmt(v[0])} at tiny size" for n, v in heads.items())
                  + " (their full-size width follows the teacher's features; not in the estimate)")
+    if activations:
+        t0 = time.perf_counter()
+        act = activation_bytes(cfg)
+        est.memory_gib[f"activations of one training pass (batch {cfg.data.batch_size}, traced on fake tensors "
+                       f"in {time.perf_counter() - t0:.0f} s)"] = act / GIB
     total = sum(est.memory_gib.values())
-    print_fn(f"estimated GPU memory at full size: {total:.1f} GiB (weights and optimizer state only; activations "
-             "are NOT included and grow with batch size and resolution)")
+    with_act = any(k.startswith("activations") for k in est.memory_gib)
+    print_fn(f"estimated GPU memory at full size: {total:.1f} GiB (" + (
+        "weights, optimizer state, EMA and the activations of one training pass" if with_act else
+        "weights, optimizer state and EMA; activations not estimated in this call") + ")")
     for k, v in est.memory_gib.items():
-        print_fn(f"  {k}: {v:.1f} GiB")
+        print_fn(f"  {k}: {v:.2f} GiB")
     extras = []
     if s.gradient_checkpointing:
         extras.append("gradient checkpointing on (activations recomputed in backward)")
@@ -476,5 +666,5 @@ def dry_run(cfg: RunConfig, print_fn=print) -> dict:
     return {"tiny": tiny, "estimate": est, "memory_total_gib": total}
 
 
-__all__ = ["dry_run", "tiny_run", "full_size_estimate", "full_size_components", "meta_model", "FULL_SIZE_MODELS",
+__all__ = ["dry_run", "dry_run_estimate", "activation_bytes", "training_pass_bytes", "LiveBytes", "tiny_run", "full_size_estimate", "full_size_components", "meta_model", "FULL_SIZE_MODELS",
            "interval_embedding_params", "lora_params"]

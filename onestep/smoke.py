@@ -16,7 +16,8 @@ refused while it runs: HF_HUB_OFFLINE=1):
    as not applicable, with the exporter's reason): `onestep export`, then the export loaded as a user loads
    it (stock diffusers; the teacher's pipeline + `load_lora_weights` for LoRA) and sampled in one step.
 7. ``eval_fid`` (and ``eval_clip`` where the data has prompts): `onestep eval` on the export's images, with
-   the digits feature net or a random-weight Inception, and a random tiny CLIP.
+   the shipped digits feature net (any image, made grey at 16 px: the whole FID path, offline and fast) and a random
+   tiny CLIP.
 
 `smoke.json` in the run folder records each stage (status, seconds, peak memory); the command exits 0 only if
 no stage failed. A stage after a failed one it needs is skipped.
@@ -31,7 +32,7 @@ import shutil
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -258,21 +259,6 @@ def load_and_sample(export: Path, fmt: str, tiny: RunConfig, teacher, prompts, o
 # evaluation models that need no download
 
 
-def save_random_inception(path: Path, seed: int = 0) -> Path:
-    """pytorch-fid's Inception architecture with random weights, as the state-dict file `--mode legacy_pytorch`
-    loads: FID's whole path (resize, features, statistics) without its downloaded weights."""
-    from unittest import mock
-
-    from cleanfid import inception_pytorch
-
-    torch.manual_seed(seed)
-    with mock.patch.object(inception_pytorch, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, state, *a, **k: None):
-        net = inception_pytorch.fid_inception_v3()
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A random 2-layer CLIP (text and 32 px vision towers) with a byte-level tokenizer, saved as
     `CLIPModel.from_pretrained` / `CLIPProcessor.from_pretrained` load it."""
@@ -454,14 +440,13 @@ def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
     if "trainer" not in state:
         return
     tiny, trainer = state["tiny"], state["trainer"]
-    digits = trainer.teacher is None or tiny.teacher.get("name") == "digits"
     with run.stage("eval_fid", needs=("resume",)) as st:
         if st is None:
             return
         reference = _reference_images(tiny, trainer, folder / "reference")
-        features = ["--features", "digits"] if digits else \
-            ["--features", "inception", "--mode", "legacy_pytorch",
-             "--inception-weights", str(save_random_inception(folder / "random-inception.pth"))]
+        # the shipped digits feature net (grey, 16 px, 128-d) scores any image offline and fast; Inception needs
+        # weights this machine may not have, and its 2048-d Frechet distance costs tens of seconds on a CPU
+        features = ["--features", "digits"]
         images = next(iter(state["images"].values()), None)
         source = ["--images", str(images)] if images is not None else \
             ["--run", str(folder / "run"), "--num-samples", str(SMOKE_IMAGES)]
@@ -473,7 +458,7 @@ def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
         score = json.loads((folder / "eval-fid" / "fid.json").read_text())
         fid = score.get("scores", score).get("fid")
         st.detail = f"FID {fid:.2f} ({'export images' if images is not None else 'generated from the run'}; " \
-                    f"{'digits features' if digits else 'random-weight Inception'})"
+                    "digits features)"
     prompts = _prompts(tiny)
     if prompts is None or not state["images"]:
         return
@@ -491,4 +476,4 @@ def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
         st.detail = f"CLIP score {score.get('scores', score)['clip_score']:.2f} (random tiny CLIP)"
 
 
-__all__ = ["smoke", "Stage", "PeakMemory", "steps_for_every_group", "save_random_inception", "save_tiny_clip"]
+__all__ = ["smoke", "Stage", "PeakMemory", "steps_for_every_group", "save_tiny_clip"]

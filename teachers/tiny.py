@@ -247,7 +247,8 @@ def tiny_sana_pipeline(tok):
 def _save_sana(cfg: dict, folder: Path, class_conditional: bool) -> dict:
     pipe = tiny_sana_pipeline(clip_tokenizer(folder / "vocab"))
     pipe.save_pretrained(folder / "pipe")
-    return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
+    # SanaPipeline takes image sides divisible by 32 only: 16 x 16 latents through the tiny DC-AE's factor 2
+    return {"path": str(folder / "pipe"), "resolution": 2 * TINY_RESOLUTION, "max_sequence_length": TINY_SEQUENCE}
 
 
 TINY_SAVERS = {"unet": _save_unet, "edm": _save_edm, "stable_diffusion": _save_sd, "sdxl": _save_sdxl,

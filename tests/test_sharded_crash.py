@@ -3,7 +3,6 @@ checkpoint save at each of its phases and right after an optimizer step, on eith
 each killed run is relaunched until it finishes, then its final weights, EMA and optimizer state (whole, gathered
 collectively) must equal the reference's exactly."""
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from crash_worker import STEPS, final_state  # noqa: E402
+from crash_worker import final_state  # noqa: E402
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -1,0 +1,110 @@
+"""Render the README's results tables from benchmarks/results/*.json, never typed by hand.
+
+    python benchmarks/report.py            # rewrite every table between its markers in README.md
+    python benchmarks/report.py --check    # exit 1 naming each table that differs from its rendering
+
+A table lives between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; RENDERERS[NAME] renders it from its JSON.
+tests/test_report.py fails when a committed table differs from its rendering.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+GIB = 1024 ** 3
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def smoke_table() -> str:
+    data = _load("smoke.json")
+    lines = ["| recipe | stages passed | exported | wall time |", "|---|---|---|---|"]
+    for r in data["rows"]:
+        stages = f"{r['stages_passed']}/{r['stages']}" + ("" if r["passed"] else " (**failed**: " +
+                                                            "; ".join(f.split(':')[0] for f in r["failed"]) + ")")
+        lines.append(f"| {r['recipe']} | {stages} | {', '.join(r['exported']) or 'none (no stock pipeline)'} | "
+                     f"{r['seconds']:.0f} s |")
+    p = data["protocol"]
+    passed = sum(r["passed"] for r in data["rows"])
+    lines.append(f"\n{passed} of {len(data['rows'])} recipes pass every stage ({p['date']}, {p['cpus']}-core CPU, "
+                 f"{p['threads']} threads, `{p['command']}`).")
+    return "\n".join(lines)
+
+
+def sharded_table() -> str:
+    data = _load("sharded.json")
+    lines = ["| strategy (2 processes) | objective | wrapped by | largest difference vs 1 process, 20 steps | "
+             "teacher rows sampled per process (1 process) |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        rows = r["teacher_rows_per_process"]
+        work = "– (data from digits)" if rows[0] is None else f"{rows[0]}, {rows[1]} ({r['teacher_rows_one_process']})"
+        lines.append(f"| {r['strategy']} | {r['objective']} | {r['wrapped_by']} | {r['max_abs_diff_vs_one_process']:.1e} "
+                     f"| {work} |")
+    kills = data["kills"]
+    bitwise = sum(k["bitwise"] for k in kills)
+    lines.append(f"\nSIGKILL during a 2-process FSDP run ({', '.join(k['kill'] for k in kills)}; PHASE:STEP:RANK): "
+                 f"{bitwise} of {len(kills)} resumed to bitwise-identical weights, EMA and optimizer state "
+                 f"({data['protocol']['date']}, `{data['protocol']['command']}`).")
+    return "\n".join(lines)
+
+
+def full_size_table() -> str:
+    data = _load("full_size.json")
+    lines = ["| family (recipe) | measured peak | `--dry-run` estimate | estimate error | s/step (2-core CPU) |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['family']} ({r['recipe']}) | not measured: {r['failed']} | | | |")
+            continue
+        err = (r["estimated_peak_bytes"] - r["measured_peak_bytes"]) / r["measured_peak_bytes"]
+        lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
+                     f"{r['estimated_peak_bytes'] / GIB:.2f} GiB | {err:+.0%} | {r['seconds_per_step']:.0f} |")
+    p = data["protocol"]
+    lines.append(f"\n{p['date']}, `{p['command']}`; batch 1, the recipe's LoRA, gradient checkpointing and bf16.")
+    return "\n".join(lines)
+
+
+RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_size_table}
+_BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(\n<!-- /table:\2 -->)", re.S)
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """`text` with every marked table re-rendered, and the names of the tables that changed."""
+    changed = []
+
+    def sub(m):
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise KeyError(f"README table {name!r} has no renderer in benchmarks/report.py")
+        body = RENDERERS[name]()
+        if body != m.group(3):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+    return _BLOCK.sub(sub, text), changed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    text = README.read_text(encoding="utf-8")
+    new, changed = render(text)
+    if args.check:
+        for name in changed:
+            print(f"README table {name!r} differs from its rendering: run python benchmarks/report.py")
+        return 1 if changed else 0
+    README.write_text(new, encoding="utf-8")
+    print(f"rendered {len(_BLOCK.findall(text))} tables, {len(changed)} changed: {', '.join(changed) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
