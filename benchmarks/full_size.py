@@ -12,7 +12,10 @@ For each family, in fresh processes (one builds, one measures, so neither sees t
    resolution, batch 1 and no gradient accumulation, its LoRA, gradient checkpointing and bf16 as the recipe says;
    data.teacher_steps 1 (the teacher's sampling of the data is a no-grad pass repeated teacher_steps times: it
    adds time, not memory). The trainer is built (weights loaded through the adapter's from_pretrained), then
-   `--steps` training steps run while a thread samples the process's resident memory every 20 ms.
+   `--steps` training steps run while a thread samples the process's resident memory every 20 ms. Matmuls,
+   convolutions and attention on bf16 operands are computed in fp32 and rounded back (`bf16_computed_in_fp32`:
+   this CPU has no bf16 matrix units and runs bf16 GEMMs 200x slower than fp32); what the step holds keeps the
+   recipe's dtypes, and the largest set of fp32 copies alive during one op is recorded with the row.
 
 `measured_peak_bytes` is the resident peak during the steps minus the resident size of the same process right
 after its imports (the runtime's own memory: Python, torch, diffusers, before any model); `estimated_peak_bytes`
@@ -97,6 +100,48 @@ def build(family: str, folder: Path) -> None:
     pipe.save_pretrained(folder / "pipe", safe_serialization=True)
 
 
+def bf16_computed_in_fp32():
+    """A dispatch mode under which matmuls, convolutions and attention with bf16 operands are computed in fp32 and
+    rounded back to the dtype the op returns for bf16.
+
+    CPUs without AVX512-BF16/AMX (this one) run bf16 GEMMs at about 0.3 GFLOPS, 200x slower than fp32, which
+    turns one full-size step into hours. Every tensor that outlives an op keeps the recipe's dtype and shape, so
+    what a step holds is unchanged; the fp32 copies exist only during the op, and the largest such set is
+    recorded (`max_fp32_transient_bytes`) so the peak can be read with it in mind."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
+           aten.convolution_backward.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+
+    class BF16ComputedInFP32(TorchDispatchMode):
+        max_fp32_transient_bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func not in ops or not any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
+                                          for a in tree_leaves((args, kwargs))):
+                return func(*args, **kwargs)
+            # the dtypes the op returns for these operands, from its meta kernel
+            to_meta = (lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a)
+            expected = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            up = (lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a)
+            args32, kwargs32 = tree_map(up, args), tree_map(up, kwargs)
+            out = func(*args32, **kwargs32)
+            self.max_fp32_transient_bytes = max(self.max_fp32_transient_bytes, sum(
+                a.numel() * 4 for a in tree_leaves((args32, kwargs32, out))
+                if isinstance(a, torch.Tensor) and a.dtype == torch.float32))
+            down = (lambda o, e: o.to(e.dtype) if isinstance(o, torch.Tensor) else o)
+            if isinstance(out, (tuple, list)):
+                return type(out)(down(o, e) for o, e in zip(out, expected))
+            return down(out, expected)
+
+    return BF16ComputedInFP32()
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -126,7 +171,8 @@ def measure(family: str, folder: Path, steps: int) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)   # what loading freed goes back to the system before the steps
     loaded = _rss()
     times = []
-    with PeakMemory() as mem:
+    shim = bf16_computed_in_fp32()
+    with PeakMemory() as mem, shim:
         for _ in range(steps):
             start = time.perf_counter()
             logs = trainer.train_step()
@@ -142,7 +188,9 @@ def measure(family: str, folder: Path, steps: int) -> dict:
             "resolution": trainer.teacher.resolution, "overrides": overrides + ["data.batch_size=1",
                                                                                "data.teacher_steps=1",
                                                                                "train.grad_accum=1"],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "max_fp32_transient_bytes": shim.max_fp32_transient_bytes,
+            "compute": "matmuls, convolutions and attention with bf16 operands computed in fp32 and rounded to bf16 "
+                       "(bf16 GEMMs run at ~0.3 GFLOPS on this CPU); seconds are this CPU's, not a GPU's"}
 
 
 def main(argv=None) -> None:
