@@ -149,9 +149,17 @@ class EDMTeacher(Teacher):
                              "teacher.null_class), so no classifier-free guidance")
         return super().null_condition(batch, device)
 
+    @property
+    def t_min(self) -> float:
+        """Flow time of sigma_min: below it the denoiser is evaluated at sigma_min (at sigma = 0 its c_noise,
+        ln(sigma) / 4, is -inf; D(x, sigma_min) is x to within sigma_min^2 / sigma_data^2)."""
+        return float(paths.edm_sigma_to_flow_t(self.sigma_min))
+
     def denoise(self, x_flow: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """D at flow coordinates and time (t clamped to sigma_max's flow time), i.e. the x0 prediction."""
-        t_eval = t.clamp(max=self.t_max)
+        """D at flow coordinates and time (t clamped to [t_min, t_max], the flow times of sigma_min and
+        sigma_max), i.e. the x0 prediction. Clean samples (t = 0) are read this way too, e.g. by a
+        discriminator on the backbone's features."""
+        t_eval = t.clamp(min=self.t_min, max=self.t_max)
         sigma = paths.flow_t_to_edm_sigma(t_eval).to(x_flow.dtype)
         return self.precond(paths.flow_to_edm_x(x_flow, t_eval), sigma, cond)
 
