@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,7 +147,9 @@ def floor(samples: int = SAMPLES) -> float:
 def merge(out: Path, rows: list[dict], protocol: dict) -> dict:
     """Add `rows` to `out` (replacing rows of the same setting, arch and seed) under a file lock."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
+    # the lock file lives in the temporary directory, not next to the committed results
+    lock_path = Path(tempfile.gettempdir()) / f"splitmeanflow_stability-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(out.read_text()) if out.exists() else {"rows": []}
         key = (lambda r: (r["setting"], r["arch"], r["seed"]))
