@@ -52,6 +52,19 @@ def _allow_new_mixed_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the processes that logged it (collective: every process calls it at the same step).
+
+    An objective logs a loss per process from its own rows (a subset's loss only where the subset is non-empty),
+    so with N processes of batch B the mean is what one process with N*B logs (exactly for equal-size parts);
+    gradient norms are already global and come out unchanged."""
+    from accelerate.utils import gather_object
+
+    every = gather_object([values])
+    keys = sorted({k for v in every for k in v})
+    return {k: sum(v[k] for v in every if k in v) / sum(k in v for v in every) for k in keys}
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, teacher=None):
         from accelerate import Accelerator
@@ -394,6 +407,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs['loss']:.4g}")
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 scalars = {k: v for k, v in logs.items() if isinstance(v, float)}
+                if acc.num_processes > 1:  # the objective's logs are this process's rows: the run's are the mean
+                    scalars = mean_over_processes(scalars)
                 factor = self.lr_factor(self.step - 1)  # the step just taken
                 scalars["lr"] = self.base_lr[next(iter(self.groups))] * factor
                 if len(self.groups) > 1:  # "lr" is the first group's; with critics, each group's too

@@ -91,6 +91,10 @@ def grad_norms(run: Path) -> list[float]:
     return [v for row in rows for k, v in sorted(row.items()) if k.startswith("grad_norm/")]
 
 
+def logged(run: Path, key: str) -> list[float]:
+    return [row[key] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in row]
+
+
 def rank_record(out: Path, objective: str, strategy: str, rank: int) -> dict:
     return json.loads((out / f"{objective}-{strategy}-rank{rank}.json").read_text())
 
@@ -111,6 +115,10 @@ def test_fsdp_two_processes_equal_one_with_the_doubled_batch(fsdp_runs, single_r
     ours_norms, ref_norms = grad_norms(fsdp_runs / f"{objective}-fsdp"), grad_norms(single_out / f"{objective}-ddp")
     assert len(ours_norms) == len(ref_norms) > 0
     assert max(abs(a - b) / b for a, b in zip(ours_norms, ref_norms)) <= 1e-4
+    # the logged loss is the run's, not rank 0's share of it
+    ours_loss, ref_loss = logged(fsdp_runs / f"{objective}-fsdp", "loss"), logged(single_out / f"{objective}-ddp", "loss")
+    assert len(ours_loss) == len(ref_loss) == STEPS
+    assert max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(ours_loss, ref_loss)) <= 1e-4
 
 
 def test_clipping_acts_and_uses_the_global_norm(fsdp_runs, single_runs):
