@@ -49,10 +49,12 @@ def sharded_table() -> str:
         lines.append(f"| {r['strategy']} | {r['objective']} | {r['wrapped_by']} | {r['max_abs_diff_vs_one_process']:.1e} "
                      f"| {work} |")
     kills = data["kills"]
-    bitwise = sum(k["bitwise"] for k in kills)
-    lines.append(f"\nSIGKILL during a 2-process FSDP run ({', '.join(k['kill'] for k in kills)}; PHASE:STEP:RANK): "
-                 f"{bitwise} of {len(kills)} resumed to bitwise-identical weights, EMA and optimizer state "
-                 f"({data['protocol']['date']}, `{data['protocol']['command']}`).")
+    landed = [k for k in kills if k["landed"]]
+    missed = [k["kill"] for k in kills if not k["landed"]]
+    lines.append(f"\nSIGKILL during a 2-process FSDP run ({', '.join(k['kill'] for k in landed)}; PHASE:STEP:RANK): "
+                 f"{sum(k['bitwise'] for k in landed)} of {len(landed)} resumed to bitwise-identical weights, EMA and "
+                 f"optimizer state" + (f" ({', '.join(missed)}: the run ended before the kill)" if missed else "") +
+                 f" ({data['protocol']['date']}, `{data['protocol']['command']}`).")
     return "\n".join(lines)
 
 
@@ -68,7 +70,10 @@ def full_size_table() -> str:
         lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
                      f"{r['estimated_peak_bytes'] / GIB:.2f} GiB | {err:+.0%} | {r['seconds_per_step']:.0f} |")
     p = data["protocol"]
-    lines.append(f"\n{p['date']}, `{p['command']}`; batch 1, the recipe's LoRA, gradient checkpointing and bf16.")
+    transient = max((r.get("max_fp32_transient_bytes", 0) for r in data["rows"] if "failed" not in r), default=0)
+    lines.append(f"\n{p['date']}, `{p['command']}`; batch 1, the recipe's LoRA, gradient checkpointing and bf16 "
+                 f"(this CPU has no bf16 matrix units: bf16 matmuls, convolutions and attention are computed in fp32 "
+                 f"and rounded back, their fp32 copies at most {transient / 1024 ** 2:.0f} MiB at a time).")
     return "\n".join(lines)
 
 
