@@ -152,7 +152,7 @@ def _train_eight_modes(seed, boundary_target="data", steps=300, hidden=64, batch
     return samples, reference
 
 
-@pytest.mark.parametrize("boundary_target, seeds", [("data", (0, 1, 2)), ("teacher", (0, 1))])
+@pytest.mark.parametrize("boundary_target, seeds", [("data", (0, 1)), ("teacher", (0,))])   # more: the slow test
 def test_uniform_sampling_with_anchors_stays_bounded_on_eight_modes(boundary_target, seeds):
     from onestep.evaluation.toy import energy_distance
 
