@@ -224,12 +224,14 @@ def main(argv=None) -> None:
                 row = {"family": family, "recipe": FAMILIES[family][0], "failed": tail[0][:300]}
             else:
                 row = json.loads(result[0][len("RESULT "):])
+            row.update(date=time.strftime("%Y-%m-%d"),
+                       command="python benchmarks/full_size.py " + " ".join(argv or sys.argv[1:]))
             print(row, flush=True)
             rows = [r for r in rows if r["family"] != family] + [row]
     import torch
 
-    protocol = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/full_size.py " + " ".join(argv or sys.argv[1:])}
+    # rows of earlier calls are kept (each with its own command and date); the protocol is the machine's
+    protocol = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
     out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=1) + "\n")
     print(f"written to {out}")
 

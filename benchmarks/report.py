@@ -69,9 +69,9 @@ def full_size_table() -> str:
         err = (r["estimated_peak_bytes"] - r["measured_peak_bytes"]) / r["measured_peak_bytes"]
         lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
                      f"{r['estimated_peak_bytes'] / GIB:.2f} GiB | {err:+.0%} | {r['seconds_per_step']:.0f} |")
-    p = data["protocol"]
     transient = max((r.get("max_fp32_transient_bytes", 0) for r in data["rows"] if "failed" not in r), default=0)
-    lines.append(f"\n{p['date']}, `{p['command']}`; batch 1, the recipe's LoRA, gradient checkpointing and bf16 "
+    runs = "; ".join(dict.fromkeys(f"{r['date']}, `{r['command']}`" for r in data["rows"]))
+    lines.append(f"\n{runs}; batch 1, the recipe's LoRA, gradient checkpointing and bf16 "
                  f"(this CPU has no bf16 matrix units: bf16 matmuls, convolutions and attention are computed in fp32 "
                  f"and rounded back, their fp32 copies at most {transient / 1024 ** 2:.0f} MiB at a time).")
     return "\n".join(lines)
