@@ -77,7 +77,30 @@ def full_size_table() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_size_table}
+def splitmeanflow_stability_table() -> str:
+    import statistics
+
+    data = _load("splitmeanflow_stability.json")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in data["rows"]:
+        groups.setdefault((r["setting"], r["arch"]), []).append(r)
+
+    def spread(rows, key):
+        v = [r[key] for r in rows]
+        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    lines = ["| setting | student | seeds | diverged | energy distance, 1 step | 2 steps |", "|---|---|---|---|---|---|"]
+    for (setting, arch), rows in sorted(groups.items()):
+        lines.append(f"| {setting} | {arch} | {len(rows)} | {sum(r['diverged'] for r in rows)} | "
+                     f"{spread(rows, 'energy_distance_1step')} | {spread(rows, 'energy_distance_2step')} |")
+    p = data["protocol"]
+    lines.append(f"\nmean ± sd over seeds; two independent sets of mixture samples lie {p['floor_energy_distance']:.3f} "
+                 f"apart; {p['threads']} thread, torch {p['torch']} (`python benchmarks/splitmeanflow_stability.py`).")
+    return "\n".join(lines)
+
+
+RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_size_table,
+             "splitmeanflow_stability": splitmeanflow_stability_table}
 _BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(\n<!-- /table:\2 -->)", re.S)
 
 
