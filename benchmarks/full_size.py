@@ -153,7 +153,7 @@ def measure(family: str, folder: Path, steps: int) -> dict:
 
     import torch
     from onestep.config import load_config
-    from onestep.dryrun import dry_run_estimate
+    from onestep.dryrun import LiveBytes, dry_run_estimate
     from onestep.smoke import PeakMemory
     from onestep.trainer import Trainer
 
@@ -171,8 +171,14 @@ def measure(family: str, folder: Path, steps: int) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)   # what loading freed goes back to the system before the steps
     loaded = _rss()
     times = []
-    shim = bf16_computed_in_fp32()
-    with PeakMemory() as mem, shim:
+    # the bytes of tensors alive at the step's peak, apart from the allocator: those resident before the steps
+    # (parameters, buffers, EMA) plus the largest sum alive at once of those the steps create (LiveBytes)
+    held = {}
+    for t in [*trainer.objective.state_dict(keep_vars=True).values(), *getattr(trainer.ema, "shadow_params", [])]:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            held[torch._C._storage_id(t)] = t.untyped_storage().nbytes()
+    live, shim = LiveBytes(), bf16_computed_in_fp32()
+    with PeakMemory() as mem, live, shim:
         for _ in range(steps):
             start = time.perf_counter()
             logs = trainer.train_step()
@@ -181,6 +187,7 @@ def measure(family: str, folder: Path, steps: int) -> dict:
     if trainer.nonfinite_in_a_row:
         raise RuntimeError(f"non-finite loss at full size: {logs}")
     return {"family": family, "recipe": recipe, "measured_peak_bytes": mem.peak - baseline,
+            "measured_tensor_peak_bytes": sum(held.values()) + live.peak,
             "estimated_peak_bytes": int(estimate["total_bytes"]), "estimate": estimate["parts"],
             "seconds_per_step": round(sum(times) / len(times), 1), "step_seconds": [round(t, 1) for t in times],
             "loaded_bytes": loaded - baseline, "runtime_bytes": baseline, "build_seconds": round(built_s, 1),

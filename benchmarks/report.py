@@ -60,20 +60,24 @@ def sharded_table() -> str:
 
 def full_size_table() -> str:
     data = _load("full_size.json")
-    lines = ["| family (recipe) | measured peak | `--dry-run` estimate | estimate error | s/step (2-core CPU) |",
-             "|---|---|---|---|---|"]
+    lines = ["| family (recipe) | measured peak (resident) | tensors alive at the peak | `--dry-run` estimate | "
+             "estimate error vs resident / vs tensors | s/step (2-core CPU) |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "failed" in r:
-            lines.append(f"| {r['family']} ({r['recipe']}) | not measured: {r['failed']} | | | |")
+            lines.append(f"| {r['family']} ({r['recipe']}) | not measured: {r['failed']} | | | | |")
             continue
-        err = (r["estimated_peak_bytes"] - r["measured_peak_bytes"]) / r["measured_peak_bytes"]
-        lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
-                     f"{r['estimated_peak_bytes'] / GIB:.2f} GiB | {err:+.0%} | {r['seconds_per_step']:.0f} |")
+        est, rss, tensors = r["estimated_peak_bytes"], r["measured_peak_bytes"], r.get("measured_tensor_peak_bytes")
+        lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {rss / GIB:.2f} GiB | "
+                     + (f"{tensors / GIB:.2f} GiB" if tensors else "–") + f" | {est / GIB:.2f} GiB | "
+                     f"{(est - rss) / rss:+.0%} / " + (f"{(est - tensors) / tensors:+.0%}" if tensors else "–")
+                     + f" | {r['seconds_per_step']:.0f} ({r['steps']} step{'s' if r['steps'] > 1 else ''}) |")
     transient = max((r.get("max_fp32_transient_bytes", 0) for r in data["rows"] if "failed" not in r), default=0)
     runs = "; ".join(dict.fromkeys(f"{r['date']}, `{r['command']}`" for r in data["rows"]))
     lines.append(f"\n{runs}; batch 1, the recipe's LoRA, gradient checkpointing and bf16 "
                  f"(this CPU has no bf16 matrix units: bf16 matmuls, convolutions and attention are computed in fp32 "
-                 f"and rounded back, their fp32 copies at most {transient / 1024 ** 2:.0f} MiB at a time).")
+                 f"and rounded back, their fp32 copies at most {transient / 1024 ** 2:.0f} MiB at a time). Resident: "
+                 f"the process's peak RSS above the bare runtime; tensors: the bytes of parameters, buffers and EMA "
+                 f"plus the largest sum of tensors the steps held at once, without the CPU allocator's overhead.")
     return "\n".join(lines)
 
 
