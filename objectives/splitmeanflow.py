@@ -14,7 +14,7 @@ Targets are built under no_grad in fp32; the gradient flows only through the pre
 `anchor_share` of the consistency samples is put on the sampler's own intervals (by default half of
 them, on the 1-step interval (0, 1) and the 2-step jumps (0, 1/2), (1/2, 1)): drawing (r, t) only from
 a logit-normal barely trains the one-step map. On an 8-mode 2-D mixture these defaults beat a quarter
-on (0, 1) alone at 1 and 2 steps (benchmarks/splitmeanflow_stability.py).
+on (0, 1) alone at 2 steps, and at 1 step for a plain MLP (benchmarks/splitmeanflow_stability.py).
 """
 from __future__ import annotations
 

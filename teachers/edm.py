@@ -152,7 +152,7 @@ class EDMTeacher(Teacher):
     @property
     def t_min(self) -> float:
         """Flow time of sigma_min: below it the denoiser is evaluated at sigma_min (at sigma = 0 its c_noise,
-        ln(sigma) / 4, is -inf; D(x, sigma_min) is x to within sigma_min^2 / sigma_data^2)."""
+        ln(sigma) / 4, is -inf; D(x, sigma_min) differs from x by about sigma_min times the network's output)."""
         return float(paths.edm_sigma_to_flow_t(self.sigma_min))
 
     def denoise(self, x_flow: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
