@@ -67,7 +67,9 @@ def full_size_table() -> str:
             lines.append(f"| {r['family']} ({r['recipe']}) | not measured: {r['failed']} | | | | |")
             continue
         est, rss, tensors = r["estimated_peak_bytes"], r["measured_peak_bytes"], r.get("measured_tensor_peak_bytes")
-        lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px) | {rss / GIB:.2f} GiB | "
+        extra = "".join(f", `{o}`" for o in r["overrides"]   # beyond batch 1, teacher_steps 1, no accumulation
+                        if not o.startswith(("data.batch_size=", "data.teacher_steps=", "train.grad_accum=")))
+        lines.append(f"| {r['family']} ({r['recipe']}, {r['resolution']} px{extra}) | {rss / GIB:.2f} GiB | "
                      + (f"{tensors / GIB:.2f} GiB" if tensors else "–") + f" | {est / GIB:.2f} GiB | "
                      f"{(est - rss) / rss:+.0%} / " + (f"{(est - tensors) / tensors:+.0%}" if tensors else "–")
                      + f" | {r['seconds_per_step']:.0f} ({r['steps']} step{'s' if r['steps'] > 1 else ''}) |")
