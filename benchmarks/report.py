@@ -24,9 +24,14 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+def _header(*columns: str) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def smoke_table() -> str:
     data = _load("smoke.json")
-    lines = ["| recipe | stages passed | exported | wall time |", "|---|---|---|---|"]
+    lines = _header("recipe", "stages passed", "exported", "wall time")
     for r in data["rows"]:
         stages = f"{r['stages_passed']}/{r['stages']}" + ("" if r["passed"] else " (**failed**: " +
                                                             "; ".join(f.split(':')[0] for f in r["failed"]) + ")")
@@ -41,8 +46,8 @@ def smoke_table() -> str:
 
 def sharded_table() -> str:
     data = _load("sharded.json")
-    lines = ["| strategy (2 processes) | objective | wrapped by | largest difference vs 1 process, 20 steps | "
-             "teacher rows sampled per process (1 process) |", "|---|---|---|---|---|"]
+    lines = _header("strategy (2 processes)", "objective", "wrapped by", "largest difference vs 1 process, 20 steps",
+                    "teacher rows sampled per process (1 process)")
     for r in data["rows"]:
         rows = r["teacher_rows_per_process"]
         work = "– (data from digits)" if rows[0] is None else f"{rows[0]}, {rows[1]} ({r['teacher_rows_one_process']})"
@@ -60,8 +65,8 @@ def sharded_table() -> str:
 
 def full_size_table() -> str:
     data = _load("full_size.json")
-    lines = ["| family (recipe) | measured peak (resident) | tensors alive at the peak | `--dry-run` estimate | "
-             "estimate error vs resident / vs tensors | s/step (2-core CPU) |", "|---|---|---|---|---|---|"]
+    lines = _header("family (recipe)", "measured peak (resident)", "tensors alive at the peak", "`--dry-run` estimate",
+                    "estimate error vs resident / vs tensors", "s/step (2-core CPU)")
     for r in data["rows"]:
         if "failed" in r:
             lines.append(f"| {r['family']} ({r['recipe']}) | not measured: {r['failed']} | | | | |")
@@ -95,7 +100,7 @@ def splitmeanflow_stability_table() -> str:
         v = [r[key] for r in rows]
         return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
-    lines = ["| setting | student | seeds | diverged | energy distance, 1 step | 2 steps |", "|---|---|---|---|---|---|"]
+    lines = _header("setting", "student", "seeds", "diverged", "energy distance, 1 step", "2 steps")
     for (setting, arch), rows in sorted(groups.items()):
         lines.append(f"| {setting} | {arch} | {len(rows)} | {sum(r['diverged'] for r in rows)} | "
                      f"{spread(rows, 'energy_distance_1step')} | {spread(rows, 'energy_distance_2step')} |")
