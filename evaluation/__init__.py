@@ -1,7 +1,7 @@
 """Evaluation: FID (fid: clean-fid and torchmetrics backends, reference statistics; inception),
 precision/recall and density/coverage, CLIP score, GenEval, latency, the protocol record of every
 score (report), the digits-FID feature net, toy-distribution metrics and sharded generation."""
-from .fid import feature_statistics, fid_from_features, frechet_distance
+from .frechet import feature_statistics, fid_from_features, frechet_distance
 from .latency import images_per_second
 from .toy import energy_distance, mode_coverage, sliced_wasserstein
 

@@ -1,4 +1,4 @@
-"""What `onestep eval fid|clip|geneval` and `onestep bench latency` do (the parsers live in onestep/cli.py).
+"""What `onestep eval fid|clip|geneval` and `onestep bench latency` do (`add_eval_parsers` builds their command lines).
 
 Each command scores either a finished run (`--run runs/X`: its student, or its teacher with
 `--model teacher`, rebuilt by onestep.export's loader from the checkpoint's EMA weights) or images
@@ -14,15 +14,7 @@ import numpy as np
 import torch
 
 from .fid import FIDInputError
-from .generate import GenerationError
 from .geneval import GenEvalError
-
-
-def input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions of these commands that mean bad input: one line, exit code 2."""
-    from onestep.export import ExportError
-
-    return (FIDInputError, GenEvalError, GenerationError, ExportError)
 
 
 # ------------------------------------------------------------------------------- run models
@@ -366,3 +358,78 @@ def bench_latency(args) -> int:
     report.write_score(out, {"rows": rows}, protocol)
     print(f"written to {out}")
     return 0
+
+
+# ------------------------------------------------------------------------------- the command line
+
+def _run_eval(args) -> int:
+    return {"fid": eval_fid, "clip": eval_clip, "geneval": eval_geneval}[args.eval_command](args)
+
+
+def add_eval_parsers(sub) -> None:
+    """Add `eval fid|clip|geneval` and `bench latency` to an argparse subparsers object (`onestep`'s own, or a
+    parser of the smoke rehearsal, which runs the commands as a user does). `args.func(args)` runs one."""
+    ev = sub.add_parser("eval", help="score a run's samples or an image folder: FID, CLIP score, GenEval")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    def eval_parser(name, help_):
+        sp = ev_sub.add_parser(name, help=help_)
+        sp.add_argument("--run", help="a finished run, e.g. runs/demo (its samples are generated and scored)")
+        sp.add_argument("--images", help="score these images instead (folder, .npz, or shard folder)")
+        sp.add_argument("--checkpoint", help="step-N (default: the latest)")
+        sp.add_argument("--model", default="student", help="student (default) or teacher")
+        sp.add_argument("--steps", type=int, default=1, help="sampling steps (default 1)")
+        sp.add_argument("--guidance", type=float, help="teacher CFG scale (default: none)")
+        sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+        sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--shard-size", type=int, default=1000,
+                        help="samples per resumable shard file; with --images, images per chunk (default 1000). "
+                             "Shards and chunks are the units that processes share")
+        sp.add_argument("--device", default="auto",
+                        help="auto (default: CUDA if there, else the CPU; each process's own GPU under accelerate "
+                             "launch / torchrun), cpu, cuda or cuda:N")
+        sp.add_argument("--out", help="output folder (default: RUN/eval/<metric>-<model>-<k>step)")
+        sp.set_defaults(func=_run_eval)
+        return sp
+
+    # fid and clip shard generation and feature extraction across the processes of accelerate launch / torchrun
+    fid = eval_parser("fid", "FID (+ precision/recall, density/coverage) with clean-fid or torchmetrics; "
+                      "shared across processes under accelerate launch / torchrun")
+    fid.add_argument("--reference", required=True, help="cifar10-train, cifar10-test, an .npz (mu, sigma or "
+                     "images), or an image folder (statistics cached)")
+    fid.add_argument("--num-samples", type=int, default=10000)
+    fid.add_argument("--backend", default="clean-fid", help="clean-fid (default) or torchmetrics")
+    fid.add_argument("--mode", default="clean", help="clean (default), legacy_pytorch or legacy_tensorflow")
+    fid.add_argument("--features", default="inception", help="inception (default) or digits")
+    fid.add_argument("--inception-weights", help="local Inception weights file (offline use)")
+    fid.add_argument("--prompts", help="text-to-image runs: prompts file (.txt or .jsonl), cycled over samples")
+    clip = eval_parser("clip", "CLIP score (torchmetrics) of text-to-image samples; shared across processes "
+                       "under accelerate launch / torchrun")
+    clip.add_argument("--prompts", required=True, help="prompts file (.txt or .jsonl), one image per prompt")
+    clip.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="hub id or local folder")
+    gen = eval_parser("geneval", "GenEval (Mask2Former via transformers; mmdet optional); one process only "
+                      "(not under accelerate launch / torchrun)")
+    gen.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: download GenEval's)")
+    gen.add_argument("--images-per-prompt", type=int, default=4)
+    gen.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
+                     help="hub id or local folder (mmdet: the .pth checkpoint)")
+    gen.add_argument("--detector-backend", default="transformers", help="transformers (default) or mmdet")
+    gen.add_argument("--mmdet-config", help="mmdet config file (with --detector-backend mmdet)")
+    gen.add_argument("--detector-size", default="800,1333", help="shortest,longest input edge (default 800,1333)")
+    gen.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="colour classifier: hub id or folder")
+    bench = sub.add_parser("bench", help="benchmarks of a run")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    lat = bench_sub.add_parser("latency", help="ms/image and images/s: teacher at N steps vs student at 1/2/4")
+    lat.add_argument("--run", required=True, help="a finished run, e.g. runs/demo")
+    lat.add_argument("--checkpoint", help="step-N (default: the latest)")
+    lat.add_argument("--teacher-steps", default="50", help="comma-separated (default 50)")
+    lat.add_argument("--student-steps", default="1,2,4", help="comma-separated (default 1,2,4)")
+    lat.add_argument("--batch-size", type=int, default=16)
+    lat.add_argument("--warmup", type=int, default=2)
+    lat.add_argument("--repeats", type=int, default=5)
+    lat.add_argument("--guidance", type=float, help="teacher CFG scale (default: none)")
+    lat.add_argument("--prompt", default="a photo of a cat", help="text-to-image runs: the prompt")
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--device", default="cpu")
+    lat.add_argument("--out", help="JSON file (default: RUN/eval/latency.json)")
+    lat.set_defaults(func=bench_latency)

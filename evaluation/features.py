@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from onestep.data import DIGITS_SIZE, load_digits
 
-from .fid import feature_statistics, frechet_distance
+from .frechet import feature_statistics, frechet_distance
 
 FEATURE_NET_NAME = "digits-cnn-128"
 WEIGHTS_FILE = "model.safetensors"

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from onestep.errors import InputError
 from onestep.evaluation.latency import _sync
 
 
@@ -54,7 +55,7 @@ def generate(sample_fn: Callable[[torch.Tensor], torch.Tensor], noise: torch.Ten
 
 # ------------------------------------------------------------------ sharded files, resumable
 
-class GenerationError(ValueError):
+class GenerationError(InputError):
     """The output folder holds samples made with other settings; one line."""
 
 

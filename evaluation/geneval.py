@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from onestep.errors import InputError
+
 METADATA_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -71,7 +73,7 @@ class Detection:
     mask: np.ndarray | None = field(default=None, repr=False)
 
 
-class GenEvalError(ValueError):
+class GenEvalError(InputError):
     """Bad GenEval input (metadata, folders, weights); one line."""
 
 

@@ -16,7 +16,7 @@ def _lazy(module: str, attr: str):
 
 
 METRICS.register("digits_fid")(_lazy("onestep.evaluation.features", "digits_fid"))
-METRICS.register("frechet_distance")(_lazy("onestep.evaluation.fid", "frechet_distance"))
+METRICS.register("frechet_distance")(_lazy("onestep.evaluation.frechet", "frechet_distance"))
 METRICS.register("sliced_wasserstein")(_lazy("onestep.evaluation.toy", "sliced_wasserstein"))
 METRICS.register("energy_distance")(_lazy("onestep.evaluation.toy", "energy_distance"))
 METRICS.register("mode_coverage")(_lazy("onestep.evaluation.toy", "mode_coverage"))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from onestep.errors import ConfigError
+
 
 @dataclass
 class OptimDefaults:
@@ -121,8 +123,6 @@ def logit_normal(n: int, mu: float, sigma: float, noise: torch.Tensor) -> torch.
 
 def anchor_tensor(cfg) -> torch.Tensor:
     """`cfg.anchor_intervals` as a [k, 2] tensor of (r, t) rows, after checking them (ConfigError)."""
-    from onestep.config import ConfigError
-
     if not 0.0 <= cfg.anchor_share <= 1.0:
         raise ConfigError(f"objective.anchor_share must be in [0, 1], got {cfg.anchor_share}")
     pairs = cfg.anchor_intervals

@@ -49,7 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import (

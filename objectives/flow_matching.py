@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, logit_normal
 from onestep.registry import OBJECTIVES
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype

@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import (Objective, OptimDefaults, anchor_tensor, autocast_off, frozen_eval,
                                      sample_intervals)
 from onestep.registry import OBJECTIVES

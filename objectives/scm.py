@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, autocast_off, frozen_eval
 from onestep.registry import OBJECTIVES
 from onestep.student import sinusoidal_embedding

@@ -70,7 +70,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
 from onestep.objectives.discriminators import FeatureDiscriminator, find_module, module_features
 from onestep.objectives.distribution_matching import (

@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from onestep import paths
-from onestep.config import ConfigError
+from onestep.errors import ConfigError
 from onestep.objectives.base import (
     Objective, OptimDefaults, anchor_tensor, at_least_one_row, frozen_eval, sample_intervals,
 )

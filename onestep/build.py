@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from onestep.config import ConfigError, RunConfig, section_config
+from onestep.errors import ConfigError
+from onestep.config import RunConfig, section_config
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
 
@@ -19,7 +20,6 @@ def build_student(cfg: RunConfig, teacher):
     student = _build_student(cfg, teacher)
     adapt_trainable_copy(student, cfg.student, is_student=True)
     if cfg.student.attention is not None:
-        from onestep.config import ConfigError
         from onestep.kernels import set_attention_backend
 
         try:
@@ -148,8 +148,6 @@ def add_lora(net, rank: int, alpha: float | None, targets) -> int:
     (`LoraConfig` + `inject_adapter_in_model`), so `peft.get_peft_model_state_dict(backbone)` exports
     them. A backbone that already holds adapters (a copy of a LoRA student) is only re-frozen. Returns the
     number of trainable parameters."""
-    from onestep.config import ConfigError
-
     backbone, prefix, always = _backbone_and_interval_prefixes(net)
     if backbone is None:
         raise ConfigError(f"student.lora_rank: LoRA needs a diffusers backbone; {type(net).__name__} has none")
@@ -177,8 +175,6 @@ def enable_gradient_checkpointing(net) -> int:
     """diffusers' `enable_gradient_checkpointing()` on the outermost diffusers models inside `net` that
     support it; returns how many. None is a ConfigError."""
     from diffusers import ModelMixin
-
-    from onestep.config import ConfigError
 
     enabled = []
     for module in net.modules():
@@ -214,7 +210,6 @@ def adapt_trainable_copy(net, s, is_student: bool) -> None:
 
 
 def _build_adapter_data(cfg: RunConfig, teacher):
-    from onestep.config import ConfigError
     from onestep.data import ClassLabelData, ImageFolderData, PromptData, load_prompts
 
     d = cfg.data

@@ -16,13 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A bad command-line argument found after parsing; one line, exit code 2."""
-
-
-class ResumeError(ValueError):
-    """The run's latest checkpoint cannot be loaded (refused or unreadable); one line, exit code 2."""
+from onestep.errors import ConfigError, InputError, ResumeError, UsageError
+from onestep.evaluation.commands import add_eval_parsers
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -196,27 +191,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    """onestep eval fid|clip|geneval (onestep/evaluation/commands.py)."""
-    from onestep.evaluation import commands
-
-    run = {"fid": commands.eval_fid, "clip": commands.eval_clip, "geneval": commands.eval_geneval}[args.eval_command]
-    try:
-        return run(args)
-    except commands.input_errors() as e:
-        raise UsageError(_first_line(e, 2000)) from None
-
-
-def cmd_bench(args) -> int:
-    """onestep bench latency (onestep/evaluation/commands.py)."""
-    from onestep.evaluation import commands
-
-    try:
-        return commands.bench_latency(args)
-    except commands.input_errors() as e:
-        raise UsageError(_first_line(e, 2000)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="onestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -255,82 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--allow-lora-residual", action="store_true",
                     help="--format lora: export even if the rank-r LoRA leaves a relative residual above 1e-3")
     ex.set_defaults(func=cmd_export)
-    # onestep eval fid|clip|geneval, onestep bench latency (onestep/evaluation/commands.py)
-    ev = sub.add_parser("eval", help="score a run's samples or an image folder: FID, CLIP score, GenEval")
-    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-
-    def eval_parser(name, help_):
-        sp = ev_sub.add_parser(name, help=help_)
-        sp.add_argument("--run", help="a finished run, e.g. runs/demo (its samples are generated and scored)")
-        sp.add_argument("--images", help="score these images instead (folder, .npz, or shard folder)")
-        sp.add_argument("--checkpoint", help="step-N (default: the latest)")
-        sp.add_argument("--model", default="student", help="student (default) or teacher")
-        sp.add_argument("--steps", type=int, default=1, help="sampling steps (default 1)")
-        sp.add_argument("--guidance", type=float, help="teacher CFG scale (default: none)")
-        sp.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-        sp.add_argument("--batch-size", type=int, default=64)
-        sp.add_argument("--shard-size", type=int, default=1000,
-                        help="samples per resumable shard file; with --images, images per chunk (default 1000). "
-                             "Shards and chunks are the units that processes share")
-        sp.add_argument("--device", default="auto",
-                        help="auto (default: CUDA if there, else the CPU; each process's own GPU under accelerate "
-                             "launch / torchrun), cpu, cuda or cuda:N")
-        sp.add_argument("--out", help="output folder (default: RUN/eval/<metric>-<model>-<k>step)")
-        sp.set_defaults(func=cmd_eval)
-        return sp
-
-    # fid and clip shard generation and feature extraction across the processes of accelerate launch / torchrun
-    fid = eval_parser("fid", "FID (+ precision/recall, density/coverage) with clean-fid or torchmetrics; "
-                      "shared across processes under accelerate launch / torchrun")
-    fid.add_argument("--reference", required=True, help="cifar10-train, cifar10-test, an .npz (mu, sigma or "
-                     "images), or an image folder (statistics cached)")
-    fid.add_argument("--num-samples", type=int, default=10000)
-    fid.add_argument("--backend", default="clean-fid", help="clean-fid (default) or torchmetrics")
-    fid.add_argument("--mode", default="clean", help="clean (default), legacy_pytorch or legacy_tensorflow")
-    fid.add_argument("--features", default="inception", help="inception (default) or digits")
-    fid.add_argument("--inception-weights", help="local Inception weights file (offline use)")
-    fid.add_argument("--prompts", help="text-to-image runs: prompts file (.txt or .jsonl), cycled over samples")
-    clip = eval_parser("clip", "CLIP score (torchmetrics) of text-to-image samples; shared across processes "
-                       "under accelerate launch / torchrun")
-    clip.add_argument("--prompts", required=True, help="prompts file (.txt or .jsonl), one image per prompt")
-    clip.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="hub id or local folder")
-    gen = eval_parser("geneval", "GenEval (Mask2Former via transformers; mmdet optional); one process only "
-                      "(not under accelerate launch / torchrun)")
-    gen.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (default: download GenEval's)")
-    gen.add_argument("--images-per-prompt", type=int, default=4)
-    gen.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
-                     help="hub id or local folder (mmdet: the .pth checkpoint)")
-    gen.add_argument("--detector-backend", default="transformers", help="transformers (default) or mmdet")
-    gen.add_argument("--mmdet-config", help="mmdet config file (with --detector-backend mmdet)")
-    gen.add_argument("--detector-size", default="800,1333", help="shortest,longest input edge (default 800,1333)")
-    gen.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="colour classifier: hub id or folder")
-    bench = sub.add_parser("bench", help="benchmarks of a run")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    lat = bench_sub.add_parser("latency", help="ms/image and images/s: teacher at N steps vs student at 1/2/4")
-    lat.add_argument("--run", required=True, help="a finished run, e.g. runs/demo")
-    lat.add_argument("--checkpoint", help="step-N (default: the latest)")
-    lat.add_argument("--teacher-steps", default="50", help="comma-separated (default 50)")
-    lat.add_argument("--student-steps", default="1,2,4", help="comma-separated (default 1,2,4)")
-    lat.add_argument("--batch-size", type=int, default=16)
-    lat.add_argument("--warmup", type=int, default=2)
-    lat.add_argument("--repeats", type=int, default=5)
-    lat.add_argument("--guidance", type=float, help="teacher CFG scale (default: none)")
-    lat.add_argument("--prompt", default="a photo of a cat", help="text-to-image runs: the prompt")
-    lat.add_argument("--seed", type=int, default=0)
-    lat.add_argument("--device", default="cpu")
-    lat.add_argument("--out", help="JSON file (default: RUN/eval/latency.json)")
-    lat.set_defaults(func=cmd_bench)
+    add_eval_parsers(sub)  # onestep eval fid|clip|geneval, onestep bench latency
     return p
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (never a bug): printed as one line, exit code 2."""
-    from onestep.config import ConfigError
-    from onestep.data import DataError
-    from onestep.registry import UnknownNameError
-    from onestep.teachers.digits import TeacherWeightsError
-
-    return (ConfigError, UnknownNameError, DataError, TeacherWeightsError, ResumeError, UsageError, FileNotFoundError)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -342,14 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2): returned, so callers get the code
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
-    from onestep.config import ConfigError
-    from onestep.registry import UnknownNameError
-
     format_warning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except _input_errors() as e:
-        prefix = "config error" if isinstance(e, (ConfigError, UnknownNameError)) else "error"
+    except (InputError, FileNotFoundError) as e:  # bad input, never a bug: one line, exit code 2
+        prefix = "config error" if isinstance(e, ConfigError) else "error"
         print(f"{prefix}: {_first_line(e, 2000)}", file=sys.stderr)
         return 2
     finally:

@@ -23,9 +23,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line meant for the user."""
+from onestep.errors import ConfigError
 
 
 @dataclass

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onestep.errors import DataError
+
 DIGITS_SIZE = 16
 DIGITS_HELDOUT_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0
@@ -97,10 +99,6 @@ class MixtureData:
 
 # ------------------------------------------------------------------------------------------------
 # files from the user: image folders (e.g. FID reference sets) and prompt files (text-to-image)
-
-
-class DataError(ValueError):
-    """An unusable data file or folder; the message is one line naming the file and the problem."""
 
 
 #: the PIL modes `load_image_folder` converts to (grey or colour; alpha is dropped)

@@ -32,7 +32,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from onestep.config import ConfigError, RunConfig, validate
+from onestep.errors import ConfigError
+from onestep.config import RunConfig, validate
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}

@@ -57,6 +57,7 @@ from typing import Callable
 import torch
 
 from onestep.checkpoint import sha256_file
+from onestep.errors import ConfigError, ExportError
 
 FORMATS = ("diffusers", "onestep", "lora")
 WEIGHTS = ("ema", "trained")
@@ -91,10 +92,6 @@ def torch_dtype_argument(dtype: torch.dtype) -> str:
     it diffusers loads the denoiser and VAE in float32 while transformers keeps the text encoders' bfloat16, and
     the pipeline's first layer meets mixed dtypes."""
     return "" if dtype == torch.float32 else f", torch_dtype=torch.{str(dtype).removeprefix('torch.')}"
-
-
-class ExportError(ValueError):
-    """Bad input to `export_run`; the message is one line meant for the user (the CLI exits with 2)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +136,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def load_run(run: str | Path, checkpoint: str | None = None, weights: str = "ema") -> RunInfo:
-    from onestep.config import ConfigError, load_config
+    from onestep.config import load_config
     from onestep.registry import UnknownNameError
 
     run_dir = Path(run)

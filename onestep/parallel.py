@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from onestep.errors import ConfigError
+
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 #: accelerate's launch settings that would make it shard on its own; hidden while the Accelerator is built
 _ACCELERATE_SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_CPU_RAM_EFFICIENT_LOADING")
@@ -317,8 +319,6 @@ class DeepSpeedZero2:
     def __init__(self, accelerator, objective, make_optimizers, micro_batch: int, grad_accum: int,
                  clip_grad_norm: float):
         import deepspeed
-
-        from onestep.config import ConfigError
 
         optimizers = make_optimizers()
         if len(optimizers) != 1:

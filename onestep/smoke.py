@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onestep.config import ConfigError, RunConfig, validate
+from onestep.errors import ConfigError
+from onestep.config import RunConfig, validate
 
 #: images each export generates and eval scores
 SMOKE_IMAGES = 8
@@ -432,11 +433,21 @@ def _exports(run: Smoke, state: dict, folder: Path) -> None:
             state["images"][fmt] = images
 
 
+def _run_command(argv: list[str]) -> int:
+    """`onestep eval ...` through the command's own argument parser and function, in this process."""
+    import argparse
+
+    from onestep.evaluation.commands import add_eval_parsers
+
+    parser = argparse.ArgumentParser(prog="onestep")
+    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
     """`onestep eval fid` (and `eval clip`) as a user runs them, on the first export's images (or, for families
     without a stock pipeline, on samples the command generates from the run)."""
-    from onestep import cli
-
     if "trainer" not in state:
         return
     tiny, trainer = state["tiny"], state["trainer"]
@@ -452,7 +463,7 @@ def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
             ["--run", str(folder / "run"), "--num-samples", str(SMOKE_IMAGES)]
         args = ["eval", "fid", *source, "--reference", str(reference), *features, "--batch-size", "8",
                 "--out", str(folder / "eval-fid")]
-        code = cli.main(args)
+        code = _run_command(args)
         if code != 0:
             raise RuntimeError(f"onestep {' '.join(args)} exited with {code}")
         score = json.loads((folder / "eval-fid" / "fid.json").read_text())
@@ -469,7 +480,7 @@ def _evaluate(run: Smoke, state: dict, folder: Path) -> None:
         images = next(iter(state["images"].values()))
         args = ["eval", "clip", "--images", str(images), "--prompts", str(prompts_file), "--clip-model", str(clip),
                 "--batch-size", "8", "--out", str(folder / "eval-clip")]
-        code = cli.main(args)
+        code = _run_command(args)
         if code != 0:
             raise RuntimeError(f"onestep {' '.join(args)} exited with {code}")
         score = json.loads((folder / "eval-clip" / "clip.json").read_text())

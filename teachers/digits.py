@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from onestep.errors import ConfigError, TeacherWeightsError
 from onestep.registry import TEACHERS
 from onestep.student import AvgVelocityUNet
 from onestep.teachers.base import Teacher
@@ -41,8 +42,6 @@ def shipped_weights_dir(which: str = "standard") -> Path:
     import onestep
 
     if which not in SHIPPED:
-        from onestep.config import ConfigError
-
         raise ConfigError(f"teacher.shipped must be one of {', '.join(SHIPPED)}, got {which!r}")
     return Path(onestep.__file__).resolve().parent / "assets" / SHIPPED[which]
 
@@ -56,10 +55,6 @@ def new_digits_unet():
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 #: weight files that are pickles: never loaded (torch.load without weights_only runs arbitrary code)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class TeacherWeightsError(ValueError):
-    """A teacher folder whose files exist but cannot be used; the message is one line naming the file."""
 
 
 def _first_line(e: BaseException) -> str:

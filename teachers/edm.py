@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from onestep import paths
+from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
-from onestep.teachers.loading import check_dtype_option, config_error, dtype_kwargs, load_from_pretrained
+from onestep.teachers.loading import check_dtype_option, dtype_kwargs, load_from_pretrained
 from onestep.teachers.unet import _check_no_meta, unet_feature_layers
 
 LABEL_FORMATS = ("index", "one_hot")
@@ -222,11 +223,11 @@ class EDMTeacher(Teacher):
     def check_config(cls, cfg: EDMTeacherConfig) -> None:
         check_dtype_option(cfg.dtype)
         if not cfg.path:
-            raise config_error("teacher.path: name the EDM denoiser (hub id or local folder with a UNet2DModel)")
+            raise ConfigError("teacher.path: name the EDM denoiser (hub id or local folder with a UNet2DModel)")
         if cfg.label_format not in LABEL_FORMATS:
-            raise config_error(f"teacher.label_format: unknown {cfg.label_format!r}; allowed: {', '.join(LABEL_FORMATS)}")
+            raise ConfigError(f"teacher.label_format: unknown {cfg.label_format!r}; allowed: {', '.join(LABEL_FORMATS)}")
         if not 0 < cfg.sigma_min < cfg.sigma_max or cfg.sigma_data <= 0 or not math.isfinite(cfg.sigma_max):
-            raise config_error("teacher: need 0 < sigma_min < sigma_max < inf and sigma_data > 0")
+            raise ConfigError("teacher: need 0 < sigma_min < sigma_max < inf and sigma_data > 0")
 
     @classmethod
     def from_config(cls, cfg: EDMTeacherConfig) -> "EDMTeacher":

@@ -25,10 +25,11 @@ from typing import Optional, Sequence
 import torch
 
 from onestep import paths
+from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.sampling import solve_ode
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
-from onestep.teachers.loading import check_dtype_option, config_error
+from onestep.teachers.loading import check_dtype_option
 
 
 class _FlowTransformerTeacher(LatentTeacher):
@@ -99,7 +100,7 @@ class _FlowTransformerTeacher(LatentTeacher):
     def check_config(cls, cfg) -> None:
         check_dtype_option(cfg.dtype)
         if cfg.resolution is not None and cfg.resolution % 16:
-            raise config_error(f"teacher.resolution must be a multiple of 16, got {cfg.resolution}")
+            raise ConfigError(f"teacher.resolution must be a multiple of 16, got {cfg.resolution}")
 
 
 # ------------------------------------------------------------------------------------------------

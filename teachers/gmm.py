@@ -12,6 +12,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from onestep.errors import ConfigError
 from onestep.paths import batch_time
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
@@ -89,8 +90,6 @@ class GMMTeacher(Teacher):
     @staticmethod
     def check_config(cfg: GMMTeacherConfig) -> None:
         """Raise ConfigError for a mixture that cannot be built (called when the config is loaded)."""
-        from onestep.config import ConfigError
-
         if cfg.means is None:
             extra = [k for k in ("stds", "weights", "labels") if getattr(cfg, k) is not None]
             if extra:

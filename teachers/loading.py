@@ -8,7 +8,7 @@ points to a local copy:
 
 * a file or folder that is not there, or the hub unreachable / offline without a cached copy:
   :class:`TeacherFilesMissingError` (a FileNotFoundError, like the digits teacher's missing files);
-* files that are there but unusable: :class:`onestep.teachers.digits.TeacherWeightsError`.
+* files that are there but unusable: :class:`onestep.errors.TeacherWeightsError`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from onestep.teachers.digits import TeacherWeightsError, _first_line
+from onestep.errors import ConfigError, TeacherFilesMissingError, TeacherWeightsError
+from onestep.teachers.digits import _first_line
 
 __all__ = [
     "TeacherFilesMissingError",
@@ -27,7 +28,6 @@ __all__ = [
     "hub_offline",
     "resolve_dtype",
     "dtype_kwargs",
-    "config_error",
     "check_dtype_option",
     "load_from_pretrained",
     "check_local_pipeline",
@@ -47,15 +47,6 @@ _COMPONENT_MARKERS = {
 }
 
 
-class TeacherFilesMissingError(FileNotFoundError):
-    """A teacher file that cannot be had: not in the local folder, or not reachable on the hub (no
-    network, or HF_HUB_OFFLINE without a cached copy). The message is one line naming the file and the
-    option that points to a local copy."""
-
-    def __str__(self) -> str:  # OSError would prefix errno fields when given several args
-        return self.args[0]
-
-
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE asks for no network access (read now, not at import time)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -69,17 +60,10 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def config_error(message: str) -> Exception:
-    """The config layer's one-line error type (ConfigError), for the teachers' check_config."""
-    from onestep.config import ConfigError
-
-    return ConfigError(message)
-
-
 def check_dtype_option(dtype) -> None:
     """teacher.dtype must be one of DTYPES (checked at config load, before any weights are read)."""
     if dtype is not None and dtype not in DTYPES:
-        raise config_error(f"teacher.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        raise ConfigError(f"teacher.dtype={dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
 
 
 def dtype_kwargs(dtype: str | torch.dtype | None) -> dict:

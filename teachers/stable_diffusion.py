@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
-from onestep.teachers.loading import check_dtype_option, config_error
+from onestep.teachers.loading import check_dtype_option
 from onestep.teachers.unet import unet_feature_layers
 from onestep.teachers.vp import DiscreteVPModelTime
 
@@ -74,10 +75,10 @@ class _DiscreteVPLatentTeacher(LatentTeacher):
     def check_config(cls, cfg) -> None:
         check_dtype_option(cfg.dtype)
         if cfg.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
-            raise config_error(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
+            raise ConfigError(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
                              "v_prediction")
         if cfg.resolution is not None and cfg.resolution % 8:
-            raise config_error(f"teacher.resolution must be a multiple of 8, got {cfg.resolution}")
+            raise ConfigError(f"teacher.resolution must be a multiple of 8, got {cfg.resolution}")
 
 
 @dataclass

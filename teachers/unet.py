@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
+from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
 from onestep.teachers.loading import (
-    TeacherWeightsError, check_dtype_option, config_error, dtype_kwargs, load_from_pretrained,
+    TeacherWeightsError, check_dtype_option, dtype_kwargs, load_from_pretrained,
 )
 from onestep.teachers.vp import DiscreteVPModelTime
 
@@ -156,7 +157,7 @@ class UNetTeacher(Teacher):
     def check_config(cls, cfg: UNetTeacherConfig) -> None:
         check_dtype_option(cfg.dtype)
         if cfg.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
-            raise config_error(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
+            raise ConfigError(f"teacher.prediction_type: unknown {cfg.prediction_type!r}; allowed: epsilon, sample, "
                              "v_prediction")
 
     @classmethod
