@@ -55,7 +55,8 @@ def main() -> None:
     from onestep.data import load_digits
     from onestep.demo import evaluate_digits_seeds, reference_teacher
     from onestep.evaluation.features import load_digits_feature_net
-    from onestep.export import ExportError, load_run, load_student
+    from onestep.export import ExportError
+    from onestep.runs import load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+")

@@ -21,7 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "lightning_stages.json"
 def main() -> None:
     from onestep.config import load_config
     from onestep.demo import evaluate_digits
-    from onestep.export import load_run, load_student
+    from onestep.runs import load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True)

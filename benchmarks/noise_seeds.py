@@ -28,7 +28,8 @@ from pathlib import Path
 def main() -> None:
     from onestep.config import ConfigError, load_config, setting_differences, training_settings
     from onestep.demo import evaluate_digits_seeds, reference_teacher, scores_by_seed, seed_spread
-    from onestep.export import ExportError, load_run, load_student
+    from onestep.export import ExportError
+    from onestep.runs import load_run, load_student
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)

@@ -130,7 +130,7 @@ def recipes_of(objective: str) -> list[str]:
 def finished_run(run_dir: Path, recipe):
     """(teacher, EMA student, steps, train seconds) of a finished run whose training config is the recipe's."""
     from onestep.config import load_config, setting_differences, training_settings
-    from onestep.export import load_run, load_student
+    from onestep.runs import load_run, load_student
 
     # what shapes training must match (onestep.config.training_settings); where it ran, what it logged or
     # saved along the way need not

@@ -1,7 +1,7 @@
 """What `onestep eval fid|clip|geneval` and `onestep bench latency` do (`add_eval_parsers` builds their command lines).
 
 Each command scores either a finished run (`--run runs/X`: its student, or its teacher with
-`--model teacher`, rebuilt by onestep.export's loader from the checkpoint's EMA weights) or images
+`--model teacher`, rebuilt by onestep.runs from the checkpoint's EMA weights) or images
 already on disk (`--images`), and writes a score JSON whose `protocol` block says how the number
 was made (onestep.evaluation.report), next to the grid of the images it scored.
 """
@@ -23,7 +23,7 @@ class RunModels:
     """A run's student and teacher on `device`, and k-step samplers that return images in [-1, 1]."""
 
     def __init__(self, run: str, checkpoint: str | None, device: str):
-        from onestep.export import load_run, load_student
+        from onestep.runs import load_run, load_student
 
         self.info = load_run(run, checkpoint)
         student, teacher = load_student(self.info)

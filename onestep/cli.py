@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("list", help="registered teachers, objectives and metrics")
     sp.set_defaults(func=cmd_list)
     # no argparse `required`/`choices`/`type` here: export_run checks them and reports in one line
-    ex = sub.add_parser("export", help="a run's student as a diffusers pipeline folder (see onestep/export.py)")
+    ex = sub.add_parser("export", help="a run's student as a diffusers pipeline folder (see onestep/export/)")
     ex.add_argument("--run", help="the run directory, e.g. runs/demo")
     ex.add_argument("--out", help="the folder to write (absent, empty, or an earlier export, which is replaced)")
     ex.add_argument("--checkpoint", help="step-N (default: the latest checkpoint)")

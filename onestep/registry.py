@@ -60,9 +60,11 @@ class Registry(Generic[T]):
 TEACHERS: Registry = Registry("teacher", builtin="onestep.teachers")
 OBJECTIVES: Registry = Registry("objective", builtin="onestep.objectives")
 METRICS: Registry = Registry("metric", builtin="onestep.evaluation.metrics")
+#: teacher name (or `scratch:<backbone>` for teacher-free runs) -> `onestep.export.Exporter` class
+EXPORTERS: Registry = Registry("exporter", builtin="onestep.export.exporters")
 
 
 def load_builtin() -> None:
-    """Register every built-in teacher, objective and metric now (lookups do it on first use anyway)."""
-    for registry in (TEACHERS, OBJECTIVES, METRICS):
+    """Register every built-in teacher, objective, metric and exporter now (lookups do it on first use anyway)."""
+    for registry in (TEACHERS, OBJECTIVES, METRICS, EXPORTERS):
         registry.load_builtin()

@@ -45,7 +45,7 @@ def digits_ref(tmp_path_factory):
 def test_eval_fid_on_a_run(run_dir, digits_ref, tmp_path, capsys):
     from onestep.evaluation.fid import compute_fid, load_images
     from onestep.evaluation.generate import shard_generator
-    from onestep.export import load_run, load_student
+    from onestep.runs import load_run, load_student
 
     out = tmp_path / "fid"
     args = ["eval", "fid", "--run", str(run_dir), "--reference", str(digits_ref), "--features", "digits",

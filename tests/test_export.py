@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from onestep.cli import main
 from onestep.checkpoint import write_checksums
 from onestep.config import load_config
-from onestep.export import (ExportError, PixelUNetExporter, export_run, fold_interval_embedding, load_run,
-                            load_student)
+from onestep.export import ExportError, PixelUNetExporter, export_run, fold_interval_embedding
+from onestep.runs import load_run, load_student
 from onestep.trainer import Trainer
 
 TOL = 1e-4

@@ -23,7 +23,8 @@ from onestep.build import build_student, build_teacher
 from onestep.checkpoint import write_checksums
 from onestep.cli import main
 from onestep.config import load_config, to_yaml
-from onestep.export import ExportError, export_run, load_run, load_student
+from onestep.export import ExportError, export_run
+from onestep.runs import load_run, load_student
 
 TOL = 1e-4
 PROMPT = "a cat"

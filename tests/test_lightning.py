@@ -407,7 +407,7 @@ def test_resume_and_rebuilt_students_in_the_one_step_stage_read_x0(tmp_path):
     1-step stage reads x0 when the trainer resumes from it (before any loss runs) and when export / evaluation
     rebuild its student; the checkpoint at the stage boundary (trained only in the 2-step stage) reads eps."""
     from onestep.config import load_config
-    from onestep.export import load_run, load_student
+    from onestep.runs import load_run, load_student
     from onestep.teachers.tiny import save_tiny_teacher
     from onestep.trainer import Trainer
 
@@ -451,7 +451,8 @@ def test_export_of_a_one_step_stage_sd_student_is_ddim_sample_in_stock_diffusers
     from onestep.build import build_student, build_teacher
     from onestep.checkpoint import write_checksums
     from onestep.config import load_config, to_yaml
-    from onestep.export import export_run, load_run, load_student
+    from onestep.export import export_run
+    from onestep.runs import load_run, load_student
 
     pipe = _sd(clip_tokenizer(tmp_path / "vocab"))
     _randomise(pipe.unet, seed=1)
@@ -513,7 +514,8 @@ def test_vp_students_sample_the_trailing_grid_they_train_on(tmp_path):
     from test_export_families import _pixel_teacher_dir, make_run
 
     from onestep.build import build_objective, build_student
-    from onestep.export import ExportError, export_run, load_run, load_student
+    from onestep.export import ExportError, export_run
+    from onestep.runs import load_run, load_student
     from onestep.sampling import time_grid
 
     run = make_run(tmp_path, "unet", _pixel_teacher_dir(tmp_path / "teacher"), extra=LIGHTNING_RUN)
