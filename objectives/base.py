@@ -41,6 +41,22 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.generator: torch.Generator | None = None
 
+    @classmethod
+    def exports_one_step_only(cls, cfg, vp_teacher: bool) -> str | None:
+        """Why a student trained with options `cfg` exports `--steps 1` only, in every format (None: any k).
+        `vp_teacher`: the teacher is a discrete VP model (unet, stable_diffusion, sdxl)."""
+        if cls.student_sampler != "avg_velocity":
+            # the consistency sampler re-noises with fresh noise between steps, which no deterministic pipeline does
+            return (f"this student samples with the {cls.student_sampler} sampler, whose steps re-noise with fresh "
+                    f"noise; only --steps 1 (the same single step) exports exactly, in every format")
+        return None
+
+    @classmethod
+    def reads_data(cls, cfg) -> bool:
+        """Whether the loss reads the data batch's samples (False: it only takes their shape, so prompts or class
+        labels need no images or teacher samples behind them)."""
+        return True
+
     @staticmethod
     def check_config(cfg, teacher=...) -> None:
         """Raise ConfigError for bad options. `teacher` is `...` when only the config is known

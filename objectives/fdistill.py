@@ -156,6 +156,11 @@ class FDistill(Objective):
         self.register_buffer("bin_mean", torch.ones(bins, dtype=torch.float64))
         self.register_buffer("bin_seen", torch.zeros(bins, dtype=torch.float64))
 
+    @classmethod
+    def reads_data(cls, cfg: FDistillConfig) -> bool:
+        # without a discriminator (reverse KL, no GAN or R1 term) the loss draws its noise like x and never reads x
+        return not (cfg.divergence == "reverse_kl" and cfg.gan_weight == 0 and cfg.r1_weight == 0)
+
     @staticmethod
     def check_config(cfg: FDistillConfig, teacher=...) -> None:
         if teacher is None:

@@ -165,6 +165,16 @@ class Lightning(Objective):
             self.disc_conditional = FeatureDiscriminator(pair, hidden=cfg.disc_hidden)
             self.disc_unconditional = FeatureDiscriminator(example, hidden=cfg.disc_hidden)
 
+    @classmethod
+    def exports_one_step_only(cls, cfg: LightningConfig, vp_teacher: bool) -> str | None:
+        if vp_teacher and cfg.grid != "uniform":  # "auto" and "trailing" mean the trailing grid for VP teachers
+            # t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
+            return ("this student samples on the trailing timestep grid it was trained on (lightning with a VP "
+                    "teacher), whose steps differ in t - r, so its interval embedding cannot be folded into one "
+                    "backbone for k >= 2 steps; only --steps 1 (the grid [1, 0]) exports exactly, in every format; "
+                    "sample k steps with onestep (student.sample)")
+        return super().exports_one_step_only(cfg, vp_teacher)
+
     @staticmethod
     def check_config(cfg: LightningConfig, teacher=...) -> None:
         if teacher is None:

@@ -428,7 +428,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("student.backbone=mlp works on vector data (data.name=gmm); use student.backbone=digits_unet")
     if getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch" and not run.student.interval_embedding:
         raise ConfigError(f"objective {run.objective['name']} trains u(z, r, t): set student.interval_embedding=true")
-    _check_adapter_options(run, obj_cfg)
+    _check_adapter_options(run, obj_cls, obj_cfg)
 
 
 #: data sources (data.name)
@@ -437,14 +437,7 @@ DATA_NAMES = ("digits", "gmm", "image_folder", "prompts", "class_labels", "teach
 TEXT_TEACHERS = ("stable_diffusion", "sdxl", "sd3", "flux", "sana")
 
 
-def _x_only_for_shape(run: RunConfig, obj_cfg) -> bool:
-    """Whether the objective reads batch["x"] only for its shape: f-distill without a discriminator
-    (reverse KL, no GAN or R1 term) draws its noise like x and never looks at x itself."""
-    return run.objective.get("name") == "fdistill" and obj_cfg.divergence == "reverse_kl" \
-        and obj_cfg.gan_weight == 0 and obj_cfg.r1_weight == 0
-
-
-def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
+def _check_adapter_options(run: RunConfig, obj_cls, obj_cfg) -> None:
     """LoRA / checkpointing options and the data sources of the adapter teachers, with the teacher."""
     s, d = run.student, run.data
     teacher = run.teacher.get("name")
@@ -472,7 +465,7 @@ def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
                           f"teacher {teacher} is not" + (": use data.name=prompts" if teacher in TEXT_TEACHERS else ""))
     if d.name == "teacher_samples" and d.teacher_steps < 1:
         raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
-    if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and not _x_only_for_shape(run, obj_cfg):
+    if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and obj_cls.reads_data(obj_cfg):
         raise ConfigError(f"data.name={d.name} with data.teacher_steps=0 has no samples x, and objective "
                           f"{run.objective.get('name')} builds its noisy points from x: set data.teacher_steps >= 1 "
                           "(teacher samples as data), or use objective fdistill with divergence=reverse_kl and "

@@ -21,22 +21,11 @@ SELF_CHECK_TOL = 1e-4
 def one_step_only(cfg, exporter) -> str | None:
     """Why this run's student exports --steps 1 only, in every format (None: it exports any k). Asked from
     the config, before any family's format advice and before loading weights."""
-    from onestep.build import student_sampler
+    from onestep.config import section_config
+    from onestep.registry import OBJECTIVES
 
-    sampler = student_sampler(cfg)
-    if sampler != "avg_velocity":
-        # the consistency sampler re-noises with fresh noise between steps, which no deterministic pipeline does
-        return (f"this student samples with the {sampler} sampler, whose steps re-noise with fresh noise; only "
-                f"--steps 1 (the same single step) exports exactly, in every format")
-    objective = cfg.objective
-    if (getattr(exporter, "vp_family", False) and objective.get("name") == "lightning"
-            and objective.get("grid", "auto") != "uniform"):  # lightning's grid for VP teachers: trailing
-        # t - r differs from step to step on the trailing grid: no single vector to fold into the backbone
-        return ("this student samples on the trailing timestep grid it was trained on (lightning with a VP "
-                "teacher), whose steps differ in t - r, so its interval embedding cannot be folded into one "
-                "backbone for k >= 2 steps; only --steps 1 (the grid [1, 0]) exports exactly, in every format; "
-                "sample k steps with onestep (student.sample)")
-    return None
+    objective, objective_cfg = section_config("objective", cfg.objective, OBJECTIVES)
+    return objective.exports_one_step_only(objective_cfg, vp_teacher=getattr(exporter, "vp_family", False))
 
 
 def torch_dtype_argument(dtype: torch.dtype) -> str:
