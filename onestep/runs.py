@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from onestep.errors import ConfigError, ExportError
+from onestep.sampling import SamplerSpec
 
 # ------------------------------------------------------------------------------------------------
 # the run: config, checkpoint, student weights
@@ -87,9 +88,17 @@ def load_student(info: RunInfo):
         student = build_student(info.cfg, teacher)
     except FileNotFoundError as e:  # the student's architecture comes from the teacher's files
         raise ExportError(f"cannot rebuild the student: {str(e).splitlines()[0]}") from None
-    # what the objective had set on the student by this checkpoint (e.g. Lightning's 1-step x0 prediction)
-    objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
-    objective.configure_rebuilt_student(student, objective_cfg, info.step, teacher)
+    # how the student samples by this checkpoint (e.g. Lightning's trailing grid and 1-step x0 prediction): the
+    # checkpoint's sampler.json; checkpoints written before it existed ask the objective what it had set
+    spec_file = info.checkpoint / SamplerSpec.FILE
+    if spec_file.is_file():
+        try:
+            student.set_sampler_spec(SamplerSpec.from_dict(json.loads(spec_file.read_text())))
+        except (ValueError, TypeError) as e:
+            raise ExportError(f"{spec_file}: {str(e).splitlines()[0]}") from None
+    else:
+        objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
+        objective.configure_rebuilt_student(student, objective_cfg, info.step, teacher)
     # trainable.safetensors holds the objective's modules, the student's under "student."; ema.safetensors the
     # EMA of the student's trained parameters under their own names (of every parameter in older checkpoints;
     # a LoRA student's frozen base never changes, so it comes from trainable.safetensors)

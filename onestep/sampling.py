@@ -6,7 +6,8 @@ Two families:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -88,3 +89,52 @@ def sample_consistency(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps: 
         eps = torch.randn(noise.shape, generator=gen, dtype=torch.float32).to(noise.device, noise.dtype)
         z = (1 - t_next) * x0 + t_next * eps
     return z
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How a trained student takes its k steps, as data: the objective returns it, the student carries it
+    (`AvgVelocityField.sampler_spec` / `set_sampler_spec`), every checkpoint stores it as `sampler.json` and
+    every export in its manifest, so a student loaded later samples as it was trained without its objective.
+
+    kind: "avg_velocity" (z_r = z_t - (t - r) u(z_t, r, t), deterministic) or "consistency" (x0 = z_t - t
+    u(z_t, 0, t), re-noised to the next time). grid: the default k-step times: "uniform", "consistency"
+    (`onestep.trigflow.consistency_times` with the two consistency options) or "trailing" (the trailing
+    timestep grid of the discrete VP schedule `alphas_cumprod`). prediction_type: for students of discrete
+    VP teachers, how the backbone's output is read ("epsilon", "sample", "v_prediction"). interval_scale,
+    time_scale: what the student's embeddings multiply t - r and t by.
+    """
+
+    FILE: ClassVar[str] = "sampler.json"
+    KINDS: ClassVar[tuple[str, ...]] = ("avg_velocity", "consistency")
+    GRIDS: ClassVar[tuple[str, ...]] = ("uniform", "consistency", "trailing")
+
+    kind: str = "avg_velocity"
+    grid: str = "uniform"
+    consistency_data_std: float = 1.0
+    consistency_intermediate: float = 1.3
+    alphas_cumprod: tuple[float, ...] | None = None
+    prediction_type: str | None = None
+    interval_scale: float | None = None
+    time_scale: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"sampler kind must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
+        if self.grid not in self.GRIDS:
+            raise ValueError(f"sampler grid must be one of {', '.join(self.GRIDS)}, got {self.grid!r}")
+        if (self.grid == "trailing") != (self.alphas_cumprod is not None):
+            raise ValueError("a trailing grid needs alphas_cumprod, and only a trailing grid takes them")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SamplerSpec":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown sampler spec keys: {', '.join(unknown)}")
+        values = dict(values)
+        if values.get("alphas_cumprod") is not None:
+            values["alphas_cumprod"] = tuple(float(a) for a in values["alphas_cumprod"])
+        return cls(**values)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from onestep import paths
-from onestep.sampling import sample_avg_velocity
+from onestep.sampling import SamplerSpec, sample_avg_velocity
 
 
 class AvgVelocityField(nn.Module):
@@ -50,6 +50,33 @@ class AvgVelocityField(nn.Module):
             return torch.tensor(grid, dtype=torch.float64)
         return None
 
+    def sampler_spec(self) -> SamplerSpec:
+        """How this student samples, as a serialisable `SamplerSpec`."""
+        consistency = self.sampler == "consistency"
+        schedule = self.trailing_schedule
+        return SamplerSpec(
+            kind=self.sampler,
+            grid="trailing" if schedule is not None else "consistency" if consistency else "uniform",
+            consistency_data_std=float(self.consistency_data_std),
+            consistency_intermediate=float(self.consistency_intermediate),
+            alphas_cumprod=None if schedule is None else tuple(schedule.alphas_cumprod.tolist()),
+            prediction_type=getattr(self, "prediction_type", None),
+            interval_scale=_optional_float(getattr(self, "interval_scale", None)),
+            time_scale=_optional_float(getattr(self, "time_scale", None)))
+
+    def set_sampler_spec(self, spec: SamplerSpec) -> None:
+        """Sample as `spec` says from now on (its scales and prediction type only where given)."""
+        self.sampler = spec.kind
+        self.consistency_data_std = spec.consistency_data_std
+        self.consistency_intermediate = spec.consistency_intermediate
+        self.trailing_schedule = None if spec.alphas_cumprod is None else paths.DiscreteVPSchedule(
+            torch.tensor(spec.alphas_cumprod, dtype=torch.float64))
+        if spec.prediction_type is not None and getattr(self, "prediction_type", None) != spec.prediction_type:
+            self.set_prediction_type(spec.prediction_type)
+        for scale in ("interval_scale", "time_scale"):
+            if getattr(spec, scale) is not None and getattr(self, scale, None) is not None:
+                setattr(self, scale, getattr(spec, scale))
+
     def sampler_description(self) -> str:
         """What `sample` does without `times`, in words, for evaluation records."""
         if self.sampler == "consistency":
@@ -71,6 +98,10 @@ class AvgVelocityField(nn.Module):
 
             return sample_consistency(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
         return sample_avg_velocity(lambda z, r, t: self(z, r, t, cond), noise, steps=steps, times=times)
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _cast_to_weight_dtype(module, args):

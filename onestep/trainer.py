@@ -35,6 +35,7 @@ from onestep import parallel
 from onestep.build import build_data, build_objective, build_student, build_teacher
 from onestep.checkpoint import finished_checkpoints, latest_valid_checkpoint, write_checksums
 from onestep.config import RunConfig, to_yaml
+from onestep.sampling import SamplerSpec
 
 
 class NonFiniteLossError(RuntimeError):
@@ -229,6 +230,8 @@ class Trainer:
                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                  "num_processes": acc.num_processes, "distributed": par.name}
         (tmp / "state.json").write_text(json.dumps(state))
+        # how the student samples (kind, grid, scales, prediction type), for whoever loads it without its objective
+        (tmp / SamplerSpec.FILE).write_text(json.dumps(obj.student.sampler_spec().to_dict()))
         write_checksums(tmp)
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as fh:

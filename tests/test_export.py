@@ -159,6 +159,15 @@ def test_consistency_student_exports_one_step_only(run_dir, tmp_path):
     with pytest.raises(ExportError, match="re-noise"):
         export_run(tmp_path / "scm", tmp_path / "k2", format="onestep", steps=2)
     out = export_run(tmp_path / "scm", tmp_path / "k1", format="onestep", steps=1)
+    # the checkpoint and the export store the sampler the objective set: consistency, with the recipe's grid
+    from onestep.sampling import SamplerSpec
+
+    spec = SamplerSpec.from_dict(json.loads((tmp_path / "scm" / "checkpoints" / "step-000001" / "sampler.json").read_text()))
+    assert (spec.kind, spec.grid) == ("consistency", "consistency")
+    assert (spec.consistency_data_std, spec.consistency_intermediate) == \
+        (cfg.objective["sampler_data_std"], cfg.objective["sampler_intermediate"])
+    assert json.loads((out / "onestep_export.json").read_text())["sampler"] == spec.to_dict()
+    assert load_student(load_run(tmp_path / "scm"))[0].sampler_spec() == spec
     pipe = OneStepPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.max_num_inference_steps == 1

@@ -536,7 +536,14 @@ def test_vp_students_sample_the_trailing_grid_they_train_on(tmp_path):
             print(f"\n{name} student, {k} steps: max |default - uniform grid| {uniform:.3f}")
             assert uniform > 1e-2
         assert torch.equal(obj.sample(noise, steps=k), obj.student.sample(noise, steps=k))
+    # this hand-made checkpoint has no sampler.json (as before it existed): load_student asked the objective,
+    # which gives the trained student's spec; the export's manifest records it
+    from onestep.sampling import SamplerSpec
+
+    spec = obj.student.sampler_spec()
+    assert rebuilt.sampler_spec() == spec and spec.grid == "trailing"
     out = export_run(run, tmp_path / "k1", steps=1)      # its self-check compares with rebuilt.sample(steps=1)
+    assert SamplerSpec.from_dict(json.loads((out / "onestep_export.json").read_text())["sampler"]) == spec
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "trailing"
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

@@ -132,7 +132,7 @@ def _export_run(run, out, checkpoint, format, steps, weights, lora_rank, allow_l
         _make_readable(tmp)
         manifest = {
             "onestep_export": 1, "format": format, "steps": steps, "run": info.cfg.name,
-            "checkpoint": info.checkpoint.name, "weights": weights,
+            "checkpoint": info.checkpoint.name, "weights": weights, "sampler": student.sampler_spec().to_dict(),
             **({"lora_rank": lora_rank} if format == "lora" else {}),
             "files": {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }
