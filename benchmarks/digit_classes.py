@@ -92,7 +92,7 @@ def main() -> None:
             rows.append({"model": name, "steps": steps, **class_summary(classify(net, images), train_shares),
                          "noise_seeds": [res["protocol"]["noise_seed"] for res in results], "digits_fid_seeds": fids})
 
-    print(f"| model | steps | TV to the training mix | smallest digit share | mean top prob | shares of 0-9 (%) |")
+    print("| model | steps | TV to the training mix | smallest digit share | mean top prob | shares of 0-9 (%) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         shares = " ".join(f"{100 * s:.1f}" for s in r["class_share"])

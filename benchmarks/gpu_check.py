@@ -266,7 +266,7 @@ def timings(shapes, dtype_names, device, repeats, log=print):
             rows.append(row)
             log(f"{label} {name}: " + ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in row.items()
                                                 if k.endswith("_ms") and v is not None))
-            del q, k, v, prim, tangents, grad_out
+            q = k = v = prim = tangents = grad_out = None  # free this shape's inputs before the next
             torch.cuda.empty_cache()
     return rows
 

@@ -153,7 +153,7 @@ def _torch_forward(q, k, v, mask, scale, block_size):
         for i0 in range(0, N, plan.bq):
             i1 = min(i0 + plan.bq, N)
             qs = qf[g, i0:i1] * scale
-            m = l = o = None
+            m = l = o = m_run = None
             for j0 in range(0, M, plan.bk):
                 j1 = min(j0 + plan.bk, M)
                 s = torch.bmm(qs, kT[g, :, j0:j1])
