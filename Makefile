@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow install benchmarks teacher teacher-dense clean
+.PHONY: demo test test-slow lint install benchmarks teacher teacher-dense clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# style (ruff) and the import contracts of pyproject.toml; both also run inside `make test`
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) tests/lint_imports.py
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/objectives.py
