@@ -4,7 +4,7 @@
     python benchmarks/report.py --check    # exit 1 naming each table that differs from its rendering
 
 A table lives between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; RENDERERS[NAME] renders it from its JSON.
-tests/test_report.py fails when a committed table differs from its rendering.
+tests/benchmarks/test_report.py fails when a committed table differs from its rendering.
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
     python benchmarks/sharded.py [--kills 8] [--out benchmarks/results/sharded.json]
 
 1. `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 2` (gloo, 2 CPU
-   processes) trains tests/sharded_worker.py's runs for 20 steps: SplitMeanFlow on a tiny pixel-UNet teacher with
+   processes) trains tests/onestep/sharded_worker.py's runs for 20 steps: SplitMeanFlow on a tiny pixel-UNet teacher with
    its own samples as data (teacher_steps 2), f-distill JS on the digits teacher (FSDP only: DeepSpeed refuses
    several optimizer groups). One process with the doubled batch trains the same runs; the largest absolute
    difference of every tensor in the step-20 checkpoints (weights, EMA, optimizer state) is recorded, with the rows
    of teacher sampling each process did.
-2. The kill points of tests/test_sharded_crash.py (SIGKILL on either rank, inside a checkpoint save at each phase,
+2. The kill points of tests/onestep/test_sharded_crash.py (SIGKILL on either rank, inside a checkpoint save at each phase,
    after an optimizer step, at random times), each relaunched until it finishes: resumed bitwise or not.
 
 Writes {"rows": [...], "kills": [...], "protocol": {...}}; the README's tables are rendered from it
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "onestep")]
 RESULTS = ROOT / "benchmarks" / "results" / "sharded.json"
 
 

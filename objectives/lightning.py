@@ -37,7 +37,7 @@ takes that step's reading, both when the trainer restores the objective (`previo
 loss runs) and when export / evaluation rebuild the student (`configure_rebuilt_student`); the exported
 diffusers scheduler then says prediction_type="sample". Velocity-parameterised students (flow-time
 teachers, digits and MLP students) need no switch: x0 = z - u(z, 0, 1) is well conditioned. Measured on
-the VP mixture toy (tests/test_lightning.py, the teacher's 8 trailing steps -> 1 step, 150 steps): the
+the VP mixture toy (tests/objectives/test_lightning.py, the teacher's 8 trailing steps -> 1 step, 150 steps): the
 student reading x0 ends 0.23 from the stage's target, reading eps 0.43, whose loss jumps to 12.3 after
 the first Adam step (reading x0: at most 0.70).
 """

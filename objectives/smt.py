@@ -21,7 +21,7 @@ denoiser E_{m_alpha}[x | x_t] at once (SMT: amortised score):
     Gradient descent moves x along s_alpha - s_0 (towards the more real mixture). With exact scores
     (1/alpha)(s_0 - s_alpha) = -(r / (alpha r + 1 - alpha)) (s_p - s_q), h_alpha(r) = r / (alpha r + 1 - alpha)
     times DMD's direction; alpha = 1 is DMD. Note that the adaptive weight then cancels h_alpha exactly:
-    with exact scores "adaptive" *is* DMD's gradient for every alpha (tests/test_smt.py shows it).
+    with exact scores "adaptive" *is* DMD's gradient for every alpha (tests/objectives/test_smt.py shows it).
     GAN regulariser: a conv head on the score net's bottleneck evaluated at alpha = 1/2, at a fresh
         noise level; critic (score step): critic_gan_weight [(1 - alpha) softplus(l(fake)) + alpha softplus(-l(real))]
         with alpha from the generator's sampler; generator: gan_weight softplus(-l(x_t fake)).

@@ -41,7 +41,7 @@ from onestep.data import DataError, load_image_folder, load_prompts
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 from onestep.teachers.digits import DigitsTeacher, TeacherWeightsError, shipped_weights_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CASES: dict[str, bool] = {}      # table case id -> clean error
 EXAMPLES: dict[str, bool] = {}   # hypothesis example -> clean error
 FEW = settings(max_examples=20, deadline=None, derandomize=True, database=None,

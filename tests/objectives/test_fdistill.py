@@ -391,7 +391,7 @@ def test_forward_kl_and_js_cover_all_eight_modes(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from gmm_modes import train_and_score
 
     rows = {name: train_and_score(name, 1500, str(tmp_path)) for name in ("forward_kl", "js", "reverse_kl")}

@@ -1,4 +1,4 @@
-"""Run by tests/test_eval_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU): runs each
+"""Run by tests/evaluation/test_eval_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU): runs each
 `onestep` command line of a JSON file (a list of argument lists) in this process, in order, and writes
 every exit code to <file>-rank<R>.json beside it.
 
@@ -26,7 +26,7 @@ if __name__ == "__main__":
         torch.distributed.destroy_process_group()
     (commands.parent / f"{commands.stem}-rank{os.environ['RANK']}.json").write_text(json.dumps(codes))
     # Every result is on disk and the process group is destroyed. Skip the interpreter's teardown: with
-    # torch's gloo threads a rank can still abort there now and then (see tests/distributed_worker.py).
+    # torch's gloo threads a rank can still abort there now and then (see tests/onestep/distributed_worker.py).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

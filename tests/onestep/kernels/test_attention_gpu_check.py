@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py without a GPU: the exit without CUDA, and its comparison code run on CPU
 (the torch path against the float64 math reference; wrong kernels are caught; the Triton kernels
-under TRITON_INTERPRET=1 are checked in tests/test_attention.py's interpreter subprocess)."""
+under TRITON_INTERPRET=1 are checked in tests/onestep/kernels/test_attention.py's interpreter subprocess)."""
 import importlib.util
 import json
 import os
@@ -13,7 +13,7 @@ import torch
 
 from onestep.kernels import fused_attention
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu_check.py"
 
 
 def _load():

@@ -35,7 +35,7 @@ def test_feature_throughput_benchmark_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_throughput.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "feature_throughput.py"
     out = tmp_path / "ft.json"
     argv, sys.argv = sys.argv, [str(script), "--batch-size", "64", "--repeats", "1",
                             "--inception-batch-size", "1", "--out", str(out)]

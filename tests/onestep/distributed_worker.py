@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU): trains each
+"""Run by tests/onestep/test_distributed.py under `torchrun --nproc_per_node 2` (gloo on CPU): trains each
 objective for a few steps and saves every rank's parameters (every group's for objectives with
 auxiliary networks), plus one MeanFlow gradient and one f-distill generator gradient (with the global
 h-mean and bin statistics, and once more with per-process statistics, which must differ)."""

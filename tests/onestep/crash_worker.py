@@ -1,6 +1,6 @@
 """Kill training with SIGKILL at chosen points, resume, and compare with an uninterrupted run.
 
-    python tests/crash_worker.py OUT_DIR NUM_RANDOM [PHASE:STEP ...]
+    python tests/onestep/crash_worker.py OUT_DIR NUM_RANDOM [PHASE:STEP ...]
 
 Runs in its own process: it imports torch once, then forks one child per training segment (a killed
 child is a real SIGKILL'd process; nothing is cleaned up). Kill points:

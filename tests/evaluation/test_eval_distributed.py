@@ -68,7 +68,7 @@ def commands(s: dict, tag: str) -> list[list[str]]:
 
 
 def torchrun(argvs: list[list[str]], cmd_file: Path, cache: Path) -> str:
-    """Run `onestep` command lines in 2 processes (tests/eval_distributed_worker.py); their stdout."""
+    """Run `onestep` command lines in 2 processes (tests/evaluation/eval_distributed_worker.py); their stdout."""
     cmd_file.write_text(json.dumps(argvs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ONESTEP_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

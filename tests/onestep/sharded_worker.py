@@ -1,9 +1,9 @@
-"""Run by tests/test_sharded.py under `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml
+"""Run by tests/onestep/test_sharded.py under `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml
 --num_processes 2` (gloo on CPU): trains students with the strategy the launch config selects (train.distributed
 =auto: FSDP2 or DeepSpeed ZeRO-2) and records per rank what the test compares with one process: the run folder
 (checkpoints with whole state dicts), the rows of teacher sampling this rank did, and the strategy used.
 
-    accelerate launch --config_file C --num_processes 2 tests/sharded_worker.py OUT TEACHER LABEL OBJECTIVE...
+    accelerate launch --config_file C --num_processes 2 tests/onestep/sharded_worker.py OUT TEACHER LABEL OBJECTIVE...
 """
 import json
 import os

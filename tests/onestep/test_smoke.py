@@ -12,7 +12,7 @@ import pytest
 
 from onestep import cli
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 #: one recipe per teacher family for the fast suite (digits with a smaller batch: the path, not the numbers)
 FAST = {"digits_splitmeanflow": ["data.batch_size=8"], "cifar10_splitmeanflow": [], "imagenet64_smd": [],

@@ -1,6 +1,6 @@
 """SIGKILL at chosen and random points (during steps and inside checkpoint writes), resume, and reach
 bitwise the weights, EMA and optimizer state of an uninterrupted run. The work runs in
-tests/crash_worker.py (its own process, one forked child per training segment)."""
+tests/onestep/crash_worker.py (its own process, one forked child per training segment)."""
 import json
 import subprocess
 import sys

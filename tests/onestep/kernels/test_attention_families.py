@@ -439,7 +439,7 @@ def test_fused_triton_families_under_interpreter():
     """FLUX and SANA through the Triton kernels (CPU interpreter): outputs equal diffusers', JVPs the torch path's."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", _TRITON_FAMILIES], env=env, capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,10 +1,10 @@
-"""One segment of a sharded (FSDP2) training run, for tests/test_sharded_crash.py: run under
+"""One segment of a sharded (FSDP2) training run, for tests/onestep/test_sharded_crash.py: run under
 `torchrun --nproc_per_node 2`; it resumes from the run's latest checkpoint and, if ONESTEP_TEST_KILL is set to
 PHASE:STEP:RANK (or random:SECONDS:RANK), that rank kills itself with SIGKILL there (the phases of
-tests/crash_worker.py: `step`, `rng`, `weights`, `rename`). torchrun then ends the other rank, as a cluster
+tests/onestep/crash_worker.py: `step`, `rng`, `weights`, `rename`). torchrun then ends the other rank, as a cluster
 does when one GPU's process dies.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/sharded_crash_worker.py OUT NAME
+    python -m torch.distributed.run --nproc_per_node 2 tests/onestep/sharded_crash_worker.py OUT NAME
 """
 import os
 import sys
