@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from sharded_worker import BATCH, EVERY, STEPS, sharded_cfg  # noqa: E402
 
-ACCELERATE_CONFIGS = HERE.parent / "configs" / "accelerate"
+ACCELERATE_CONFIGS = HERE.parents[1] / "configs" / "accelerate"
 
 
 @pytest.fixture(scope="module")
