@@ -15,6 +15,11 @@ FLUX's ``FluxAttention``) and gives it a processor for one of :data:`ATTENTION_B
   device); supports backward and forward-mode AD (``torch.func.jvp``) with O(N) memory.
 * ``fused_triton``: the same with ``impl="triton"``: the Triton kernels (CUDA; on CPU only under
   ``TRITON_INTERPRET=1``, for tests). Opt-in until ``benchmarks/gpu_check.py`` has passed on a GPU.
+* ``sparse``: :func:`onestep.kernels.sparse_attention.block_sparse_attention` on a pattern chosen per
+  module and call by ``search="adaspa"`` (searched at chosen denoising steps, reused in between) or
+  ``search="flexprefill"`` (estimated at every call), keeping each head's blocks up to ``threshold`` of
+  the attention mass; products with a mask (padded prompts) run dense through ``fused``. For long-sequence
+  teachers' multi-step sampling; ``threshold=1`` keeps every block (dense attention).
 
 ``UNet2DModel`` has no ``set_attn_processor`` in diffusers 0.42, hence the module walk. Processor
 layouts handled, each reproducing the stock processor's computation with only the softmax attention
@@ -41,12 +46,15 @@ import torch
 from torch import nn
 
 from .attention import DEFAULT_BLOCK_SIZE, fused_attention, math_attention
+from .sparse_attention import AdaSpaSearch, FlexPrefillSearch, block_sparse_attention
 
 __all__ = ["ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepFluxAttnProcessor", "OnestepJointAttnProcessor",
            "OnestepSanaAttnProcessor", "set_attention_backend"]
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "fused", "fused_triton")
-_ONESTEP_BACKENDS = ("fused", "math", "fused_triton")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "fused", "fused_triton", "sparse")
+_ONESTEP_BACKENDS = ("fused", "math", "fused_triton", "sparse")
+#: backend "sparse": search name -> the per-module search class (onestep.kernels.sparse_attention)
+SPARSE_SEARCHES = {"adaspa": AdaSpaSearch, "flexprefill": FlexPrefillSearch}
 
 # Processor classes whose computation each layout below reproduces (by class name, so that diffusers
 # versions without one of them still import this module).
@@ -60,7 +68,7 @@ _LAYOUTS = {
 
 
 class _Base:
-    def __init__(self, backend: str = "fused", block_size=DEFAULT_BLOCK_SIZE, impl: str = "auto"):
+    def __init__(self, backend: str = "fused", block_size=DEFAULT_BLOCK_SIZE, impl: str = "auto", search=None):
         if backend not in _ONESTEP_BACKENDS:
             raise ValueError(f"{type(self).__name__} backend must be one of {', '.join(_ONESTEP_BACKENDS)}; "
                              f"got {backend!r}")
@@ -68,13 +76,20 @@ class _Base:
             if impl not in ("auto", "triton"):
                 raise ValueError(f"backend 'fused_triton' runs impl='triton'; got impl={impl!r}")
             impl = "triton"
-        self.backend, self.block_size, self.impl = backend, block_size, impl
+        if (backend == "sparse") != (search is not None):
+            raise ValueError("backend 'sparse' needs a search object (AdaSpaSearch, FlexPrefillSearch), and only it")
+        self.backend, self.block_size, self.impl, self.search = backend, block_size, impl, search
 
     def attend(self, q, k, v, mask, scale):
         """q, k, v: [B, H, N, D] -> [B, H, N, Dv]."""
         if self.backend == "math":
             return math_attention(q, k, v, mask, scale=scale)
-        return fused_attention(q, k, v, mask, scale=scale, block_size=self.block_size, impl=self.impl)
+        if self.backend == "sparse" and mask is None:
+            blocks = self.search(q, k, scale)
+            return block_sparse_attention(q, k, v, blocks, self.search.block_size, scale)
+        # masked products (padded prompts) stay dense
+        block_size = DEFAULT_BLOCK_SIZE if self.backend == "sparse" else self.block_size
+        return fused_attention(q, k, v, mask, scale=scale, block_size=block_size, impl=self.impl)
 
     def __repr__(self):
         return f"{type(self).__name__}(backend={self.backend!r})"
@@ -328,7 +343,8 @@ def _check_triton() -> None:
 
 
 def set_attention_backend(model: nn.Module, backend: str, *, block_size=DEFAULT_BLOCK_SIZE,
-                          impl: str = "auto") -> int:
+                          impl: str = "auto", search: str = "adaspa", threshold: float = 0.9,
+                          sparse_block_size=64, **search_options) -> int:
     """Give every diffusers attention module of ``model`` a processor for ``backend``.
 
     backend: one of :data:`ATTENTION_BACKENDS`. ``block_size`` and ``impl`` are passed to
@@ -338,10 +354,18 @@ def set_attention_backend(model: nn.Module, backend: str, *, block_size=DEFAULT_
     attention module uses a processor this cannot reproduce, and RuntimeError for ``xformers`` when it
     is not installed or the model is not on CUDA, and for ``fused_triton`` when triton is not
     installed (its device, CUDA, is checked when attention runs, since a model is often built on CPU
-    and moved later).
+    and moved later). ``sparse``: every module gets its own ``SPARSE_SEARCHES[search](threshold,
+    sparse_block_size, **search_options)`` (e.g. ``search_steps``/``research_every`` for AdaSpa,
+    ``js_threshold`` for FlexPrefill).
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "sparse":
+        if search not in SPARSE_SEARCHES:
+            raise ValueError(f"unknown sparse attention search {search!r}; allowed: {', '.join(SPARSE_SEARCHES)}")
+        SPARSE_SEARCHES[search](threshold, sparse_block_size, **search_options)   # bad options fail before any change
+    elif search_options:
+        raise ValueError(f"search options ({', '.join(search_options)}) apply to backend 'sparse' only")
     from diffusers.models.attention_processor import Attention
 
     try:
@@ -372,7 +396,10 @@ def set_attention_backend(model: nn.Module, backend: str, *, block_size=DEFAULT_
     for module, layout in targets:
         if layout == "sana_linear":
             continue  # already diffusers' SanaLinearAttnProcessor2_0, which forward-mode AD runs through
-        if backend in _ONESTEP_BACKENDS:
+        if backend == "sparse":
+            finder = SPARSE_SEARCHES[search](threshold, sparse_block_size, **search_options)
+            module.set_processor(_ONESTEP_PROCESSORS[layout](backend, block_size=block_size, impl=impl, search=finder))
+        elif backend in _ONESTEP_BACKENDS:
             module.set_processor(_ONESTEP_PROCESSORS[layout](backend, block_size=block_size, impl=impl))
         else:
             module.set_processor(_stock_processor(backend, layout))

@@ -146,9 +146,12 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: BlockSize
 
 def select_by_mass(mass: torch.Tensor, threshold: float) -> torch.Tensor:
     """For every row of `mass` [..., nk] (non-negative, summing to 1), the fewest entries whose sum reaches
-    `threshold` (the largest first; at least one): a bool tensor of mass's shape."""
+    `threshold` (the largest first; at least one): a bool tensor of mass's shape. `threshold` 1 keeps every
+    entry (rounding would otherwise drop the smallest ones)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if threshold == 1:
+        return torch.ones_like(mass, dtype=torch.bool)
     ordered, index = torch.sort(mass, dim=-1, descending=True)
     before = torch.cumsum(ordered, -1) - ordered             # mass of the larger entries already kept
     keep_sorted = before < threshold * mass.sum(-1, keepdim=True)

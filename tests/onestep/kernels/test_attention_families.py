@@ -412,7 +412,7 @@ def test_config_accepts_fused_triton(tmp_path):
 
 _TRITON_FAMILIES = textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, "tests")
+    sys.path.insert(0, "tests/onestep/kernels")
     from test_attention_families import FAMILIES
     from onestep.kernels import set_attention_backend, triton_attention
     assert triton_attention.interpreting()
@@ -439,7 +439,7 @@ def test_fused_triton_families_under_interpreter():
     """FLUX and SANA through the Triton kernels (CPU interpreter): outputs equal diffusers', JVPs the torch path's."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     res = subprocess.run([sys.executable, "-c", _TRITON_FAMILIES], env=env, capture_output=True, text=True,
                          timeout=300, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -448,3 +448,29 @@ def test_fused_triton_families_under_interpreter():
     for line in lines:
         out_err, jvp_err = float(line[2]), float(line[3])
         assert out_err <= 1e-5 and jvp_err <= 1e-5, line
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sana"])
+@pytest.mark.parametrize("search", ["adaspa", "flexprefill"])
+def test_sparse_backend_on_transformer_families(family, search):
+    """backend 'sparse': threshold 1 keeps every block, so the model equals diffusers' own to fp32 rounding;
+    a lower threshold drops blocks (SD3's joint attention, FLUX without a prompt mask) and changes the output;
+    masked products (SANA's cross-attention, FLUX with a padded prompt) run dense."""
+    model, x, f, n_modules = FAMILIES[family]()
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ref = f(model, x, t)
+        set_attention_backend(model, "sparse", search=search, threshold=1.0, sparse_block_size=4)
+        assert (f(model, x, t) - ref).abs().max() <= 1e-5
+        searches = [m.processor.search for m in model.modules() if hasattr(getattr(m, "processor", None), "search")]
+        assert len(searches) == (n_modules - 2 if family == "sana" else n_modules)   # SANA: linear self-attention
+        set_attention_backend(model, "sparse", search=search, threshold=0.3, sparse_block_size=4)
+        got = f(model, x, t)
+        if family == "sana":
+            assert (got - ref).abs().max() <= 1e-5
+        elif family == "sd3":
+            assert (got - ref).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="unknown sparse attention search"):
+        set_attention_backend(model, "sparse", search="topk")
+    with pytest.raises(ValueError, match="apply to backend 'sparse' only"):
+        set_attention_backend(model, "fused", js_threshold=0.1)
