@@ -340,7 +340,7 @@ RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_s
              "digit_classes": digit_classes_table, "gmm_modes": gmm_modes_table,
              "feature_throughput": feature_throughput_table,
              **{f"expected_{name}": _expected(name) for name in OBJECTIVE_NAMES}}
-_BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(\n<!-- /table:\2 -->)", re.S)
+_BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(?:(.*?)\n)?(<!-- /table:\2 -->)", re.S)   # body may be empty
 
 
 def files() -> list[Path]:
@@ -360,9 +360,9 @@ def render(text: str) -> tuple[str, list[str]]:
         if name not in cache:
             cache[name] = RENDERERS[name]()
         body = cache[name]
-        if body != m.group(3):
+        if body != (m.group(3) or ""):
             changed.append(name)
-        return m.group(1) + body + m.group(4)
+        return m.group(1) + body + "\n" + m.group(4)
     return _BLOCK.sub(sub, text), changed
 
 
