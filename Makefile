@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow install benchmarks teacher teacher-dense clean
+.PHONY: demo test test-slow docs install benchmarks teacher teacher-dense clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# the docs site in site/ (tests/test_docs.py builds it with --strict in `make test`)
+docs: $(STAMP)
+	$(PY) benchmarks/report.py --check
+	$(PY) -m mkdocs build --strict
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/objectives.py
