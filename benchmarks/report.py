@@ -251,6 +251,57 @@ def lightning_stages_table() -> str:
     return "\n".join(lines)
 
 
+#: the README's methods table: what each objective is (not results); the expected result is rendered from the JSON
+METHODS = [
+    ("flow_matching", "Flow matching (teachers)", "Lipman et al. 2023", "https://arxiv.org/abs/2210.02747",
+     ["digits_teacher", "digits_teacher_dense"]),
+    ("splitmeanflow", "SplitMeanFlow", "Guo et al. 2025", "https://arxiv.org/abs/2507.16884",
+     ["demo", "digits_splitmeanflow", "sd15_splitmeanflow", "sd3_splitmeanflow", "flux_splitmeanflow",
+      "sana_splitmeanflow", "cifar10_splitmeanflow"]),
+    ("meanflow", "MeanFlow", "Geng et al. 2025", "https://arxiv.org/abs/2505.13447", ["digits_meanflow"]),
+    ("fdistill", "f-distill (reverse KL = DMD)", "Xu, Nie, Vahdat 2025", "https://arxiv.org/abs/2502.15681",
+     ["digits_fdistill", "digits_fdistill_reverse_kl", "sd15_fdistill", "sdxl_fdistill"]),
+    ("smt", "SMT", "Jayashankar, Ryu, Wornell 2025", "https://arxiv.org/abs/2502.09609", ["digits_smt"]),
+    ("smd", "SMD", "Jayashankar, Ryu, Wornell 2025", "https://arxiv.org/abs/2502.09609",
+     ["digits_smd", "imagenet64_smd"]),
+    ("scm", "sCM", "Lu & Song 2024", "https://arxiv.org/abs/2410.11081", ["digits_scm"]),
+    ("scm_ladd", "sCM + LADD (SANA-Sprint)", "Chen et al. 2025", "https://arxiv.org/abs/2503.09641",
+     ["digits_scm_ladd"]),
+    ("lightning", "SDXL-Lightning", "Lin, Wang, Yang 2024", "https://arxiv.org/abs/2402.13929",
+     ["digits_lightning", "digits_lightning_4step"]),
+]
+OBJECTIVE_FILES = {"scm_ladd": "objectives/ladd.py", "smd": "objectives/smt.py"}
+
+
+def _expected_cell(objective: str) -> str:
+    """The digits result of an objective's recipes: the noise-seed mean ± sd, then the protocol seed."""
+    if objective == "flow_matching":
+        row = next(r for r in _load("teacher_steps.json")["rows"] if r["steps"] == 50)
+        return f"the digits teacher: 50-step digits-FID {row['digits_fid_seeds'][0]:.2f} at seed 1234"
+    cells = []
+    for r in _objective_rows(objective):
+        if r["recipe"] != "digits_lightning_4step" and r["steps"] != min(
+                x["steps"] for x in _objective_rows(objective) if x["recipe"] == r["recipe"]):
+            continue
+        at_protocol = r["digits_fid"] / r["teacher50_digits_fid"]
+        cells.append(f"{r['steps']}-step " + (f"{_pm(r['ratio_mean'], r['ratio_sd'])}× ({at_protocol:.2f}× at seed 1234)"
+                                              if "ratio_mean" in r else f"{at_protocol:.2f}× (seed 1234 only)")
+                     + (f", `{r['recipe']}`" if len({x['recipe'] for x in _objective_rows(objective)}) > 1 else ""))
+    return "; ".join(cells)
+
+
+def methods_table() -> str:
+    lines = _header("method", "file", "paper", "recipes", "docs", "expected result on digits (× teacher 50-step)")
+    for name, title, paper, url, recipes in METHODS:
+        file = OBJECTIVE_FILES.get(name, f"objectives/{name}.py")
+        lines.append(f"| `{name}`: {title} | [`{file}`]({file}) | [{paper}]({url}) | "
+                     f"{', '.join(f'`{x}`' for x in recipes)} | [page](docs/methods/{name}.md) | {_expected_cell(name)} |")
+    lines.append("\nRatios: student / teacher 50-step digits-FID, paired per noise seed, mean ± sd over 5 noise seeds "
+                 "(seed 1234 is the protocol's); full table with training seeds and goals in "
+                 "[docs/index.md](docs/index.md).")
+    return "\n".join(lines)
+
+
 # --- other benchmarks --------------------------------------------------------------------------------------------
 
 def attention_table() -> str:
@@ -338,7 +389,7 @@ RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_s
              "teacher_steps": teacher_steps_table, "runs": runs_table, "lightning_stages": lightning_stages_table,
              "attention": attention_table, "time_smoothing": time_smoothing_table, "step_cost": step_cost_table,
              "digit_classes": digit_classes_table, "gmm_modes": gmm_modes_table,
-             "feature_throughput": feature_throughput_table,
+             "feature_throughput": feature_throughput_table, "methods": methods_table,
              **{f"expected_{name}": _expected(name) for name in OBJECTIVE_NAMES}}
 _BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(?:(.*?)\n)?(<!-- /table:\2 -->)", re.S)   # body may be empty
 
