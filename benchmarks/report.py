@@ -57,7 +57,8 @@ def sharded_table() -> str:
     for r in data["rows"]:
         rows = r["teacher_rows_per_process"]
         work = "– (data from digits)" if rows[0] is None else f"{rows[0]}, {rows[1]} ({r['teacher_rows_one_process']})"
-        lines.append(f"| {r['strategy']} | {r['objective']} | {r['wrapped_by']} | {r['max_abs_diff_vs_one_process']:.1e} "
+        lines.append(f"| {r['strategy']} | {r['objective']} | {r['wrapped_by']} | "
+                     f"{r['max_abs_diff_vs_one_process']:.1e} "
                      f"| {work} |")
     kills = data["kills"]
     landed = [k for k in kills if k["landed"]]
@@ -111,7 +112,8 @@ def splitmeanflow_stability_table() -> str:
         lines.append(f"| {setting} | {arch} | {len(rows)} | {sum(r['diverged'] for r in rows)} | "
                      f"{spread(rows, 'energy_distance_1step')} | {spread(rows, 'energy_distance_2step')} |")
     p = data["protocol"]
-    lines.append(f"\nmean ± sd over seeds; two independent sets of mixture samples lie {p['floor_energy_distance']:.3f} "
+    lines.append(f"\nmean ± sd over seeds; two independent sets of mixture samples lie "
+                 f"{p['floor_energy_distance']:.3f} "
                  f"apart; {p['threads']} thread, torch {p['torch']} (`python benchmarks/splitmeanflow_stability.py`).")
     return "\n".join(lines)
 
@@ -182,7 +184,8 @@ def _objective_lines(rows: list[dict], with_method: bool) -> list[str]:
     for r in rows:
         seeds = (f"{_pm(r['ratio_mean'], r['ratio_sd'])} ({len(r['noise_seeds'])} seeds)" if "ratio_mean" in r
                  else "– (not scored on several seeds)")
-        lines.append("| " + (f"{r['objective']} | " if with_method else "") + f"`{r['recipe']}` | {r.get('teacher', 'digits')} | {r['steps']} | {r['digits_fid']:.2f} | "
+        lines.append("| " + (f"{r['objective']} | " if with_method else "")
+                     + f"`{r['recipe']}` | {r.get('teacher', 'digits')} | {r['steps']} | {r['digits_fid']:.2f} | "
                      f"{r['teacher50_digits_fid']:.2f} | {r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {seeds} | "
                      f"{_training_seeds(r['recipe'], r['steps'])} | {_goal(r)} | {r['train_steps']} | "
                      f"{r['train_seconds'] / 60:.0f} min |")
@@ -209,7 +212,8 @@ def teacher_steps_table() -> str:
                     f"digits-FID per noise seed ({', '.join(map(str, seeds))})", "× 50 steps (mean ± sd)")
     for r in data["rows"]:
         lines.append(f"| {r['steps']} | {r['digits_fid_seeds'][0]:.2f} | "
-                     f"{' / '.join(f'{x:.2f}' for x in r['digits_fid_seeds'])} | {_pm(r['ratio_mean'], r['ratio_sd'])} |")
+                     f"{' / '.join(f'{x:.2f}' for x in r['digits_fid_seeds'])} | "
+                     f"{_pm(r['ratio_mean'], r['ratio_sd'])} |")
     lines.append(f"\nThe shipped digits teacher (`{data['config']}`), ratios paired per noise seed "
                  f"(`python benchmarks/teacher_steps.py`).")
     return "\n".join(lines)
@@ -284,8 +288,9 @@ def _expected_cell(objective: str) -> str:
                 x["steps"] for x in _objective_rows(objective) if x["recipe"] == r["recipe"]):
             continue
         at_protocol = r["digits_fid"] / r["teacher50_digits_fid"]
-        cells.append(f"{r['steps']}-step " + (f"{_pm(r['ratio_mean'], r['ratio_sd'])}× ({at_protocol:.2f}× at seed 1234)"
-                                              if "ratio_mean" in r else f"{at_protocol:.2f}× (seed 1234 only)")
+        spread = (f"{_pm(r['ratio_mean'], r['ratio_sd'])}× ({at_protocol:.2f}× at seed 1234)" if "ratio_mean" in r
+                  else f"{at_protocol:.2f}× (seed 1234 only)")
+        cells.append(f"{r['steps']}-step {spread}"
                      + (f", `{r['recipe']}`" if len({x['recipe'] for x in _objective_rows(objective)}) > 1 else ""))
     return "; ".join(cells)
 
@@ -295,7 +300,8 @@ def methods_table() -> str:
     for name, title, paper, url, recipes in METHODS:
         file = OBJECTIVE_FILES.get(name, f"objectives/{name}.py")
         lines.append(f"| `{name}`: {title} | [`{file}`]({file}) | [{paper}]({url}) | "
-                     f"{', '.join(f'`{x}`' for x in recipes)} | [page](docs/methods/{name}.md) | {_expected_cell(name)} |")
+                     f"{', '.join(f'`{x}`' for x in recipes)} | [page](docs/methods/{name}.md) | "
+                     f"{_expected_cell(name)} |")
     lines.append("\nRatios: student / teacher 50-step digits-FID, paired per noise seed, mean ± sd over 5 noise seeds "
                  "(seed 1234 is the protocol's); full table with training seeds and goals in "
                  "[docs/index.md](docs/index.md).")
