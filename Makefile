@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow lint install benchmarks teacher teacher-dense clean
+.PHONY: demo test test-slow lint docs install benchmarks teacher teacher-dense clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) tests/lint_imports.py
+
+# the docs site in site/ (tests/test_docs.py builds it with --strict in `make test`)
+docs: $(STAMP)
+	$(PY) benchmarks/report.py --check
+	$(PY) -m mkdocs build --strict
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/objectives.py

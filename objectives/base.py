@@ -1,4 +1,4 @@
-"""The Objective contract (spec §1): one scalar loss per optimizer group; the trainer does the rest.
+"""The Objective contract: one scalar loss per optimizer group; the trainer does the rest.
 
 An objective owns every auxiliary network it needs; the trainer owns optimizers, EMA, checkpoints.
 Every random draw (times, masks, noise) comes from `self.generator`, which the trainer seeds and
@@ -187,7 +187,7 @@ def at_least_one_row(index: torch.Tensor) -> torch.Tensor:
 
 
 def autocast_off(device: torch.device):
-    """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 (spec §9)."""
+    """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 whatever the trainer's mixed precision."""
     return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)
 
 

@@ -1,7 +1,7 @@
 """Small trainable discriminator heads on the features of a frozen network.
 
-f-distill (spec §5) puts them on the frozen teacher's features at the noisy input x_t; SMT (§6) on the
-bottleneck of its score network; LADD (§7.3) and SDXL-Lightning (§8) put them on teacher blocks too.
+f-distill puts them on the frozen teacher's features at the noisy input x_t; SMT on the
+bottleneck of its score network; LADD and SDXL-Lightning put them on teacher blocks too.
 A `FeatureDiscriminator` holds one head per feature map and returns the logits of all heads
 concatenated, [B, K]; a caller that wants one number per sample averages over K (f-distill's
 density ratio is exp(mean_K logits)).
@@ -69,7 +69,7 @@ class ConvHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """LADD's head (spec §7.3) on token features channels first, [B, C, N] (FeatureDiscriminator transposes)."""
+    """LADD's head on token features channels first, [B, C, N] (FeatureDiscriminator transposes)."""
 
     def __init__(self, channels: int, hidden: int, emb_dim: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""What the distribution-matching objectives (f-distill §5, SMT/SMD §6) share.
+"""What the distribution-matching objectives (f-distill, SMT/SMD) share.
 
 * The one-step generator is the student used at (r, t) = (0, 1): G(z) = z - u(z, 0, 1).
 * Noise levels: "uniform" flow time in [lo, hi], or the EDM Karras grid (rho = 7, sigma in
@@ -129,7 +129,7 @@ def trainable_copy_of_backbone(teacher, student: nn.Module) -> nn.Module:
 def call_with_frozen_parameters(module: nn.Module, *args, **kwargs):
     """module(*args) with its parameters detached: gradients reach the inputs, never the parameters.
 
-    Used for critics inside a generator step (spec §1: critics frozen during the student phase). The
+    Used for critics inside a generator step (critics stay frozen while the student trains). The
     parameters are then not in the autograd graph at all, so DDP counts them as unused in that step
     instead of waiting for gradients that the trainer's backward(inputs=...) never computes.
     """

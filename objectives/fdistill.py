@@ -1,4 +1,4 @@
-"""f-distill (spec §5, Xu, Nie, Vahdat 2025): one-step distillation by f-divergence distribution matching.
+"""f-distill (Xu, Nie, Vahdat 2025): one-step distillation by f-divergence distribution matching.
 
 A one-step generator x = G(z) (the student at (r, t) = (0, 1)) is trained so that its noised
 marginal q_t matches the teacher's p_t in D_f(p_t || q_t) = E_q[f(p_t / q_t)]. Its gradient is
@@ -67,7 +67,7 @@ class Divergence:
     behaviour: str = ""
 
 
-#: spec §5's table; tests check h = r^2 f'' for each (sympy and finite differences)
+#: the paper's divergences and their f; tests check h = r^2 f'' for each (sympy and finite differences)
 DIVERGENCES: dict[str, Divergence] = {
     "reverse_kl": Divergence(lambda r: -torch.log(r), lambda r: torch.ones_like(r), "mode-seeking (= DMD / VSD)"),
     "softened_reverse_kl": Divergence(lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda r: 1 / (1 + r)),

@@ -1,4 +1,4 @@
-"""LADD and the sCM + LADD hybrid of SANA-Sprint (spec §7.3).
+"""LADD and the sCM + LADD hybrid of SANA-Sprint (Chen et al. 2025; LADD: Sauer et al. 2024).
 
 `LADDDiscriminator`: trainable heads (objectives/discriminators.py) on the **frozen teacher's** features
 at noised inputs. Only the heads train; the teacher stays frozen and its hooks are removed after every call

@@ -1,4 +1,4 @@
-"""Progressive adversarial distillation, as in SDXL-Lightning (spec §8; Lin, Wang, Yang 2024).
+"""Progressive adversarial distillation, as in SDXL-Lightning (Lin, Wang, Yang 2024).
 
 Stages of student step counts (e.g. teacher 32 -> 8 -> 4 -> 2 -> 1): in each, the previous model (the
 teacher with its `teacher_steps`-step Euler sampler at the first stage, then the previous stage's student,
@@ -25,7 +25,7 @@ its grid (`student.trailing_schedule`, set here and by `configure_rebuilt_studen
 stage's student initialises the next (it is the same network, trained on). Students may be full or LoRA
 (`student.lora_rank`) alike.
 
-x0 ("sample") prediction in the 1-step stage (spec §8(d)/(e)). A student of an eps-prediction VP teacher
+x0 ("sample") prediction in the 1-step stage. A student of an eps-prediction VP teacher
 sees pure noise at t = 1, where its one step is x0 = (x - sqrt(1 - abar) eps^) / sqrt(abar): sqrt(abar_999)
 = 0.068 on SD/SDXL's schedule, so every error of eps^ comes out 14.6 times larger. From the first step of
 the 1-step stage on, the student's backbone output is therefore read as x0 (`one_step_prediction`: "auto"

@@ -1,4 +1,4 @@
-"""MeanFlow (spec §4, Geng et al. 2025): regress the average velocity through the MeanFlow identity.
+"""MeanFlow (Geng et al. 2025): regress the average velocity through the MeanFlow identity.
 
 The average velocity u(z_t, r, t) = 1/(t - r) * int_r^t v(z_s, s) ds satisfies
     u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt u = v . d_z u + 0 . d_r u + 1 . d_t u,
@@ -8,10 +8,10 @@ so d/dt u is one Jacobian-vector product with tangent (v, 0, 1) on the inputs (z
     loss  = mean( delta / sg[(delta + c)^p] )         (adaptive weight)
 v_g is the teacher's velocity (distillation, with the teacher's CFG) or eps - x (training from data).
 With conditions and `cfg_omega`, MeanFlow's own CFG mixes the student's conditional and null velocities
-into v_g (spec §4(b)); v_g is both the regression term and the JVP tangent. Conditions are class labels
+into v_g; v_g is both the regression term and the JVP tangent. Conditions are class labels
 (null: label -1) or prompt conditions of text teachers (null: the teacher's, the empty prompt).
 
-Two ways to get dudt (spec §4(i)), `jvp`:
+Three ways to get dudt, `jvp`:
     "single": (u, dudt) = torch.func.jvp(...) in one call; the gradient reaches the parameters through u;
     "split":  u from a normal forward (may run under autocast), then dudt from a JVP under no_grad with
               the same RNG state (dropout masks match); about one more forward, less activation memory.

@@ -1,4 +1,4 @@
-"""sCM: continuous-time consistency distillation / training in TrigFlow (spec §7.2; Lu & Song 2024).
+"""sCM: continuous-time consistency distillation / training in TrigFlow (Lu & Song 2024).
 
 The student u(z, r, t) enters TrigFlow through its jump to the data (onestep/trigflow.py): F_theta(y, s) is
 the TrigFlow field of v_hat = u(x_tau, 0, tau), so the consistency function f = cos s y - sin s F_theta is
@@ -155,7 +155,7 @@ class SCMLoss(nn.Module):
             return fn(y, s), (plus - minus) / (2 * h)
 
     def tangent(self, y, s, dyds, F_minus, J, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g after normalisation, ||g|| before it) per spec §7.2."""
+        """(g after normalisation, ||g|| before it), as in the module docstring."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         warm = 1.0 if cfg.tangent_warmup == 0 else min(1.0, step / cfg.tangent_warmup)
         cos, sin = paths.expand_like(torch.cos(s), y), paths.expand_like(torch.sin(s), y)

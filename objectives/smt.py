@@ -1,4 +1,4 @@
-"""Score-of-Mixture Training and Distillation (spec §6, Jayashankar, Ryu, Wornell 2025).
+"""Score-of-Mixture Training and Distillation (Jayashankar, Ryu, Wornell 2025).
 
 A one-step generator g(z) (the student at (r, t) = (0, 1)) with marginal q is trained on the alpha-skew
 Jensen-Shannon divergence between q and the data p, through the scores of the mixtures
@@ -47,7 +47,7 @@ last of each cycle). Both losses of such a step come from one forward, so that s
 the generator samples from before the generator update (the reference steps the generator first: a
 one-step lag on one step in `score_steps`).
 
-SMT's optional generator warm-up (`generator_warmup` steps, spec §6(c): the reference first trains its
+SMT's optional generator warm-up (`generator_warmup` steps: the reference first trains its
 generator as a plain diffusion denoiser): the student trains every step on flow matching along r = 0,
 u(x_t, 0, t) -> eps - x with t uniform, so that the one-step generator z - u(z, 0, 1) starts as the data's
 denoiser at pure noise (the data mean) on features learned from every noise level; the mixture net trains
@@ -129,7 +129,7 @@ class MixtureScore(nn.Module):
 
 
 class ExplicitMixtureScore(nn.Module):
-    """SMD's explicit mixture (spec §6(b)): v_alpha(x_t, t) = D v_p + (1 - D) v_fake, D = sigmoid(l + logit alpha).
+    """SMD's explicit mixture (the paper's): v_alpha(x_t, t) = D v_p + (1 - D) v_fake, D = sigmoid(l + logit alpha).
 
     `fake`: a trainable velocity net called at r = t; `head`: discriminator heads on the teacher's
     features, whose mean logit is l. The teacher is frozen and not a submodule (the objective owns it)."""

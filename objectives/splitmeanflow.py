@@ -1,4 +1,4 @@
-"""SplitMeanFlow (spec §3): interval-splitting consistency of the average velocity, no JVP.
+"""SplitMeanFlow (Guo et al. 2025): interval-splitting consistency of the average velocity, no JVP.
 
 For r <= s <= t the exact average velocity satisfies
     (t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t),  z_s = z_t - (t - s) u(z_t, s, t),

@@ -1,6 +1,6 @@
 """Time conventions and prediction-type conversions: the one place where they live.
 
-Inside onestep every model speaks *flow time* (design.md §1)::
+Inside onestep every model speaks *flow time*::
 
     x_t = (1 - t) * x0 + t * eps,    t in [0, 1] (t = 1 is pure noise),    v = eps - x0
 
@@ -348,7 +348,7 @@ def velocity_to_prediction(
 
 def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """diffusers' `timestep_spacing="trailing"`: round(T - i T / N) - 1 for i = 0..N-1, e.g. N = 4 ->
-    [999, 749, 499, 249] (spec §8(a))."""
+    [999, 749, 499, 249] (SDXL-Lightning's schedule)."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]

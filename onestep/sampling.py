@@ -68,7 +68,7 @@ def sample_avg_velocity(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps:
 def sample_consistency(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps: int = 1,
                        times: Sequence[float] | torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """The multi-step consistency sampler (sCM, spec §7.5) in flow time.
+    """The multi-step consistency sampler (sCM) in flow time.
 
     At each grid time t_i the student jumps to the data, x0 = z - t_i u(z, 0, t_i) (its consistency
     function), and the next point is re-noised with fresh noise: z = (1 - t_{i+1}) x0 + t_{i+1} eps_i

@@ -1,4 +1,4 @@
-"""TrigFlow (spec §7.1): x_s = cos s x0 + sin s z, s in [0, pi/2], and the training-free conversion of a
+"""TrigFlow (Lu & Song 2024): x_s = cos s x0 + sin s z, s in [0, pi/2], and the training-free conversion of a
 flow-time velocity field into the TrigFlow network F that sCM trains.
 
 TrigFlow data are scaled so that x0 = sigma_d x with z ~ N(0, sigma_d^2 I); dividing by sigma_d,
@@ -87,7 +87,7 @@ def sample_trig_time(noise: torch.Tensor, p_mean: float, p_std: float, sigma_d: 
 
 
 def consistency_times(steps: int, data_std: float = 1.0, intermediate: float = 1.3) -> list[float]:
-    """The flow-time grid of the step-adaptive sampler (spec §7.5): TrigFlow times linspace(pi/2, 0,
+    """The flow-time grid of the step-adaptive sampler: TrigFlow times linspace(pi/2, 0,
     steps + 1), except 2 steps at [pi/2, `intermediate`, 0] (diffusers' SCMScheduler default 1.3), mapped to
     the flow time of the same signal-to-noise ratio for data of standard deviation `data_std`:
     t / ((1 - t) data_std) = tan s, i.e. t = data_std sin s / (cos s + data_std sin s). sCM's times are for

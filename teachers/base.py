@@ -1,4 +1,4 @@
-"""The Teacher interface (design §3): a frozen model that answers in flow time.
+"""The Teacher interface: a frozen model that answers in flow time.
 
 Subclasses implement `_velocity(x, t, cond)` (cond None = unconditional) in flow time; everything a
 trainer or objective needs is derived here, in one place: classifier-free guidance, the x0 / eps /

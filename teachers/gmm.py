@@ -1,4 +1,4 @@
-"""The analytic Gaussian-mixture teacher (spec §2): exact velocity, exact flow map, any dimension.
+"""The analytic Gaussian-mixture teacher: exact velocity, exact flow map, any dimension.
 
 Data p(x) = sum_k pi_k N(mu_k, s_k^2 I). On the path x = a x0 + b eps every posterior quantity is
 closed form, so this teacher is the independent reference that objectives are tested against.

@@ -1,4 +1,4 @@
-"""f-distill (spec §5) against closed forms: h = r^2 f'', reverse KL = DMD, the generator gradient of an
+"""f-distill against closed forms: h = r^2 f'', reverse KL = DMD, the generator gradient of an
 affine generator on a Gaussian target, a discriminator recovering log p/q, zero gradient at the target."""
 import json
 import math
@@ -79,7 +79,7 @@ GENERATOR_STEP = 1  # critic_steps=1: steps 1, 3, ... are generator steps
 def test_h_is_r_squared_f_second_derivative_for_every_divergence():
     sympy = pytest.importorskip("sympy")  # installed with torch
     r = sympy.symbols("r", positive=True)
-    spec_f = {  # spec §5's table, written out again independently of the implementation
+    spec_f = {  # the paper's table of f, written out again independently of the implementation
         "reverse_kl": -sympy.log(r), "softened_reverse_kl": (r + 1) * sympy.log((r + 1) / (2 * r)),
         "js": r * sympy.log(r) - (r + 1) * sympy.log((r + 1) / 2), "squared_hellinger": (sympy.sqrt(r) - 1) ** 2,
         "forward_kl": r * sympy.log(r), "jeffreys": (r - 1) * sympy.log(r), "neyman_chi2": (1 - r) ** 2 / r,
@@ -106,7 +106,7 @@ def test_h_is_r_squared_f_second_derivative_for_every_divergence():
 # --- reverse KL is DMD ------------------------------------------------------------------------------------
 
 def direct_dmd(student, teacher, fake_score, disc, batch, generator, n_critic, gan_weight, time_range, feature_layers=None):
-    """DMD2 written out from its definition (spec §5 with h = 1): generator loss and critic losses,
+    """DMD2 written out from its definition (h = 1): generator loss and critic losses,
     drawing z, t, eps in the documented order from `generator`."""
     x_real = batch["x"]
     n, d = x_real.shape

@@ -1,4 +1,4 @@
-"""LADD and sCM + LADD (spec §7.3): hinge loss, misaligned pairs, frozen heads in the student step, alternation."""
+"""LADD and sCM + LADD: hinge loss, misaligned pairs, frozen heads in the student step, alternation."""
 import torch
 from torch import nn
 

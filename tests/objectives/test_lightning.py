@@ -1,4 +1,4 @@
-"""Progressive adversarial distillation (spec §8(h)): trailing grids, stage targets, pure noise, schedule."""
+"""Progressive adversarial distillation: trailing grids, stage targets, pure noise, schedule."""
 import json
 
 import pytest
@@ -169,7 +169,7 @@ class VPMixtureTeacher(GMMTeacher):
 
 @pytest.mark.parametrize("family", ["flow", pytest.param("vp", marks=pytest.mark.slow)])   # vp: ~35 s
 def test_progressive_mse_approaches_the_flow_map(gmm_teacher, family):
-    """Spec §8(h)(4): 8 -> 4 -> 2 -> 1 with MSE on the mixture, with the flow-time teacher (uniform grid) and a
+    """8 -> 4 -> 2 -> 1 with MSE on the mixture, with the flow-time teacher (uniform grid) and a
     VP teacher (trailing timesteps, pure noise at the top); the one-step student lands far closer to the exact
     flow map Phi_{1 -> 0} than one Euler step of the exact velocity (the student at initialisation)."""
     exact_teacher = gmm_teacher
@@ -204,7 +204,7 @@ def test_bad_schedules_are_config_errors(gmm_teacher, bad):
         lightning(MLPAvgVelocity(2), gmm_teacher, **{"teacher_steps": 8, "stages": [4, 2], "stage_iters": [1, 1], **bad})
 
 
-# --- x0 ("sample") prediction in the 1-step stage of eps-prediction VP students (spec §8(d)/(e)) -------------
+# --- x0 ("sample") prediction in the 1-step stage of eps-prediction VP students -------------
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 

@@ -1,4 +1,4 @@
-"""MeanFlow (spec §4(h)): the JVP against finite differences, the loss at r = t, the exact field on the
+"""MeanFlow: the JVP against finite differences, the loss at r = t, the exact field on the
 Gaussian mixture, stop-gradient placement, the two JVP variants, CFG mixing, and wrong tangents."""
 import pytest
 import torch

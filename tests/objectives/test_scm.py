@@ -1,4 +1,4 @@
-"""TrigFlow conversion and sCM (spec §7.1, §7.2, §7.7) against closed forms and finite differences."""
+"""TrigFlow conversion and sCM against closed forms and finite differences."""
 import math
 
 import pytest
@@ -58,7 +58,7 @@ def scm_objective(student, teacher, **cfg):
 
 
 def test_tangent_vanishes_for_the_exact_consistency_function(gmm_teacher, exact_field):
-    """Spec §7.7 (2): with F = F_cm along the teacher ODE, g = cos s df/ds = 0 up to finite-difference error,
+    """With F = F_cm along the teacher ODE, g = cos s df/ds = 0 up to finite-difference error,
     while each of its two terms is O(1) (so a sign or factor error in either is caught)."""
     obj = scm_objective(exact_field, gmm_teacher, jvp="finite_difference", fd_step=1e-4, tangent_norm="none",
                         tangent_warmup=0)
@@ -82,7 +82,7 @@ def test_tangent_vanishes_for_the_exact_consistency_function(gmm_teacher, exact_
 
 
 def test_jvp_equals_cos_sin_times_central_difference_along_the_ode(gmm_teacher):
-    """Spec §7.7 (3), float64 MLP student: torch.func.jvp vs a central difference of F along (dy/ds, 1)."""
+    """Float64 MLP student: torch.func.jvp vs a central difference of F along (dy/ds, 1)."""
     torch.manual_seed(0)
     student = MLPAvgVelocity(2, hidden=32, time_scale=1.0, interval_scale=1.0).double()
     torch.nn.init.normal_(student.interval_embed[-1].weight, std=0.3)     # so u(., 0, t) != u(., t, t)
@@ -178,7 +178,7 @@ def test_dropout_masks_of_the_target_pass_match_the_trained_pass(gmm_teacher, mo
 
 
 def test_one_step_sampler_is_minus_F_at_half_pi(gmm_teacher):
-    """Spec §7.7 (6): one consistency step from pure noise is x0 = -F(z, pi/2) (in y units)."""
+    """One consistency step from pure noise is x0 = -F(z, pi/2) (in y units)."""
     torch.manual_seed(0)
     student = MLPAvgVelocity(2, hidden=16).double()
     torch.nn.init.normal_(student.interval_embed[-1].weight, std=0.3)

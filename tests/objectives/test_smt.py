@@ -1,4 +1,4 @@
-"""SMT / SMD (spec §6) against closed forms: mixture scores of Gaussians, the skew-JSD weight h_alpha,
+"""SMT / SMD against closed forms: mixture scores of Gaussians, the skew-JSD weight h_alpha,
 the generator gradient of an affine generator, alpha = 1 is DMD, zero gradient at the target, and a
 mixture-score net fitted by the mixture denoising loss."""
 import json
@@ -107,7 +107,7 @@ def test_skew_jsd_is_an_f_divergence_with_h_alpha():
 
 @pytest.mark.parametrize("alpha", [0.05, 0.5, 0.9, 1.0])
 def test_mixture_score_identity_pointwise(alpha):
-    """(1/alpha)(s_0 - s_alpha) = -h_alpha(r) (s_p - s_q) at every point (spec §6(h)(2))."""
+    """(1/alpha)(s_0 - s_alpha) = -h_alpha(r) (s_p - s_q) at every point."""
     p, q = ([0.5, -0.2], 0.7), ([-0.4, 0.3], 0.5)
     net = ExactMixtureScore(p, q)
     g = torch.Generator().manual_seed(0)
@@ -386,8 +386,8 @@ def test_smd_with_a_diffusers_adapter_teacher():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_explicit_mixture_with_the_exact_log_ratio_is_the_mixture_score(alpha):
-    """D = sigmoid(log r + logit alpha) mixes v_p and v_q into the velocity of alpha p + (1 - alpha) q
-    (spec §6(h)(4)), exactly 0 and 1 at the ends."""
+    """D = sigmoid(log r + logit alpha) mixes v_p and v_q into the velocity of alpha p + (1 - alpha) q,
+    exactly 0 and 1 at the ends."""
     p, q = ([0.5, -0.2], 0.7), ([-0.4, 0.3], 0.5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 2, generator=g, dtype=torch.float64) * 1.5

@@ -1,4 +1,4 @@
-"""SplitMeanFlow against the exact average velocity of the Gaussian mixture (spec §3(h))."""
+"""SplitMeanFlow against the exact average velocity of the Gaussian mixture."""
 import pytest
 import torch
 

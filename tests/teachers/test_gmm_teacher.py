@@ -9,7 +9,7 @@ from onestep.teachers.gmm import GaussianMixture, GMMTeacher, four_component_mix
 
 
 def single_gaussian_flow(m, s, z, t, r):
-    """Closed-form flow map of N(m, s^2 I) (spec §2.2): affine, sigma_tau = sqrt((1-tau)^2 s^2 + tau^2)."""
+    """Closed-form flow map of N(m, s^2 I): affine, sigma_tau = sqrt((1-tau)^2 s^2 + tau^2)."""
     sig = lambda tau: torch.sqrt((1 - tau) ** 2 * s ** 2 + tau ** 2)
     return (1 - r) * m + (sig(r) / sig(t)) * (z - (1 - t) * m)
 
