@@ -20,7 +20,8 @@ def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
     save_tiny_teacher(tmp_path / "teacher")
     cfg = load_config("demo", [f"output_dir={tmp_path}", f"teacher.path={tmp_path / 'teacher'}", "train.steps=3",
                                "data.batch_size=8", "train.progress=false", "eval.num_samples=24",
-                               "eval.teacher_steps=[1,50]", "eval.student_steps=[1,2]", "train.sample_every=0"])
+                               "eval.teacher_steps=[1,50]", "eval.student_steps=[1,2]", "train.sample_every=0",
+                               "eval.noise_seeds=2"])
     report = run_demo(cfg)
     run = tmp_path / "demo"
     saved = json.loads((run / "report.json").read_text())
@@ -35,6 +36,22 @@ def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
     assert by[("student", 1)]["images_per_s"] > 5 * by[("teacher", 50)]["images_per_s"]
     assert (run / "grid.png").is_file() and (run / "report.md").read_text().startswith("# onestep demo")
     assert (run / "config.yaml").is_file() and report["train_steps"] == 3
+    # paired noise seeds: the first is the table's seed; every seed's ratio is scored on the same noise for
+    # teacher and student, and the report leads with their mean ± sd (goals judged on the mean)
+    spread = saved["seed_spread"]
+    assert set(spread) == {"1-step", "2-step"}
+    for k in (1, 2):
+        s = spread[f"{k}-step"]
+        assert s["noise_seeds"] == [1234, 1235]
+        assert s["digits_fid_seeds"][0] == by[("student", k)]["digits_fid"]
+        assert s["teacher50_digits_fid_seeds"][0] == by[("teacher", 50)]["digits_fid"]
+        assert s["digits_fid_seeds"][1] != s["digits_fid_seeds"][0]        # another seed, another score
+        ratios = [a / b for a, b in zip(s["digits_fid_seeds"], s["teacher50_digits_fid_seeds"])]
+        assert s["ratio_mean"] == round(sum(ratios) / 2, 3)
+        assert s["ratio_sd"] == round(abs(ratios[0] - ratios[1]) / 2 ** 0.5, 3)
+    goal = next(t for t in saved["targets"] if t["what"].startswith("student 1-step FID / teacher 50-step"))
+    assert goal["what"].endswith("(mean over noise seeds)") and goal["value"] == round(spread["1-step"]["ratio_mean"], 4)
+    assert "over 2 paired noise seeds (1234, 1235" in (run / "report.md").read_text().splitlines()[4]
 
 
 def test_teacher_only_evaluation_scores_the_teacher_as_with_a_student(tmp_path):
