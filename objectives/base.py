@@ -3,6 +3,10 @@
 An objective owns every auxiliary network it needs; the trainer owns optimizers, EMA, checkpoints.
 Every random draw (times, masks, noise) comes from `self.generator`, which the trainer seeds and
 checkpoints, so a resumed run repeats the uninterrupted one exactly.
+
+Objectives with two players, a generator (the student) and a critic (fake score, discriminator, mixture-score
+net), say which updates at a step through one `UpdateSchedule`, set by the config key
+`objective.critic_per_generator` (critic updates per generator update) in every one of them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,69 @@ class OptimDefaults:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
+
+
+GENERATOR, CRITIC = "generator", "critic"
+
+#: config keys that `critic_per_generator` replaced: old key -> what its value meant (the same number converts)
+RETIRED_SCHEDULE_KEYS: dict[str, tuple[str, str]] = {
+    "critic_steps": ("critic_per_generator", "the same number: critic updates per generator update"),
+    "score_steps": ("critic_per_generator", "the same number: score-net updates per generator update"),
+}
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """Which of two alternating players updates at a step: the one schedule of f-distill, SMT/SMD, sCM + LADD
+    and Lightning.
+
+    `critic_per_generator` = N: the critic updates N times per generator update. This is what the config
+    key `objective.critic_per_generator` means in every objective and recipe. Steps run in cycles:
+
+    * alternating (`joint=False`; f-distill, sCM + LADD, Lightning): cycles of N + 1 steps, the generator alone
+      at one of them and the critic alone at the other N. `generator_first`: the generator takes the first
+      step of each cycle (LADD and Lightning: G, D, G, D, ... at N = 1), otherwise the last (f-distill: its
+      fake score starts as an exact copy of the teacher, so critic steps come first);
+    * joint (`joint=True`; SMT/SMD): cycles of N steps, the critic at every step and the generator also at
+      the last one (one forward gives both losses): N critic updates per generator update in N steps, not N + 1.
+
+    `warmup`: steps 0 .. warmup - 1 update the generator at every step (and, joint, the critic too: SMT's
+    generator warm-up; alternating, the critic waits). Cycles count from step 0 all the same, so the first
+    cycle after a warm-up may be short.
+
+    Steps count from where the alternation starts: the run's step (f-distill, SMT/SMD, LADD) or the iteration
+    within an adversarial stage (Lightning restarts the cycle at each stage; its MSE stages train the generator
+    only).
+    """
+    critic_per_generator: int = 1
+    joint: bool = False
+    generator_first: bool = False
+    warmup: int = 0
+
+    def updates_generator(self, step: int) -> bool:
+        if step < self.warmup:
+            return True
+        n = self.critic_per_generator
+        if self.joint:
+            return step % n == n - 1
+        return step % (n + 1) == (0 if self.generator_first else n)
+
+    def updates_critic(self, step: int) -> bool:
+        if self.joint:
+            return True
+        return not self.updates_generator(step)
+
+    def players(self, step: int) -> tuple[str, ...]:
+        """(GENERATOR,), (CRITIC,) or (GENERATOR, CRITIC) at `step`."""
+        return ((GENERATOR,) if self.updates_generator(step) else ()) + ((CRITIC,) if self.updates_critic(step) else ())
+
+
+def check_critic_per_generator(cfg) -> None:
+    """ConfigError unless `cfg.critic_per_generator` is an integer >= 1."""
+    n = cfg.critic_per_generator
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"objective.critic_per_generator must be an integer >= 1 (critic updates per generator "
+                          f"update), got {n!r}")
 
 
 class Objective(nn.Module):
@@ -86,8 +153,32 @@ class Objective(nn.Module):
     def default_optim(self, group: str) -> OptimDefaults:
         return OptimDefaults()
 
+    # --- who updates when (two-player objectives: see UpdateSchedule) ---------------------------
+    @classmethod
+    def update_schedule(cls, cfg) -> UpdateSchedule | None:
+        """The generator/critic schedule of this config; None: the student is the only player (the default)."""
+        return None
+
+    @classmethod
+    def players(cls, cfg, step: int) -> tuple[str, ...]:
+        """Which players (GENERATOR, CRITIC) update at training step `step`."""
+        schedule = cls.update_schedule(cfg)
+        return (GENERATOR,) if schedule is None else schedule.players(step)
+
+    @classmethod
+    def critic_groups(cls, cfg) -> list[str]:
+        """The optimizer groups of the critic player under this config (the generator's is "student")."""
+        return []
+
+    @classmethod
+    def scheduled_groups(cls, cfg, step: int) -> list[str]:
+        """The optimizer groups that step at training step `step`, from the config alone."""
+        players = cls.players(cfg, step)
+        return (["student"] if GENERATOR in players else []) + (cls.critic_groups(cfg) if CRITIC in players else [])
+
     def active_groups(self, step: int) -> list[str]:
-        return ["student"]
+        """What the trainer asks at every step."""
+        return self.scheduled_groups(self.cfg, step)
 
     def loss(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -19,7 +19,7 @@ ratio r_t = p_t / q_t. In x0 space (no time convention needed, see distribution_
     L_G  = 1/2 mean ||x - sg[x - g]||^2 + gan_weight * mean softplus(-l)
 
 The GAN term is the non-saturating generator loss; its gradient reaches x through the frozen heads and
-the frozen teacher's features. Critic phase (the other `critic_steps` of every cycle):
+the frozen teacher's features. Critic phase (the other `critic_per_generator` steps of every cycle):
 
     fake score:    flow-matching velocity loss on sg[G(z)] (the teacher's own training loss: the x0
                    denoising loss ||D_phi - x||^2 weighted by 1/t^2; the same minimiser)
@@ -27,9 +27,10 @@ the frozen teacher's features. Critic phase (the other `critic_steps` of every c
                    independent (t', eps'); at the optimum l = log p_t / q_t. Optional approximate R1:
                    r1_weight * mean (l(x_t' + r1_noise delta) - l(x_t'))^2.
 
-Schedule: `critic_steps` critic updates (fake score and discriminator together), then one generator
-update (the reference: 4, SD1.5 9). The fake score starts as an exact copy of the teacher's backbone,
-so critic steps come first in every cycle. With reverse KL and no GAN term there is no discriminator.
+Schedule (objectives.base.UpdateSchedule, alternating): `critic_per_generator` = N critic updates (fake score
+and discriminator together), then one generator update alone, so a cycle of N + 1 steps (the reference: 4;
+SD1.5: 9, the generator every 10th step as DMD2's). The fake score starts as an exact copy of the teacher's
+backbone, so critic steps come first in every cycle. With reverse KL and no GAN term there is no discriminator.
 
 Bin statistics (an EMA per bin, `ratio_bin_ema`; 0 = this batch only) are buffers, so checkpoints
 carry them; they and the mean of h are reduced over all processes (distribution_matching.global_sum).
@@ -43,14 +44,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, ClassVar, List, Optional
 
 import torch
 from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.base import (
+    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
+)
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, global_mean, global_sum, karras_sigmas, module_device_dtype, one_step_generate,
@@ -86,7 +89,8 @@ TIME_SAMPLERS = ("uniform", "karras")
 class FDistillConfig:
     divergence: str = "js"               # one of DIVERGENCES
     guidance: Optional[float] = None     # the teacher's CFG scale for D_T
-    critic_steps: int = 4                # critic updates (fake score + discriminator) per generator update
+    critic_per_generator: int = 4        # critic updates (fake score + discriminator) per generator update, which
+                                         # steps alone: a cycle of N + 1 steps (UpdateSchedule)
     time_sampler: str = "uniform"        # "uniform" flow time or "karras" (EDM sigma grid), see distribution_matching
     time_range: List[float] = field(default_factory=lambda: [0.02, 0.98])       # generator phase (grid share for karras)
     critic_time_range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # fake score and discriminator
@@ -110,6 +114,13 @@ class FDistillConfig:
     disc_lr: Optional[float] = None        # None: lr
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
+    retired_keys: ClassVar[dict] = RETIRED_SCHEDULE_KEYS
+
+
+def uses_discriminator(cfg: FDistillConfig) -> bool:
+    """Whether this config trains a discriminator: every divergence but reverse KL reads its ratio, and GAN / R1
+    terms need it."""
+    return cfg.divergence != "reverse_kl" or cfg.gan_weight > 0 or cfg.r1_weight > 0
 
 
 def _check_span(name: str, span) -> None:
@@ -141,7 +152,7 @@ class FDistill(Objective):
         self.check_config(cfg, teacher)
         self.divergence = DIVERGENCES[cfg.divergence]
         self.fake_score = fake_score if fake_score is not None else trainable_copy_of_backbone(teacher, student)
-        self.uses_discriminator = cfg.divergence != "reverse_kl" or cfg.gan_weight > 0 or cfg.r1_weight > 0
+        self.uses_discriminator = uses_discriminator(cfg)
         if self.uses_discriminator and discriminator is None:
             try:
                 example = self._example_features()
@@ -167,9 +178,7 @@ class FDistill(Objective):
             raise ConfigError("objective fdistill distils a teacher: set teacher.name")
         if cfg.divergence not in DIVERGENCES:
             raise ConfigError(f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {cfg.divergence!r}")
-        if cfg.critic_steps < 1:
-            raise ConfigError(f"objective.critic_steps must be >= 1 (critic updates per generator update), "
-                              f"got {cfg.critic_steps}")
+        check_critic_per_generator(cfg)
         check_time_options(cfg, ("time_range", "critic_time_range"))
         lo, hi = cfg.ratio_clip if len(cfg.ratio_clip) == 2 else (None, None)
         if lo is None or not 0 < lo <= 1 <= hi:
@@ -200,13 +209,16 @@ class FDistill(Objective):
         lr = {"student": cfg.lr, "fake_score": cfg.fake_score_lr or cfg.lr, "disc": cfg.disc_lr or cfg.lr}[group]
         return OptimDefaults(lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
-    def is_generator_step(self, step: int) -> bool:
-        return step % (self.cfg.critic_steps + 1) == self.cfg.critic_steps
+    @classmethod
+    def update_schedule(cls, cfg):
+        return UpdateSchedule(cfg.critic_per_generator)   # alternating, critic steps first
 
-    def active_groups(self, step):
-        if self.is_generator_step(step):
-            return ["student"]
-        return ["fake_score", "disc"] if self.discriminator is not None else ["fake_score"]
+    @classmethod
+    def critic_groups(cls, cfg):
+        return ["fake_score", "disc"] if uses_discriminator(cfg) else ["fake_score"]
+
+    def is_generator_step(self, step: int) -> bool:
+        return GENERATOR in self.players(self.cfg, step)
 
     def loss(self, batch, step):
         if self.is_generator_step(step):

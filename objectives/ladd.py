@@ -5,7 +5,9 @@ at noised inputs. Only the heads train; the teacher stays frozen and its hooks a
 (Teacher.features). Transformer token features [B, N, C] go to the heads as they are (FeatureDiscriminator
 reads them channels first).
 
-`scm_ladd`, strict G/D alternation (even steps: student, odd steps: heads):
+`scm_ladd`, G/D alternation (objectives.base.UpdateSchedule, generator first): cycles of
+`critic_per_generator` + 1 steps, the student at the first and the heads at the others; the default 1 is
+strict alternation (even steps: student, odd steps: heads):
 * G: L = scm_weight L_sCM + adv_weight L_adv (1.0 and 0.5), with L_adv = -mean D(fake). The adversarial
   sample: with probability `pure_noise_prob` s_G = pi/2 and y = eps (pure noise), otherwise a fresh sCM
   time and fresh noise; x_hat = cos s_G y - sin s_G F_theta(y, s_G) (with gradient).
@@ -21,7 +23,7 @@ reads them channels first).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +31,9 @@ from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults
+from onestep.objectives.base import (
+    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator,
+)
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
 from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
@@ -59,6 +63,7 @@ class LADDDiscriminator(nn.Module):
 
 @dataclass
 class SCMLADDConfig(SCMConfig):
+    critic_per_generator: int = 1       # discriminator updates per student update (the student first in each cycle)
     scm_weight: float = 1.0
     adv_weight: float = 0.5
     pure_noise_prob: float = 0.5        # share of adversarial samples generated from pure noise at s = pi/2
@@ -71,6 +76,7 @@ class SCMLADDConfig(SCMConfig):
     r1_noise: float = 0.05
     disc_lr: Optional[float] = None     # None: lr
     disc_betas: List[float] = field(default_factory=lambda: [0.0, 0.99])
+    retired_keys: ClassVar[dict] = RETIRED_SCHEDULE_KEYS
 
 
 @OBJECTIVES.register("scm_ladd")
@@ -94,6 +100,7 @@ class SCMLADD(Objective):
     @staticmethod
     def check_config(cfg, teacher=...) -> None:
         check_scm_config(cfg, teacher)
+        check_critic_per_generator(cfg)
         if teacher is None:
             raise ConfigError("objective scm_ladd needs a teacher: its discriminator reads the teacher's features")
         for name in ("scm_weight", "adv_weight", "r1_weight", "r1_noise"):
@@ -123,11 +130,18 @@ class SCMLADD(Objective):
             return OptimDefaults(lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.disc_betas), weight_decay=cfg.weight_decay)
         return OptimDefaults(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
-    def active_groups(self, step):
-        return ["student"] if step % 2 == 0 else ["disc"]
+    @classmethod
+    def update_schedule(cls, cfg):
+        return UpdateSchedule(cfg.critic_per_generator, generator_first=True)
+
+    @classmethod
+    def critic_groups(cls, cfg):
+        return ["disc"]
 
     def loss(self, batch, step):
-        return self.generator_loss(batch, step) if step % 2 == 0 else self.discriminator_loss(batch)
+        if GENERATOR in self.players(self.cfg, step):
+            return self.generator_loss(batch, step)
+        return self.discriminator_loss(batch)
 
     # --- pieces ----------------------------------------------------------------------------------------
     def noise_for_discriminator(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

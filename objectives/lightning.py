@@ -14,7 +14,9 @@ in `disc_layers`: the mid block for UNets, early blocks for transformers) with s
 *conditional* on the start point, D(x_t', x_t) = head(d(x_t', t') (+) d(x_t, t)), for the first
 `conditional_share` of the stage, then *unconditional*, D(x_t') (relaxes exact flow matching). Non-saturating
 losses: L_D = softplus(-D(real pair)) + softplus(D(student pair)), L_G = softplus(-D(student pair)); G and D
-alternate (even iterations of a stage: student; odd: discriminator).
+alternate (objectives.base.UpdateSchedule, generator first, restarted at each stage): cycles of
+`critic_per_generator` + 1 iterations, the student at the first and the discriminator at the others; the
+default 1 alternates (even iterations of a stage: student; odd: discriminator). MSE stages train the student only.
 
 Grids in flow time: "trailing" for discrete VP teachers (diffusers' `timestep_spacing="trailing"`
 timesteps 999, 999 - 1000/N, ... mapped to flow time, the first replaced by t = 1: the adapter then feeds
@@ -46,7 +48,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from torch import nn
@@ -54,7 +56,9 @@ from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.base import (
+    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
+)
 from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, find_module, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
@@ -72,6 +76,7 @@ class LightningConfig:
     stage_iters: List[int] = field(default_factory=lambda: [250, 250, 250, 250])  # training steps per stage
     mse_stages: int = 1                 # the first this-many stages use MSE, the rest are adversarial
     conditional_share: float = 0.5      # share of an adversarial stage with the conditional discriminator
+    critic_per_generator: int = 1       # adversarial stages: discriminator updates per student update (student first)
     adv_weight: float = 1.0             # weight of the adversarial term in adversarial stages
     mse_weight: float = 0.0             # optional MSE term in adversarial stages (0: adversarial only, as the paper)
     guidance: Optional[float] = None    # the teacher's CFG scale (first stage)
@@ -84,6 +89,7 @@ class LightningConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     one_step_prediction: str = "auto"   # the 1-step stage's reading of a VP student's backbone output (see above)
+    retired_keys: ClassVar[dict] = RETIRED_SCHEDULE_KEYS
 
 
 def stage_at(stage_iters, step: int) -> tuple[int, int]:
@@ -94,6 +100,14 @@ def stage_at(stage_iters, step: int) -> tuple[int, int]:
             return k, step - start
         start += iters
     raise AssertionError
+
+
+def phase_at(cfg: LightningConfig, step: int) -> str:
+    """"mse", "conditional" or "unconditional" at this training step."""
+    k, j = stage_at(cfg.stage_iters, step)
+    if k < cfg.mse_stages:
+        return "mse"
+    return "conditional" if j < cfg.conditional_share * cfg.stage_iters[k] else "unconditional"
 
 
 def stage_prediction_type(cfg: LightningConfig, stage: int, base: str | None) -> str | None:
@@ -198,6 +212,7 @@ class Lightning(Objective):
         if cfg.one_step_prediction not in ONE_STEP_PREDICTIONS:
             raise ConfigError(f"objective.one_step_prediction must be one of {', '.join(ONE_STEP_PREDICTIONS)}, "
                               f"got {cfg.one_step_prediction!r}")
+        check_critic_per_generator(cfg)
         if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or cfg.adv_weight < 0 or len(cfg.betas) != 2:
             raise ConfigError("objective.disc_hidden must be >= 1, adv_weight and mse_weight >= 0 and betas two numbers")
 
@@ -246,15 +261,22 @@ class Lightning(Objective):
 
     def phase(self, step: int) -> str:
         """"mse", "conditional" or "unconditional" at this training step."""
-        k, j = self.stage_of(step)
-        if k < self.cfg.mse_stages:
-            return "mse"
-        return "conditional" if j < self.cfg.conditional_share * self.cfg.stage_iters[k] else "unconditional"
+        return phase_at(self.cfg, step)
 
-    def active_groups(self, step):
-        if self.phase(step) == "mse":
-            return ["student"]
-        return ["student"] if self.stage_of(step)[1] % 2 == 0 else ["disc"]
+    @classmethod
+    def update_schedule(cls, cfg):
+        return UpdateSchedule(cfg.critic_per_generator, generator_first=True)
+
+    @classmethod
+    def players(cls, cfg, step):
+        """MSE stages: the student only; adversarial stages: the schedule, counted from the stage's first iteration."""
+        if phase_at(cfg, step) == "mse":
+            return (GENERATOR,)
+        return cls.update_schedule(cfg).players(stage_at(cfg.stage_iters, step)[1])
+
+    @classmethod
+    def critic_groups(cls, cfg):
+        return ["disc"]
 
     def param_groups(self):
         groups = {"student": [p for p in self.student.parameters() if p.requires_grad]}
@@ -326,7 +348,7 @@ class Lightning(Objective):
     # --- the loss ----------------------------------------------------------------------------------
     def loss(self, batch, step):
         cfg = self.cfg
-        stage, j = self.stage_of(step)
+        stage, _ = self.stage_of(step)
         self.sync_previous(stage)
         self.use_stage_prediction(stage)
         phase = self.phase(step)
@@ -346,7 +368,7 @@ class Lightning(Objective):
             sub_cond = None if cond is None else _index_condition(cond, rows)
             target[rows] = self.previous_jump(stage, x_cur[rows], torch.tensor(i), sub_cond)
         logs = {"log/stage": torch.tensor(float(stage)), "log/stage_steps": torch.tensor(float(steps))}
-        if phase != "mse" and j % 2 == 1:
+        if GENERATOR not in self.players(cfg, step):
             return self.discriminator_loss(x_cur, t_cur, t_next, target, cond, phase == "conditional", logs)
         pred = x_cur - paths.expand_like(t_cur - t_next, x_cur) * self.student(x_cur, t_next, t_cur, cond)
         mse = (pred.to(acc) - target.to(acc)).pow(2).mean()

@@ -12,7 +12,7 @@ denoiser E_{m_alpha}[x | x_t] at once (SMT: amortised score):
         the mixture's denoiser. Computed as a velocity loss (f = x_t - t v, so ||f - x||^2 = t^2 ||v - (eps - x)||^2):
         score_weighting "velocity" is w(t) t^2 = 1 (how flow teachers are trained), "edm" is EDM's
         lambda(sigma) = 1/sigma^2 + 1/sigma_d^2 at sigma = t / (1 - t), i.e. (1 - t)^2 + t^2 / sigma_d^2.
-    generator gradient (every `score_steps`-th step, eqs. 9-10), per sample and without gradient:
+    generator gradient (every `critic_per_generator`-th step, eqs. 9-10), per sample and without gradient:
         P_a = x - f(x_t; a)  for a in {0, alpha, 1};  x = g(z), x_t = (1 - t) x + t eps
         "adaptive": wf = mean|P_1| RMS(P_alpha - P_0) / RMS(P_1 - P_0);  G = (P_alpha - P_0) / wf
         "dmd":      G = (P_alpha - P_0) / (alpha mean|P_1|)   (Prop. 3.1's (1/alpha)(s_0 - s_alpha), DMD normaliser)
@@ -42,10 +42,11 @@ x_real is replaced by the teacher's denoiser at the same noisy point. Two mixtur
         direction, "adaptive" DMD's own. The GAN terms use l itself; its critic term is the plain
         logistic loss softplus(l(fake)) + softplus(-l(real)), whose optimum is the same log p_t / q_t.
 
-Schedule: the score net trains every step; the student also trains every `score_steps`-th step (the
-last of each cycle). Both losses of such a step come from one forward, so that step's score update uses
-the generator samples from before the generator update (the reference steps the generator first: a
-one-step lag on one step in `score_steps`).
+Schedule (objectives.base.UpdateSchedule, joint): `critic_per_generator` = N score-net updates per generator
+update, as in every objective, but the score net trains every step and the student also trains at the last
+step of each cycle of N steps (not N + 1: the generator's step is a score step too). Both losses of such a
+step come from one forward, so that step's score update uses the generator samples from before the generator
+update (the reference steps the generator first: a one-step lag on one step in N).
 
 SMT's optional generator warm-up (`generator_warmup` steps: the reference first trains its
 generator as a plain diffusion denoiser): the student trains every step on flow matching along r = 0,
@@ -63,7 +64,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from torch import nn
@@ -71,7 +72,9 @@ from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval
+from onestep.objectives.base import (
+    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
+)
 from onestep.objectives.discriminators import FeatureDiscriminator, find_module, module_features
 from onestep.objectives.distribution_matching import (
     call_with_frozen_parameters, karras_sigmas, module_device_dtype, one_step_generate, pseudo_target_loss,
@@ -187,7 +190,8 @@ MIXTURES = ("amortized", "explicit")
 
 @dataclass
 class SMTConfig:
-    score_steps: int = 5                 # score updates per generator update
+    critic_per_generator: int = 5        # score-net updates per generator update; the score net trains every
+                                         # step, so the generator every N-th (UpdateSchedule, joint)
     generator_warmup: int = 0            # first steps: the generator trains by plain denoising (see the docstring)
     point_mass_prob: float = 0.5         # p_pm: share of score-net alphas drawn from {0, 1/2, 1}
     alpha_levels: int = 1000             # alphas live on the grid {k / alpha_levels}
@@ -211,6 +215,7 @@ class SMTConfig:
     score_lr: float = 5e-4               # mixture net (+ GAN head)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
+    retired_keys: ClassVar[dict] = RETIRED_SCHEDULE_KEYS
 
 
 @OBJECTIVES.register("smt")
@@ -255,8 +260,7 @@ class SMT(Objective):
     def check_config(cfg: SMTConfig, teacher=...) -> None:
         if cfg.generator_warmup < 0:
             raise ConfigError(f"objective.generator_warmup must be >= 0 (steps), got {cfg.generator_warmup}")
-        if cfg.score_steps < 1:
-            raise ConfigError(f"objective.score_steps must be >= 1 (score updates per generator update), got {cfg.score_steps}")
+        check_critic_per_generator(cfg)
         if not 0.0 <= cfg.point_mass_prob <= 1.0:
             raise ConfigError(f"objective.point_mass_prob must be in [0, 1], got {cfg.point_mass_prob}")
         if cfg.alpha_levels < 2 or not cfg.alpha_scale > 0:
@@ -286,11 +290,16 @@ class SMT(Objective):
     def is_warmup_step(self, step: int) -> bool:
         return step < self.cfg.generator_warmup
 
-    def is_generator_step(self, step: int) -> bool:
-        return self.is_warmup_step(step) or step % self.cfg.score_steps == self.cfg.score_steps - 1
+    @classmethod
+    def update_schedule(cls, cfg):
+        return UpdateSchedule(cfg.critic_per_generator, joint=True, warmup=cfg.generator_warmup)
 
-    def active_groups(self, step):
-        return ["student", "score"] if self.is_generator_step(step) else ["score"]
+    @classmethod
+    def critic_groups(cls, cfg):
+        return ["score"]
+
+    def is_generator_step(self, step: int) -> bool:
+        return GENERATOR in self.players(self.cfg, step)
 
     def loss(self, batch, step):
         x_real, cond = batch["x"], batch.get("cond")

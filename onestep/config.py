@@ -166,9 +166,15 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 def _check_keys(section: str, given: dict, dc: type, entry: str | None = None) -> None:
     names = {f.name for f in dataclasses.fields(dc)}
+    # a Config may list keys it replaced (class attribute `retired_keys`: old key -> (new key, conversion))
+    retired = getattr(dc, "retired_keys", {})
     for key in given:
         if key not in names:
             where = key if section == "config" else f"{section}.{key}"
+            if key in retired:
+                new, conversion = retired[key]
+                raise ConfigError(f"{where} is no longer a key: use {section}.{new}={json.dumps(given[key])} "
+                                  f"({conversion})")
             # the entry matters: options of one objective are unknown keys to another
             of = f" (the options of {section} {entry})" if entry is not None else ""
             raise ConfigError(f"unknown key {where}; allowed: {', '.join(sorted(names))}{of}")

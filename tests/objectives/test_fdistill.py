@@ -67,11 +67,12 @@ def one_gaussian_teacher(mean, std):
 
 
 def exact_cfg(divergence, t, **kw):
-    return FDistillConfig(divergence=divergence, time_range=[t, t], critic_steps=1, gan_weight=0.0, ratio_bins=0,
-                          normalize_h=False, dmd_normalizer=False, ratio_clip=[1e-30, 1e30], logit_clamp=60.0, **kw)
+    return FDistillConfig(divergence=divergence, time_range=[t, t], critic_per_generator=1, gan_weight=0.0,
+                          ratio_bins=0, normalize_h=False, dmd_normalizer=False, ratio_clip=[1e-30, 1e30],
+                          logit_clamp=60.0, **kw)
 
 
-GENERATOR_STEP = 1  # critic_steps=1: steps 1, 3, ... are generator steps
+GENERATOR_STEP = 1  # critic_per_generator=1: steps 1, 3, ... are generator steps
 
 
 # --- h = r^2 f'' --------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def direct_dmd(student, teacher, fake_score, disc, batch, generator, n_critic, g
 
 def test_reverse_kl_is_dmd_loss_and_gradients(gmm_teacher):
     torch.manual_seed(0)
-    cfg = FDistillConfig(divergence="reverse_kl", critic_steps=2, gan_weight=1e-2)
+    cfg = FDistillConfig(divergence="reverse_kl", critic_per_generator=2, gan_weight=1e-2)
     obj = FDistill(MLPAvgVelocity(2), gmm_teacher, cfg).double()
     obj.generator = torch.Generator().manual_seed(5)
     x, _ = gmm_teacher.mixture.sample(64, torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -211,7 +212,7 @@ def test_no_gradient_when_the_generator_is_the_target(divergence):
     mu, s = [0.3, -0.7], 0.6
     teacher = one_gaussian_teacher(mu, s)
     student = AffineGenerator(s, mu)
-    cfg = FDistillConfig(divergence=divergence, critic_steps=1, gan_weight=0.0)
+    cfg = FDistillConfig(divergence=divergence, critic_per_generator=1, gan_weight=0.0)
     # learned (random) discriminator heads: whatever ratio they claim, D_fake = D_T makes g = 0
     obj = FDistill(student, teacher, cfg, fake_score=GaussianVelocity(mu, s)).double()
     x, _ = teacher.mixture.sample(256, torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -232,7 +233,7 @@ def test_fake_score_starts_as_the_teacher_so_the_first_generator_step_has_no_dm_
     from onestep.student import student_from_teacher
 
     teacher = digits_teacher
-    cfg = FDistillConfig(divergence="js", critic_steps=1, gan_weight=0.0)
+    cfg = FDistillConfig(divergence="js", critic_per_generator=1, gan_weight=0.0)
     obj = FDistill(student_from_teacher(teacher), teacher, cfg)
     assert set(obj.param_groups()) == {"student", "fake_score", "disc"}
     x = torch.randn(4, 1, 16, 16)
@@ -248,7 +249,7 @@ def test_discriminator_recovers_the_log_density_ratio():
     mu, s, a, t = [0.8, -0.4], 0.8, 0.5, 0.3
     teacher = one_gaussian_teacher(mu, s)
     student = AffineGenerator(a, [0.0, 0.0]).float()
-    cfg = FDistillConfig(divergence="js", critic_time_range=[t, t], critic_steps=1, head_hidden=64)
+    cfg = FDistillConfig(divergence="js", critic_time_range=[t, t], critic_per_generator=1, head_hidden=64)
     obj = FDistill(student, teacher, cfg, fake_score=GaussianVelocity([0.0, 0.0], a).float())
     obj.generator = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(obj.discriminator.parameters(), lr=3e-3)
@@ -299,7 +300,8 @@ def test_h_is_normalised_to_mean_one_and_bins_to_mean_one(gmm_teacher):
 
 def test_generator_step_gives_no_gradient_to_the_critics(gmm_teacher):
     torch.manual_seed(0)
-    obj = FDistill(MLPAvgVelocity(2), gmm_teacher, FDistillConfig(divergence="js", critic_steps=1, gan_weight=0.1))
+    obj = FDistill(MLPAvgVelocity(2), gmm_teacher,
+                   FDistillConfig(divergence="js", critic_per_generator=1, gan_weight=0.1))
     x, _ = gmm_teacher.mixture.sample(32, torch.Generator().manual_seed(0))
     loss = obj.loss({"x": x, "cond": None}, GENERATOR_STEP)["student"]
     critics = list(obj.fake_score.parameters()) + list(obj.discriminator.parameters())
@@ -313,7 +315,7 @@ def test_generator_step_gives_no_gradient_to_the_critics(gmm_teacher):
 
 
 def test_schedule_groups_and_options(gmm_teacher):
-    obj = FDistill(MLPAvgVelocity(2), gmm_teacher, FDistillConfig(critic_steps=4, lr=1e-4, disc_lr=2e-4))
+    obj = FDistill(MLPAvgVelocity(2), gmm_teacher, FDistillConfig(critic_per_generator=4, lr=1e-4, disc_lr=2e-4))
     assert [obj.active_groups(s) == ["student"] for s in range(10)] == [False] * 4 + [True] + [False] * 4 + [True]
     groups = obj.param_groups()
     ids = [id(p) for ps in groups.values() for p in ps]
@@ -325,7 +327,7 @@ def test_schedule_groups_and_options(gmm_teacher):
     assert "bin_mean" in "".join(obj.trainable_state_dict())   # checkpointed with the run
 
 
-@pytest.mark.parametrize("bad", [{"divergence": "kl"}, {"critic_steps": 0}, {"ratio_clip": [2.0, 20.0]},
+@pytest.mark.parametrize("bad", [{"divergence": "kl"}, {"critic_per_generator": 0}, {"ratio_clip": [2.0, 20.0]},
                                  {"time_range": [0.5, 0.2]}, {"time_sampler": "edm"}, {"gan_weight": -1.0}])
 def test_bad_options_are_config_errors(gmm_teacher, bad):
     with pytest.raises(ConfigError):
@@ -355,7 +357,7 @@ def test_resume_continues_exactly_with_every_group(tmp_path):
             f"name={name}", f"output_dir={tmp_path}", "teacher.name=gmm", "student.init=scratch",
             "student.backbone=mlp", "data.name=gmm", "data.batch_size=16", f"train.steps={steps}",
             "train.progress=false", "train.checkpoint_every=4", "train.log_every=1", "objective.name=fdistill",
-            "objective.critic_steps=2", "objective.ratio_bin_ema=0.5", "objective.r1_weight=1.0"])
+            "objective.critic_per_generator=2", "objective.ratio_bin_ema=0.5", "objective.r1_weight=1.0"])
 
     full = Trainer(cfg("full", 10)).fit()
     part = Trainer(cfg("part", 10))
@@ -411,7 +413,7 @@ def test_unknown_feature_layers_are_config_errors(digits_teacher):
 
 def test_approximate_r1_is_the_logit_change_under_a_small_perturbation(gmm_teacher):
     torch.manual_seed(0)
-    cfg = FDistillConfig(divergence="js", critic_steps=1, r1_weight=100.0, r1_noise=0.1)
+    cfg = FDistillConfig(divergence="js", critic_per_generator=1, r1_weight=100.0, r1_noise=0.1)
     obj = FDistill(MLPAvgVelocity(2), gmm_teacher, cfg).double()
     x, _ = gmm_teacher.mixture.sample(64, torch.Generator().manual_seed(0), dtype=torch.float64)
     obj.generator = torch.Generator().manual_seed(1)
@@ -469,7 +471,7 @@ def test_a_diffusers_adapter_teacher_with_labels_and_guidance():
     from onestep.student import TeacherStudent, student_from_teacher
 
     teacher = tiny_class_conditional_unet_teacher()
-    cfg = FDistillConfig(divergence="js", critic_steps=1, guidance=2.0, gan_weight=0.1)
+    cfg = FDistillConfig(divergence="js", critic_per_generator=1, guidance=2.0, gan_weight=0.1)
     obj = FDistill(student_from_teacher(teacher), teacher, cfg)
     assert isinstance(obj.fake_score, TeacherStudent) and len(obj.discriminator.heads) == 3
     batch = {"x": torch.randn(6, 3, 8, 8), "cond": torch.tensor([0, 3, 9, 1, -1, 5])}

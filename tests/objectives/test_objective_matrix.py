@@ -23,9 +23,9 @@ FAMILIES = ["gmm", "digits", "unet", "edm", "stable_diffusion", "sdxl", "sd3", "
 OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smt", "smd", "scm", "scm_ladd", "lightning"]
 #: short schedules: every group steps within a few steps
 OBJECTIVE_OPTIONS = {
-    "fdistill": ["objective.critic_steps=1"],
-    "smt": ["objective.score_steps=1"],
-    "smd": ["objective.score_steps=1"],
+    "fdistill": ["objective.critic_per_generator=1"],
+    "smt": ["objective.critic_per_generator=1"],
+    "smd": ["objective.critic_per_generator=1"],
     "meanflow": ["objective.jvp=single"],
     "scm": ["objective.jvp=single", "objective.tangent_warmup=1"],
     "scm_ladd": ["objective.jvp=single", "objective.tangent_warmup=1"],

@@ -87,7 +87,7 @@ def fixed_alpha(obj, value):
     return obj
 
 
-GENERATOR_STEP = 4  # score_steps = 5: steps 4, 9, ... also train the generator
+GENERATOR_STEP = 4  # critic_per_generator = 5: steps 4, 9, ... also train the generator
 
 
 def h_alpha(r, alpha):
@@ -316,7 +316,7 @@ def test_gan_regulariser_reaches_the_generator_only_through_x():
 
 
 def test_schedule_groups_and_options():
-    obj = SMT(MLPAvgVelocity(2), None, SMTConfig(score_steps=5, lr=1e-4, score_lr=5e-4), )
+    obj = SMT(MLPAvgVelocity(2), None, SMTConfig(critic_per_generator=5, lr=1e-4, score_lr=5e-4), )
     assert [obj.active_groups(s) for s in range(6)] == [["score"]] * 4 + [["student", "score"]] + [["score"]]
     ids = [id(p) for ps in obj.param_groups().values() for p in ps]
     assert len(ids) == len(set(ids)) == sum(1 for p in obj.parameters() if p.requires_grad)
@@ -326,7 +326,8 @@ def test_schedule_groups_and_options():
 
 
 def test_generator_warmup_is_plain_denoising_along_r0_then_the_usual_schedule():
-    obj = SMT(MLPAvgVelocity(2), None, SMTConfig(score_steps=5, generator_warmup=3, gan_weight=0.0, critic_gan_weight=0.0))
+    obj = SMT(MLPAvgVelocity(2), None,
+              SMTConfig(critic_per_generator=5, generator_warmup=3, gan_weight=0.0, critic_gan_weight=0.0))
     both, score = ["student", "score"], ["score"]
     assert [obj.active_groups(s) for s in range(10)] == [both] * 3 + [score, both] + [score] * 4 + [both]
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
@@ -349,7 +350,7 @@ def test_generator_warmup_is_plain_denoising_along_r0_then_the_usual_schedule():
         SMT(MLPAvgVelocity(2), None, SMTConfig(generator_warmup=-1))
 
 
-@pytest.mark.parametrize("bad", [{"score_steps": 0}, {"point_mass_prob": 1.5}, {"generator_weight": "x"},
+@pytest.mark.parametrize("bad", [{"critic_per_generator": 0}, {"point_mass_prob": 1.5}, {"generator_weight": "x"},
                                  {"score_weighting": "x"}, {"time_range": [0.9, 0.1]}])
 def test_bad_options_are_config_errors(bad):
     with pytest.raises(ConfigError):

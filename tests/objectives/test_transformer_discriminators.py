@@ -110,7 +110,7 @@ def test_fdistill_heads_on_transformer_tokens(teacher):
     from onestep.objectives.fdistill import FDistill, FDistillConfig
 
     torch.manual_seed(0)
-    obj = FDistill(student_from_teacher(teacher), teacher, FDistillConfig(critic_steps=1, head_hidden=16))
+    obj = FDistill(student_from_teacher(teacher), teacher, FDistillConfig(critic_per_generator=1, head_hidden=16))
     obj.generator = torch.Generator().manual_seed(0)
     layers = list(teacher.default_feature_layers)
     assert len(layers) == 2   # both tiny models have 2 transformer blocks
@@ -131,7 +131,7 @@ def test_smt_gan_heads_on_transformer_tokens(teacher, name):
     # no default bottleneck for transformers; both blocks (SD3's last one returns no text stream)
     layers = ["net.backbone.transformer_blocks.0", "net.backbone.transformer_blocks.1"]
     torch.manual_seed(0)
-    obj = cls(student_from_teacher(teacher), teacher, config(score_steps=2, gan_layers=layers, head_hidden=16,
+    obj = cls(student_from_teacher(teacher), teacher, config(critic_per_generator=2, gan_layers=layers, head_hidden=16,
                                                              gan_weight=0.1, critic_gan_weight=0.1))
     obj.generator = torch.Generator().manual_seed(0)
     batch = batch_of(teacher)
@@ -149,8 +149,8 @@ def test_explicit_smd_logit_head_on_transformer_tokens(teacher):
     from onestep.objectives.smt import SMD, SMDConfig
 
     torch.manual_seed(0)
-    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit", score_steps=2, head_hidden=16,
-                                                                gan_weight=0.1, critic_gan_weight=0.1))
+    obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit", critic_per_generator=2,
+                                                                head_hidden=16, gan_weight=0.1, critic_gan_weight=0.1))
     obj.generator = torch.Generator().manual_seed(0)
     batch = batch_of(teacher)
     x_t, t = noisy(teacher, batch)

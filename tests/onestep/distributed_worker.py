@@ -24,7 +24,7 @@ OBJECTIVE_OPTIONS = {"fdistill": ["objective.lr=1e-3"], "smd": ["objective.lr=1e
                      "lightning": ["objective.teacher_steps=8", "objective.stages=[4,2,1]",
                                    "objective.stage_iters=[10,20,20]", "objective.lr=1e-3"]}
 #: f-distill for the gradient check: forward KL (h = r varies most), 4 ratio bins, trained critics
-FDISTILL_GRAD = ["objective.divergence=forward_kl", "objective.critic_steps=2", "objective.ratio_bins=4"]
+FDISTILL_GRAD = ["objective.divergence=forward_kl", "objective.critic_per_generator=2", "objective.ratio_bins=4"]
 FDISTILL_GRAD_STEP = 5  # after critic steps 0, 1, generator step 2, critic steps 3, 4: a generator step
 
 

@@ -15,10 +15,10 @@ from onestep.trainer import Trainer
 
 BATCH, STEPS, EVERY = 4, 20, 10
 #: per objective: f-distill's critic takes 2 steps per generator step, all three groups train within 20 steps
-OPTIONS = {"fdistill": ["objective.critic_steps=2", "train.clip_grad_norm=1.0"],
+OPTIONS = {"fdistill": ["objective.critic_per_generator=2", "train.clip_grad_norm=1.0"],
            "fdistill_rkl": ["objective.name=fdistill", "objective.divergence=reverse_kl", "objective.gan_weight=0",
-                            "objective.critic_steps=2", "objective.lr=1e-3"],
-           "smd": ["objective.score_steps=2", "objective.lr=1e-3", "objective.score_lr=1e-3"],
+                            "objective.critic_per_generator=2", "objective.lr=1e-3"],
+           "smd": ["objective.critic_per_generator=2", "objective.lr=1e-3", "objective.score_lr=1e-3"],
            # the sampling these comparisons were set up with (a quarter of the interval samples on (0, 1)): with
            # the default's half on three intervals, this random tiny teacher drives gradient norms to ~2000 and
            # Adam turns rounding-level differences of the batch split into 2.5e-4 after 10 steps (measured)

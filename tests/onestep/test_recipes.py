@@ -19,7 +19,7 @@ from onestep.teachers.tiny import save_tiny_teacher
 
 RECIPES = ["cifar10_splitmeanflow", "imagenet64_smd", "sd15_splitmeanflow", "sd15_fdistill", "sdxl_fdistill",
            "sd3_splitmeanflow", "flux_splitmeanflow", "sana_splitmeanflow"]
-# f-distill steps its critic `critic_steps` times before the first generator step: 5-10 tiny steps
+# f-distill steps its critic `critic_per_generator` times before the first generator step: 5-10 tiny steps
 SLOW_RECIPES = {"sd15_fdistill", "sdxl_fdistill"}
 FAMILIES = ["unet", "edm", "stable_diffusion", "sdxl", "sd3", "flux", "sana"]
 
@@ -310,7 +310,7 @@ def test_class_label_batches_are_uniform_labels_and_teacher_samples(tmp_path, of
     torch.testing.assert_close(batch["x"], teacher.sample(noise, labels, steps=2), rtol=0, atol=0)
     assert 0 <= int(batch["cond"].min()) and int(batch["cond"].max()) < teacher.num_classes
     objective = build_objective(cfg, build_student(cfg, teacher), teacher)
-    for step in range(objective.cfg.score_steps):
+    for step in range(objective.cfg.critic_per_generator):
         out = objective.loss(batch, step)
         assert all(torch.isfinite(out[g]) for g in objective.active_groups(step))
 
@@ -323,7 +323,7 @@ def test_placeholder_x_is_accepted_only_where_x_is_read_for_its_shape(tmp_path, 
     cfg = _config(tmp_path, {"teacher": _tiny_teacher_section("stable_diffusion", tmp_path),
                              "student": {"init": "teacher"},
                              "objective": {"name": "fdistill", "divergence": "reverse_kl", "gan_weight": 0.0,
-                                           "critic_steps": 1},
+                                           "critic_per_generator": 1},
                              "data": {"name": "prompts", "path": str(prompts), "batch_size": 2}})
     teacher = build_teacher(cfg)
     batch = build_data(cfg, teacher).batch(2, torch.Generator().manual_seed(0))

@@ -297,10 +297,10 @@ def test_benchmark_train_seconds_across_resumes():
 
 
 def test_every_group_follows_the_runs_lr_schedule(tmp_path):
-    """f-distill updates its generator every third step (critic_steps 2): each group's update at step s
+    """f-distill updates its generator every third step (critic_per_generator 2): each group's update at step s
     uses base_lr(group) * lr_factor(s), the run's clock, so the generator's LR also decays to ~0 over
     the last decay_steps (counting its own updates instead, it would still be at its full LR)."""
-    cfg = gmm_cfg(tmp_path, "groups", 12, **{"objective.name": "fdistill", "objective.critic_steps": 2,
+    cfg = gmm_cfg(tmp_path, "groups", 12, **{"objective.name": "fdistill", "objective.critic_per_generator": 2,
                                                "objective.lr": 1e-3, "objective.fake_score_lr": 2e-3,
                                                "train.warmup_steps": 2, "train.decay_steps": 6})
     t = Trainer(cfg)
