@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    cfg = load_config(args.run / "config.yaml", ["eval.teacher_steps=[50]"])
+    cfg = load_config(args.run / "config.yaml", ["eval.teacher_steps=[50]"], saved_run=True)
     stages, iters = list(cfg.objective["stages"]), list(cfg.objective["stage_iters"])
     rows, protocol = [], None
     for k, (steps, end) in enumerate(zip(stages, accumulate(iters))):

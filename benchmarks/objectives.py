@@ -134,7 +134,7 @@ def finished_run(run_dir: Path, recipe):
 
     # what shapes training must match (onestep.config.training_settings); where it ran, what it logged or
     # saved along the way need not
-    diff = setting_differences(training_settings(load_config(run_dir / "config.yaml")), training_settings(recipe))
+    diff = setting_differences(training_settings(load_config(run_dir / "config.yaml", saved_run=True)), training_settings(recipe))
     if diff:
         raise SystemExit(f"{run_dir} was not trained with the recipe: {' '.join(diff)} (the run's values)")
     info = load_run(run_dir)

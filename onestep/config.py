@@ -279,8 +279,28 @@ def find_config(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Merge defaults <- YAML file <- `key=value` overrides, then validate every section."""
+def _migrate_retired_keys(values: dict, source: str) -> None:
+    """A run's saved config.yaml written before an objective renamed a key: the old key becomes the new one (the
+    `retired_keys` conversion is the same number), with a warning; user configs are refused instead."""
+    import warnings
+
+    from onestep.registry import OBJECTIVES
+
+    objective = values.get("objective")
+    if not isinstance(objective, dict) or objective.get("name") not in OBJECTIVES:
+        return
+    retired = getattr(OBJECTIVES.get(objective["name"]).Config, "retired_keys", {})
+    for old, (new, conversion) in retired.items():
+        if old in objective and new not in objective:
+            objective[new] = objective.pop(old)
+            warnings.warn(f"{source}: objective.{old} read as objective.{new}={json.dumps(objective[new])} "
+                          f"({conversion})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                saved_run: bool = False) -> RunConfig:
+    """Merge defaults <- YAML file <- `key=value` overrides, then validate every section. `saved_run`: the file
+    is a run's own config.yaml, whose retired keys are converted (see `_migrate_retired_keys`)."""
     layers = []
     if path is not None:
         file = find_config(str(path))
@@ -293,6 +313,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if isinstance(layer, ListConfig):
                 raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got a list")
             values = OmegaConf.to_container(layer)
+            if saved_run and isinstance(values, dict) and source.startswith("config "):
+                _migrate_retired_keys(values, source)
             _check_run_keys(values, source)
             train = values.get("train")
             if isinstance(train, dict) and train.get("mixed_precision") is False:

@@ -62,7 +62,7 @@ def load_run(run: str | Path, checkpoint: str | None = None, weights: str = "ema
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run directory: it has no config.yaml")
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", saved_run=True)
     except (ConfigError, UnknownNameError) as e:
         raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from None
     ckpt = resolve_checkpoint(run_dir, checkpoint)

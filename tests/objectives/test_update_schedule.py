@@ -15,9 +15,9 @@ written out here from the code as it was (commit af01c23), not computed by the n
 """
 import pytest
 import torch
+from onestep.objectives.base import CRITIC, GENERATOR, UpdateSchedule
 
 from onestep.config import ConfigError, load_config, section_config
-from onestep.objectives.base import CRITIC, GENERATOR, UpdateSchedule
 from onestep.registry import OBJECTIVES, load_builtin
 
 #: every shipped recipe of a two-player objective, with the value of its old schedule key before the rename
@@ -197,3 +197,22 @@ def test_lightning_restarts_the_cycle_at_each_adversarial_stage(gmm_teacher):
     for step in (2, 3, 5):   # the loss trains the player the schedule names
         out = obj.loss({"x": x}, step)
         assert [k for k in out if not k.startswith("log/")] == groups[step]
+
+
+def test_a_run_saved_with_an_old_key_still_loads(tmp_path):
+    """A run folder written before the rename keeps working for export and eval: its own config.yaml's old key is
+    read as critic_per_generator with the same number (and a warning); a user's config with it is refused."""
+    import yaml
+
+    from onestep.config import to_yaml
+
+    cfg = load_config("digits_fdistill", [f"output_dir={tmp_path}"])
+    saved = yaml.safe_load(to_yaml(cfg))
+    saved["objective"]["critic_steps"] = saved["objective"].pop("critic_per_generator") + 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.warns(UserWarning, match="objective.critic_steps read as objective.critic_per_generator=3"):
+        migrated = load_config(path, saved_run=True)
+    assert migrated.objective["critic_per_generator"] == 3 and "critic_steps" not in migrated.objective
+    with pytest.raises(ConfigError, match="critic_steps is no longer a key"):
+        load_config(path)
