@@ -475,7 +475,8 @@ def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
         what = "an image folder" if d.name == "image_folder" else "a prompts file (.txt, one per line, or .jsonl)"
         raise ConfigError(f"data.name={d.name} needs data.path: {what}")
     if d.name in ("image_folder", "prompts", "class_labels", "teacher_samples") and (caps is None or not caps.adapter):
-        raise ConfigError(f"data.name={d.name} serves the adapter teachers ({', '.join(teacher_families(adapter=True))}); "
+        raise ConfigError(f"data.name={d.name} serves the adapter teachers "
+                          f"({', '.join(teacher_families(adapter=True))}); "
                           f"teacher.name={teacher} uses data.name=digits or gmm")
     if d.name == "prompts" and caps.conditioning != "prompt":
         raise ConfigError(f"data.name=prompts needs a text-to-image teacher "
@@ -483,8 +484,8 @@ def _check_adapter_options(run: RunConfig, obj_cfg) -> None:
                           f"teacher {teacher} is not conditioned on prompts")
     if d.name == "class_labels" and caps.conditioning != "class":
         raise ConfigError(f"data.name=class_labels needs a class-conditional teacher "
-                          f"({' or '.join(teacher_families(adapter=True, conditioning='class'))}); teacher {teacher} is "
-                          "not" + (": use data.name=prompts" if caps.conditioning == "prompt" else ""))
+                          f"({' or '.join(teacher_families(adapter=True, conditioning='class'))}); "
+                          f"teacher {teacher} is not" + (": use data.name=prompts" if caps.conditioning == "prompt" else ""))
     if d.name == "teacher_samples" and d.teacher_steps < 1:
         raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
     if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and not _x_only_for_shape(run, obj_cfg):

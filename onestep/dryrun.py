@@ -589,6 +589,6 @@ def dry_run(cfg: RunConfig, print_fn=print, activations: bool = True) -> dict:
     return {"tiny": tiny, "estimate": est, "memory_total_gib": total}
 
 
-__all__ = ["dry_run", "dry_run_estimate", "activation_bytes", "training_pass_bytes", "LiveBytes", "tiny_run", "full_size_estimate", "full_size_components", "meta_model", "full_size_models",
-           "dry_run_families",
+__all__ = ["dry_run", "dry_run_estimate", "activation_bytes", "training_pass_bytes", "LiveBytes", "tiny_run",
+           "full_size_estimate", "full_size_components", "meta_model", "full_size_models", "dry_run_families",
            "interval_embedding_params", "lora_params"]

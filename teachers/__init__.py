@@ -6,13 +6,13 @@ and its full-size spec (`full_size.py`: `--dry-run`'s estimate). Heavy libraries
 model is loaded. What several families share stays here: `base.py` (the Teacher interface), `capabilities.py`,
 `latent.py` (VAE and prompts), `vp.py` (discrete VP time), `loading.py`, `tiny.py` and `full_size.py`.
 
-    digits            the shipped digits teacher                                                     teachers/digits/
-    gmm               the analytic Gaussian mixture                                                  teachers/gmm/
-    unet              pixel DDPM UNet2DModel (CIFAR-10 style; class-conditional ImageNet-64 style)  teachers/unet/
-    edm               EDM/Karras-preconditioned denoisers D(x, sigma, class)                        teachers/edm/
-    stable_diffusion  SD1.x / SD2.x                                                                  teachers/stable_diffusion/
-    sdxl              SDXL                                                                           teachers/stable_diffusion/
-    sd3, flux, sana   rectified-flow transformers                                                    teachers/flow_transformer/
+    digits            the shipped digits teacher                                     teachers/digits/
+    gmm               the analytic Gaussian mixture                                  teachers/gmm/
+    unet              pixel DDPM UNet2DModel (CIFAR-10; class-cond. ImageNet-64)     teachers/unet/
+    edm               EDM/Karras-preconditioned denoisers D(x, sigma, class)         teachers/edm/
+    stable_diffusion  SD1.x / SD2.x                                                  teachers/stable_diffusion/
+    sdxl              SDXL                                                           teachers/stable_diffusion/
+    sd3, flux, sana   rectified-flow transformers                                    teachers/flow_transformer/
 
 Importing this package registers the built-in families: one import line each, below. A new family is a
 folder like these and one line here (or, outside onestep, an import of its module before the config is

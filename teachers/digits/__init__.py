@@ -4,4 +4,5 @@ from onestep.teachers.digits.teacher import (
     save_digits_unet, shipped_weights_dir,
 )
 
-__all__ = ["DigitsTeacher", "DigitsTeacherConfig", "DIGITS_UNET_CONFIG", "SHIPPED", "TIME_SCALE", "TeacherWeightsError", "new_digits_unet", "save_digits_unet", "shipped_weights_dir"]
+__all__ = ["DigitsTeacher", "DigitsTeacherConfig", "DIGITS_UNET_CONFIG", "SHIPPED", "TIME_SCALE", "TeacherWeightsError",
+           "new_digits_unet", "save_digits_unet", "shipped_weights_dir"]

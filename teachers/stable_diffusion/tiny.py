@@ -29,8 +29,8 @@ def save_tiny_sd(cfg: dict, folder: Path, class_conditional: bool) -> dict:
 
     tok = clip_tokenizer(folder / "vocab")
     pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_text_encoder(len(tok)), tokenizer=tok,
-                                   unet=tiny_sd_unet(), scheduler=tiny_vp_scheduler(cfg.get("prediction_type") or "epsilon",
-                                                                                latent=True),
+                                   unet=tiny_sd_unet(),
+                                   scheduler=tiny_vp_scheduler(cfg.get("prediction_type") or "epsilon", latent=True),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipe")
     return {"path": str(folder / "pipe"), "resolution": TINY_RESOLUTION}

@@ -24,9 +24,9 @@ def save_tiny(cfg: dict, folder: Path, class_conditional: bool) -> dict:
     null_class = cfg.get("null_class")
     classes = TINY_CLASSES + (1 if null_class is not None else 0) if class_conditional or null_class is not None \
         else None
-    tiny_vp_scheduler = tiny_vp_scheduler(cfg.get("prediction_type") or "epsilon", latent=False)
+    scheduler = tiny_vp_scheduler(cfg.get("prediction_type") or "epsilon", latent=False)
     tiny_pixel_unet(classes).save_pretrained(folder / "unet", safe_serialization=True)
-    tiny_vp_scheduler.save_pretrained(folder / "scheduler")
+    scheduler.save_pretrained(folder / "scheduler")
     return {"path": str(folder), "subfolder": "unet", "scheduler_subfolder": "scheduler",
             "null_class": TINY_CLASSES if null_class is not None else None}
 
