@@ -2,10 +2,10 @@
 
 Every `Teacher` subclass carries four class attributes (onestep.teachers.base.Teacher holds the defaults):
 
-* ``capabilities``: a :class:`TeacherCapabilities`, read by ``onestep.config`` (which data sources fit the
-  teacher), ``onestep.data`` / ``onestep.trainer`` / ``onestep.smoke`` (latents to decode through a VAE),
-  ``onestep.evaluation.commands`` (prompts to encode) and ``onestep.objectives.lightning`` (a discrete VP
-  schedule to take trailing timesteps from);
+* ``capabilities``: a :class:`TeacherCapabilities`, read by ``onestep.config`` and ``onestep.build`` (which
+  data sources fit the teacher), ``onestep.data`` / ``onestep.trainer`` / ``onestep.smoke`` (latents to decode
+  through a VAE), ``onestep.evaluation.commands`` (prompts to encode) and ``onestep.objectives.lightning`` (a
+  discrete VP schedule to take trailing timesteps from);
 * ``tiny``: the family's tiny builder, ``tiny(teacher_cfg, folder, class_conditional) -> teacher options``,
   which writes a tiny model of the family into ``folder`` in the real layout and returns the options that
   load it back through the adapter's own ``from_pretrained`` (tests, ``--dry-run``, ``--smoke``; see
