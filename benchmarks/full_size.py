@@ -5,9 +5,10 @@ the `--dry-run` estimate.
 
 For each family, in fresh processes (one builds, one measures, so neither sees the other's memory):
 
-1. build: the published architecture of every component (the configs `--dry-run` knows, onestep/dryrun.py
-   FULL_SIZE_MODELS) with random weights in the recipe's teacher dtype, a byte-level tokenizer standing in for the
-   real ones (nothing is downloaded), saved as the hub's pipeline folder;
+1. build: the published architecture of every component (the configs `--dry-run` knows: onestep.dryrun's
+   full_size_models(), from each family's teachers/<family>/full_size.py) with random weights in the recipe's
+   teacher dtype, a byte-level tokenizer standing in for the real ones (nothing is downloaded), saved as the
+   hub's pipeline folder;
 2. measure: the recipe (`configs/<recipe>.yaml`) with teacher.path pointing at that folder, at the recipe's
    resolution, batch 1 and no gradient accumulation, its LoRA, gradient checkpointing and bf16 as the recipe says;
    data.teacher_steps 1 (the teacher's sampling of the data is a no-grad pass repeated teacher_steps times: it
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "full_size.json"
 
-#: family -> (recipe, FULL_SIZE_MODELS key, pipeline class, scheduler, recipe overrides)
+#: family -> (recipe, full_size_models() key, pipeline class, scheduler, recipe overrides)
 FAMILIES = {
     "sd15": ("sd15_splitmeanflow", "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline", "vp", []),
     "sana600m": ("sana_splitmeanflow", "Efficient-Large-Model/Sana_600M_1024px_diffusers", "SanaPipeline", "flow", []),
@@ -61,14 +62,14 @@ def build(family: str, folder: Path) -> None:
     """Random full-size weights of every component, saved as the pipeline folder the recipe's teacher loads."""
     import diffusers
     import torch
-    from onestep.dryrun import FULL_SIZE_MODELS, _class
+    from onestep.dryrun import _class, full_size_models
     from onestep.teachers.tiny import clip_tokenizer
 
     recipe, key, pipeline_name, scheduler, overrides = FAMILIES[family]
     from onestep.config import load_config
 
     dtype = getattr(torch, load_config(recipe).teacher.get("dtype", "float32"))
-    spec = dict(FULL_SIZE_MODELS[key])
+    spec = dict(full_size_models()[key])
     if "teacher.load_t5=false" in overrides:
         spec.pop("text_encoder_3", None)
     tok = clip_tokenizer(folder / "vocab", model_max_length=77)

@@ -42,7 +42,7 @@ class RunModels:
         return lambda z, c: teacher.decode(teacher.sample(z, c, steps=steps, solver=solver, guidance=guidance))
 
     def encode_prompts(self, prompts: list[str]):
-        if not hasattr(self.teacher, "encode_prompt"):
+        if self.teacher.capabilities.conditioning != "prompt":
             raise FIDInputError(f"the run's teacher ({type(self.teacher).__name__}) is not text-to-image; "
                                 "prompts need an SD-family teacher")
         with torch.no_grad():
@@ -327,7 +327,7 @@ def bench_latency(args) -> int:
     models = RunModels(args.run, args.checkpoint, args.device)
     teacher, b = models.teacher, args.batch_size
     noise = torch.randn((b, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    if hasattr(teacher, "encode_prompt"):
+    if teacher.capabilities.conditioning == "prompt":
         cond = models.encode_prompts([args.prompt] * b)  # encoded once, outside the timing
     elif teacher.num_classes:
         cond = torch.randint(0, teacher.num_classes, (b,), generator=torch.Generator().manual_seed(args.seed)).to(args.device)

@@ -129,7 +129,7 @@ def concat_channels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 #: diffusers blocks that return (text_stream, image_stream): SD3's joint blocks (text None in the last one),
 #: FLUX's double and single blocks. A discriminator reads the image tokens, as the teacher adapters'
-#: `features` do (teachers/flow_transformer.py).
+#: `features` do (teachers/flow_transformer/teacher.py).
 TWO_STREAM_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 

@@ -146,7 +146,7 @@ class Lightning(Objective):
     def __init__(self, student, teacher, cfg: LightningConfig):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
-        self.vp = teacher is not None and hasattr(getattr(teacher, "time", None), "schedule")
+        self.vp = teacher is not None and teacher.capabilities.time == "vp"   # a discrete schedule at teacher.time
         self.grid_kind = ("trailing" if self.vp else "uniform") if cfg.grid == "auto" else cfg.grid
         if self.grid_kind == "trailing" and not self.vp:
             raise ConfigError("objective.grid=trailing needs a discrete VP teacher (unet, stable_diffusion, sdxl); "

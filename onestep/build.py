@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from onestep.errors import ConfigError
-from onestep.config import RunConfig, section_config
+from onestep.config import RunConfig, section_config, teacher_families
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
 
@@ -214,9 +214,8 @@ def _build_adapter_data(cfg: RunConfig, teacher):
 
     d = cfg.data
     name = cfg.teacher.get("name")
-    if teacher is None or not hasattr(teacher, "sample_shape") or len(teacher.sample_shape) != 3:
-        raise ConfigError(f"data.name={d.name} needs an image teacher (unet, edm, stable_diffusion, sdxl, sd3, "
-                          "flux, sana)")
+    if teacher is None or len(teacher.sample_shape) != 3:
+        raise ConfigError(f"data.name={d.name} needs an image teacher ({', '.join(teacher_families(adapter=True))})")
     if d.name == "prompts":
         return PromptData(load_prompts(d.path), teacher, d.teacher_steps, d.teacher_guidance)
     if d.name == "class_labels":

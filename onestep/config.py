@@ -385,9 +385,8 @@ def validate(run: RunConfig) -> None:
     load_builtin()
     if run.has_teacher:
         teacher_cls, teacher_cfg = section_config("teacher", run.teacher, TEACHERS)
-        # a teacher may check its options before any weights are loaded (as objectives do)
-        if hasattr(teacher_cls, "check_config"):
-            teacher_cls.check_config(teacher_cfg)
+        # a teacher checks its options before any weights are loaded (as objectives do)
+        teacher_cls.check_config(teacher_cfg)
     obj_cls, obj_cfg = section_config("objective", run.objective, OBJECTIVES)
     obj_cls.check_config(obj_cfg, ... if run.has_teacher else None)
     _check_optimizer_options(obj_cfg)
@@ -464,14 +463,28 @@ def validate(run: RunConfig) -> None:
 
 #: data sources (data.name)
 DATA_NAMES = ("digits", "gmm", "image_folder", "prompts", "class_labels", "teacher_samples")
-#: teacher families conditioned on prompts
-TEXT_TEACHERS = ("stable_diffusion", "sdxl", "sd3", "flux", "sana")
+
+
+def _teacher_capabilities(run: RunConfig):
+    """The declared capabilities of the run's teacher family (None without a teacher)."""
+    from onestep.registry import TEACHERS
+
+    return TEACHERS.get(run.teacher["name"]).capabilities if run.has_teacher else None
+
+
+def teacher_families(**wanted) -> list[str]:
+    """The registered teacher families whose capabilities have the `wanted` values, e.g. conditioning="prompt"."""
+    from onestep.registry import TEACHERS
+
+    return [name for name, cls in TEACHERS.items()
+            if all(getattr(cls.capabilities, k) == v for k, v in wanted.items())]
 
 
 def _check_adapter_options(run: RunConfig, obj_cls, obj_cfg) -> None:
     """LoRA / checkpointing options and the data sources of the adapter teachers, with the teacher."""
     s, d = run.student, run.data
     teacher = run.teacher.get("name")
+    caps = _teacher_capabilities(run)
     if s.lora_rank < 0:
         raise ConfigError(f"student.lora_rank must be >= 0 (0: full fine-tune), got {s.lora_rank}")
     if s.lora_alpha is not None and not (s.lora_alpha > 0 and math.isfinite(s.lora_alpha)):
@@ -485,15 +498,18 @@ def _check_adapter_options(run: RunConfig, obj_cls, obj_cfg) -> None:
     if d.name in ("image_folder", "prompts") and not d.path:
         what = "an image folder" if d.name == "image_folder" else "a prompts file (.txt, one per line, or .jsonl)"
         raise ConfigError(f"data.name={d.name} needs data.path: {what}")
-    if d.name in ("image_folder", "prompts", "class_labels", "teacher_samples") and teacher in (None, "none", "digits", "gmm"):
-        raise ConfigError(f"data.name={d.name} serves the adapter teachers (unet, edm, {', '.join(TEXT_TEACHERS)}); "
+    if d.name in ("image_folder", "prompts", "class_labels", "teacher_samples") and (caps is None or not caps.adapter):
+        raise ConfigError(f"data.name={d.name} serves the adapter teachers "
+                          f"({', '.join(teacher_families(adapter=True))}); "
                           f"teacher.name={teacher} uses data.name=digits or gmm")
-    if d.name == "prompts" and teacher not in TEXT_TEACHERS:
-        raise ConfigError(f"data.name=prompts needs a text-to-image teacher ({', '.join(TEXT_TEACHERS)}); "
+    if d.name == "prompts" and caps.conditioning != "prompt":
+        raise ConfigError(f"data.name=prompts needs a text-to-image teacher "
+                          f"({', '.join(teacher_families(adapter=True, conditioning='prompt'))}); "
                           f"teacher {teacher} is not conditioned on prompts")
-    if d.name == "class_labels" and teacher not in ("unet", "edm"):
-        raise ConfigError(f"data.name=class_labels needs a class-conditional teacher (unet or edm); "
-                          f"teacher {teacher} is not" + (": use data.name=prompts" if teacher in TEXT_TEACHERS else ""))
+    if d.name == "class_labels" and caps.conditioning != "class":
+        raise ConfigError(f"data.name=class_labels needs a class-conditional teacher "
+                          f"({' or '.join(teacher_families(adapter=True, conditioning='class'))}); "
+                          f"teacher {teacher} is not" + (": use data.name=prompts" if caps.conditioning == "prompt" else ""))
     if d.name == "teacher_samples" and d.teacher_steps < 1:
         raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
     if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and obj_cls.reads_data(obj_cfg):

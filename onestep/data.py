@@ -302,7 +302,7 @@ class ClassLabelData(_TeacherSampledData):
 
 def teacher_image_size(teacher) -> tuple[int, int]:
     """(height, width) in pixels of the teacher's images: its sample shape, times the VAE's factor."""
-    factor = getattr(getattr(teacher, "pipeline", None), "vae_scale_factor", 1) if hasattr(teacher, "vae") else 1
+    factor = getattr(getattr(teacher, "pipeline", None), "vae_scale_factor", 1) if teacher.capabilities.vae else 1
     h, w = teacher.sample_shape[-2:]
     return h * factor, w * factor
 
@@ -358,7 +358,7 @@ class ImageFolderData:
 
     def __init__(self, path, teacher, num_workers: int = 4):
         self.teacher = teacher
-        self.latent = hasattr(teacher, "vae")
+        self.latent = teacher.capabilities.vae
         channels = 3 if self.latent else teacher.sample_shape[0]
         if channels not in (1, 3):
             raise DataError(f"the teacher's images have {channels} channels; image folders give 1 (grey) or 3 (RGB)")

@@ -8,8 +8,9 @@
    objective; the data source is the recipe's, on a tiny prompts file / image folder written for it.
    Training steps run until every optimizer group has stepped once (f-distill's critic and generator).
 4. Full-size parameter counts without downloading: each component of the real model is built on the
-   `meta` device (accelerate's `init_empty_weights`) from its published config, embedded below
-   (FULL_SIZE_MODELS), or, when `teacher.path` is a local folder, from that folder's own config files.
+   `meta` device (accelerate's `init_empty_weights`) from its published config, declared by the family
+   (`Teacher.full_size`, teachers/<family>/full_size.py), or, when `teacher.path` is a local folder, from
+   that folder's own config files.
 5. An estimate of GPU memory at full size: frozen weights in the teacher's dtype, trainable parameters
    at 16 bytes each (fp32 weight, gradient and two AdamW moments), the frozen part of the student and its
    trainable copies, the EMA of the student's trainable parameters, and (latent text-to-image families) the
@@ -39,119 +40,33 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 # ------------------------------------------------------------------------------------------------
-# Published configs of the full-size models, main fields (the values of each repository's
-# config.json as published; fields left out take the class defaults, which match the released models).
-# The parameter counts printed are what a meta-device build of these configs gives, nothing measured.
+# the full-size models: each teacher family declares its published configs (`Teacher.full_size`, in
+# teachers/<family>/full_size.py); the parameter counts printed are what a meta-device build of them gives
 
-_CLIP_L = ("CLIPTextModel", dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
-_CLIP_L_PROJ = ("CLIPTextModelWithProjection", dict(_CLIP_L[1], projection_dim=768))
-_OPENCLIP_H = ("CLIPTextModel", dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"))
-_OPENCLIP_BIGG_PROJ = ("CLIPTextModelWithProjection", dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                                                           num_hidden_layers=32, num_attention_heads=20,
-                                                           max_position_embeddings=77, hidden_act="gelu",
-                                                           projection_dim=1280))
-_T5_XXL = ("T5EncoderModel", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
-_GEMMA2_2B = ("Gemma2Model", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256))
-_SD_VAE = ("AutoencoderKL", dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512))
-_FLOW_VAE = ("AutoencoderKL", dict(_SD_VAE[1], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                                   sample_size=1024))
-_DC_AE_F32C32 = ("AutoencoderDC", dict(in_channels=3, latent_channels=32, attention_head_dim=32,
-                                       encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
-                                       decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
-                                       encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-                                       decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-                                       encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
-                                       decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-                                       encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-                                       decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-                                       upsample_block_type="interpolate", downsample_block_type="Conv",
-                                       decoder_norm_types="rms_norm", decoder_act_fns="silu"))
 
-_SD15_UNET = ("UNet2DConditionModel", dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                           block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                           attention_head_dim=8,
-                                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
-_SD21_UNET = ("UNet2DConditionModel", dict(_SD15_UNET[1], sample_size=96, cross_attention_dim=1024,
-                                           attention_head_dim=(5, 10, 20, 20), use_linear_projection=True))
-_SDXL_UNET = ("UNet2DConditionModel", dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                                           block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                                           attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                                           use_linear_projection=True, addition_embed_type="text_time",
-                                           addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")))
-_SD35M_TRANSFORMER = ("SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                                    num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                                                    joint_attention_dim=4096, caption_projection_dim=1536,
-                                                    pooled_projection_dim=2048, pos_embed_max_size=384,
-                                                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"))
-_SD3M_TRANSFORMER = ("SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                                   num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                                                   joint_attention_dim=4096, caption_projection_dim=1536,
-                                                   pooled_projection_dim=2048, pos_embed_max_size=192))
-_FLUX_DEV_TRANSFORMER = ("FluxTransformer2DModel", dict(patch_size=1, in_channels=64, num_layers=19,
-                                                        num_single_layers=38, attention_head_dim=128,
-                                                        num_attention_heads=24, joint_attention_dim=4096,
-                                                        pooled_projection_dim=768, guidance_embeds=True,
-                                                        axes_dims_rope=(16, 56, 56)))
-_SANA_1600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_channels=32, num_attention_heads=70,
-                                                          attention_head_dim=32, num_layers=20,
-                                                          num_cross_attention_heads=20, cross_attention_head_dim=112,
-                                                          cross_attention_dim=2240, caption_channels=2304,
-                                                          mlp_ratio=2.5, sample_size=32, patch_size=1))
-_SANA_600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_channels=32, num_attention_heads=36,
-                                                         attention_head_dim=32, num_layers=28, num_cross_attention_heads=16,
-                                                         cross_attention_head_dim=72, cross_attention_dim=1152,
-                                                         caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1))
-_DDPM_CIFAR10_UNET = ("UNet2DModel", dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                                          block_out_channels=(128, 256, 256, 256), norm_eps=1e-6, freq_shift=1,
-                                          flip_sin_to_cos=False, downsample_padding=0, attention_head_dim=None,
-                                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")))
-# the ADM architecture of the EDM / consistency-models ImageNet-64 models, as diffusers'
-# scripts/convert_consistency_to_diffusers.py writes it (1000 classes, scale-shift time conditioning)
-_IMAGENET64_ADM_UNET = ("UNet2DModel", dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=3,
-                                            block_out_channels=(192, 384, 576, 768), attention_head_dim=64,
-                                            num_class_embeds=1000, resnet_time_scale_shift="scale_shift",
-                                            downsample_type="resnet", upsample_type="resnet",
-                                            down_block_types=("ResnetDownsampleBlock2D",) + ("AttnDownBlock2D",) * 3,
-                                            up_block_types=("AttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",)))
+def _family(name: str):
+    from onestep.registry import TEACHERS
 
-#: hub id -> {component: (class name, config)}; "denoiser" is the network students copy
-FULL_SIZE_MODELS = {
-    "google/ddpm-cifar10-32": {"denoiser": _DDPM_CIFAR10_UNET},
-    "imagenet64-adm": {"denoiser": _IMAGENET64_ADM_UNET},
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": {"denoiser": _SD15_UNET, "vae": _SD_VAE, "text_encoder": _CLIP_L},
-    "stabilityai/stable-diffusion-2-1": {"denoiser": _SD21_UNET, "vae": _SD_VAE, "text_encoder": _OPENCLIP_H},
-    "stabilityai/stable-diffusion-xl-base-1.0": {"denoiser": _SDXL_UNET, "vae": _SD_VAE, "text_encoder": _CLIP_L,
-                                                 "text_encoder_2": _OPENCLIP_BIGG_PROJ},
-    "stabilityai/stable-diffusion-3.5-medium": {"denoiser": _SD35M_TRANSFORMER, "vae": _FLOW_VAE,
-                                                "text_encoder": _CLIP_L_PROJ, "text_encoder_2": _OPENCLIP_BIGG_PROJ,
-                                                "text_encoder_3": _T5_XXL},
-    "stabilityai/stable-diffusion-3-medium-diffusers": {"denoiser": _SD3M_TRANSFORMER, "vae": _FLOW_VAE,
-                                                        "text_encoder": _CLIP_L_PROJ,
-                                                        "text_encoder_2": _OPENCLIP_BIGG_PROJ, "text_encoder_3": _T5_XXL},
-    "black-forest-labs/FLUX.1-dev": {"denoiser": _FLUX_DEV_TRANSFORMER, "vae": _FLOW_VAE, "text_encoder": _CLIP_L,
-                                     "text_encoder_2": _T5_XXL},
-    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": {"denoiser": _SANA_1600M_TRANSFORMER, "vae": _DC_AE_F32C32,
-                                                          "text_encoder": _GEMMA2_2B},
-    "Efficient-Large-Model/Sana_600M_1024px_diffusers": {"denoiser": _SANA_600M_TRANSFORMER, "vae": _DC_AE_F32C32,
-                                                         "text_encoder": _GEMMA2_2B},
-}
-#: the table entry a family falls back to when its path is neither listed nor a local folder
-FAMILY_DEFAULT = {"unet": "google/ddpm-cifar10-32", "edm": "imagenet64-adm",
-                  "stable_diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                  "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd3": "stabilityai/stable-diffusion-3.5-medium",
-                  "flux": "black-forest-labs/FLUX.1-dev", "sana": "Efficient-Large-Model/Sana_1600M_1024px_diffusers"}
-_DENOISER_SUBFOLDER = {"unet": "unet", "edm": "unet", "stable_diffusion": "unet", "sdxl": "unet",
-                       "sd3": "transformer", "flux": "transformer", "sana": "transformer"}
+    return TEACHERS.get(name)
+
+
+def dry_run_families() -> list[str]:
+    """The registered teacher families `--dry-run` builds: those with a tiny builder and a full-size spec."""
+    from onestep.registry import TEACHERS
+
+    return [name for name, cls in TEACHERS.items() if cls.tiny is not None and cls.full_size is not None]
+
+
+def full_size_models() -> dict:
+    """hub id -> {component: (class name, config)} of every registered family's full-size models; "denoiser"
+    is the network students copy."""
+    from onestep.registry import TEACHERS
+
+    models = {}
+    for _, cls in TEACHERS.items():
+        if cls.full_size is not None:
+            models.update(cls.full_size.models)
+    return models
 
 
 def _class(name: str):
@@ -193,13 +108,13 @@ def _local_components(cfg: RunConfig) -> tuple[dict, str] | None:
     from onestep.teachers.loading import _is_local
 
     tc = cfg.teacher
-    name = tc["name"]
+    spec = _family(tc["name"]).full_size
     path = tc.get("path") or ""
     if not path or not _is_local(path) or not Path(path).expanduser().is_dir():
         return None
     root = Path(path).expanduser()
     comps = {}
-    if name in ("unet", "edm"):
+    if not spec.pipeline:   # a model folder (pixel UNets), not a whole pipeline
         sub = tc.get("subfolder", "unet")
         folder = root / sub if sub else root
         config = json.loads((folder / "config.json").read_text())
@@ -209,9 +124,9 @@ def _local_components(cfg: RunConfig) -> tuple[dict, str] | None:
     for sub, entry in index.items():
         if not isinstance(entry, list) or entry[0] is None or not (root / sub / "config.json").is_file():
             continue
-        if sub == "text_encoder_3" and not tc.get("load_t5", True):
+        if sub in spec.left_out(tc):
             continue
-        key = "denoiser" if sub == _DENOISER_SUBFOLDER[name] else sub
+        key = "denoiser" if sub == spec.denoiser_subfolder else sub
         config = json.loads((root / sub / "config.json").read_text())
         if entry[0] == "transformers":
             from transformers import AutoConfig
@@ -223,17 +138,18 @@ def _local_components(cfg: RunConfig) -> tuple[dict, str] | None:
 
 def _full_size_spec(cfg: RunConfig) -> tuple[dict, str]:
     """({component: (class name, config)}, where the configs came from) of the recipe's teacher at full size."""
-    name = cfg.teacher["name"]
+    family = _family(cfg.teacher["name"])
     local = _local_components(cfg)
     if local is not None:
         spec, source = local
         return spec, f"the config files in {source}"
     path = cfg.teacher.get("path") or ""
-    key = path if path in FULL_SIZE_MODELS else FAMILY_DEFAULT[name]
-    spec = dict(FULL_SIZE_MODELS[key])
-    if name == "sd3" and not cfg.teacher.get("load_t5", True):
-        spec.pop("text_encoder_3", None)
-    source = f"the published config of {key}, embedded in onestep/dryrun.py" + \
+    models = full_size_models()   # a listed path is built as listed, whichever family lists it
+    key = path if path in models else family.full_size.default
+    spec = dict(models[key])
+    for left_out in family.full_size.left_out(cfg.teacher):
+        spec.pop(left_out, None)
+    source = f"the published config of {key}, declared by teacher {cfg.teacher['name']} ({family.__module__})" + \
         ("" if key == path else f" (teacher.path {path!r} is not in the table: {key} stands in)")
     return spec, source
 
@@ -315,11 +231,16 @@ def full_size_estimate(cfg: RunConfig, aux_copies: int) -> Estimate:
 
 
 def _teacher_config_default(cfg: RunConfig, key: str):
-    from onestep.registry import TEACHERS, load_builtin
+    """The default of option `key` in the teacher family's Config (read from its fields: a Config may have
+    options without a default, e.g. EDM's path)."""
+    import dataclasses
 
-    load_builtin()
-    dc = TEACHERS.get(cfg.teacher["name"]).Config
-    return getattr(dc(**({"path": "x"} if cfg.teacher["name"] == "edm" else {})), key, None)
+    for f in dataclasses.fields(_family(cfg.teacher["name"]).Config):
+        if f.name == key:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -610,8 +531,9 @@ def dry_run_estimate(cfg: RunConfig) -> dict:
 def dry_run(cfg: RunConfig, print_fn=print, activations: bool = True) -> dict:
     """Validate `cfg` (already loaded by load_config), build it at tiny size, estimate the full size (with the
     activations of one training pass unless `activations` is False: that trace takes tens of seconds)."""
-    if cfg.teacher.get("name") not in FAMILY_DEFAULT:
-        raise ConfigError(f"--dry-run builds the adapter teachers ({', '.join(FAMILY_DEFAULT)}); teacher "
+    families = dry_run_families()
+    if cfg.teacher.get("name") not in families:
+        raise ConfigError(f"--dry-run builds the adapter teachers ({', '.join(families)}); teacher "
                           f"{cfg.teacher.get('name')} runs as it is: use onestep distill without --dry-run")
     from onestep.teachers.loading import hub_offline
 
@@ -667,5 +589,6 @@ def dry_run(cfg: RunConfig, print_fn=print, activations: bool = True) -> dict:
     return {"tiny": tiny, "estimate": est, "memory_total_gib": total}
 
 
-__all__ = ["dry_run", "dry_run_estimate", "activation_bytes", "training_pass_bytes", "LiveBytes", "tiny_run", "full_size_estimate", "full_size_components", "meta_model", "FULL_SIZE_MODELS",
+__all__ = ["dry_run", "dry_run_estimate", "activation_bytes", "training_pass_bytes", "LiveBytes", "tiny_run",
+           "full_size_estimate", "full_size_components", "meta_model", "full_size_models", "dry_run_families",
            "interval_embedding_params", "lora_params"]

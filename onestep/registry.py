@@ -60,8 +60,9 @@ class Registry(Generic[T]):
 TEACHERS: Registry = Registry("teacher", builtin="onestep.teachers")
 OBJECTIVES: Registry = Registry("objective", builtin="onestep.objectives")
 METRICS: Registry = Registry("metric", builtin="onestep.evaluation.metrics")
-#: teacher name (or `scratch:<backbone>` for teacher-free runs) -> `onestep.export.Exporter` class
-EXPORTERS: Registry = Registry("exporter", builtin="onestep.export.exporters")
+#: `scratch:<backbone>` (teacher-free runs) or a teacher name -> `onestep.export.Exporter` class (or "module:Class");
+#: a teacher family's own exporter is named by its class's `exporter` hook instead
+EXPORTERS: Registry = Registry("exporter", builtin="onestep.export.scratch")
 
 
 def load_builtin() -> None:

@@ -157,12 +157,12 @@ def _smoke_config(cfg: RunConfig, folder: Path) -> RunConfig:
     smoke options; everything about how it trains (precision, LoRA, accumulation, EMA) is the recipe's."""
     from onestep.dryrun import _tiny_data
     from onestep.registry import OBJECTIVES, load_builtin
-    from onestep.teachers.tiny import TINY_SAVERS, save_tiny_teacher
+    from onestep.teachers.tiny import save_tiny_teacher, tiny_families
 
     load_builtin()
     tiny = copy.deepcopy(cfg)
     name = cfg.teacher.get("name")
-    if name in TINY_SAVERS:
+    if name in tiny_families():
         class_conditional = cfg.data.name == "class_labels"
         options = save_tiny_teacher(name, dict(cfg.teacher), folder / "teacher", class_conditional)
         # the recipe's precision: a bf16 recipe rehearses with a bf16 teacher
@@ -390,8 +390,8 @@ def _check_grid(trainer) -> str:
     with Image.open(path) as img:
         mode, (width, height) = img.mode, img.size
     teacher = trainer.teacher
-    side = teacher_image_size(teacher)[-1] if teacher is not None and hasattr(teacher, "sample_shape") else 16
-    channels = 3 if teacher is None or hasattr(teacher, "vae") or teacher.sample_shape[0] == 3 else \
+    side = teacher_image_size(teacher)[-1] if teacher is not None else 16
+    channels = 3 if teacher is None or teacher.capabilities.vae or teacher.sample_shape[0] == 3 else \
         teacher.sample_shape[0]
     if (width - 2) % (side + 2):
         raise RuntimeError(f"the grid's width {width} is not a row of {side}-pixel images: not decoded?")

@@ -450,7 +450,7 @@ class Trainer:
         from torchvision.utils import save_image
 
         device = self.accelerator.device
-        latent = self.teacher is not None and hasattr(self.teacher, "vae")
+        latent = self.teacher is not None and self.teacher.capabilities.vae
         n = n or (16 if latent else 64)
         noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).to(device)
         cond = self.data.sample_conditions(n)

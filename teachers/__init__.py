@@ -1,16 +1,26 @@
 """Teachers: frozen multi-step models seen through one interface in flow time (t = 1 is noise).
 
-Importing this package registers the built-in teachers in `onestep.registry.TEACHERS`: the analytic
-and digits teachers, and adapters for diffusers model families (heavy libraries are imported only
-when a model is loaded):
+One folder per teacher family: its adapter (`teacher.py`, registered in `onestep.registry.TEACHERS` with
+declared capabilities, see `capabilities.py`), its tiny builder (`tiny.py`: tests, `--dry-run`, `--smoke`)
+and its full-size spec (`full_size.py`: `--dry-run`'s estimate). Heavy libraries are imported only when a
+model is loaded. What several families share stays here: `base.py` (the Teacher interface), `capabilities.py`,
+`latent.py` (VAE and prompts), `vp.py` (discrete VP time), `loading.py`, `tiny.py` and `full_size.py`.
 
-    unet              pixel DDPM UNet2DModel (CIFAR-10 style; class-conditional ImageNet-64 style)  teachers/unet.py
-    edm               EDM/Karras-preconditioned denoisers D(x, sigma, class)                        teachers/edm.py
-    stable_diffusion  SD1.x / SD2.x                                                                  teachers/stable_diffusion.py
-    sdxl              SDXL                                                                           teachers/stable_diffusion.py
-    sd3, flux, sana   rectified-flow transformers                                                    teachers/flow_transformer.py
+    digits            the shipped digits teacher                                     teachers/digits/
+    gmm               the analytic Gaussian mixture                                  teachers/gmm/
+    unet              pixel DDPM UNet2DModel (CIFAR-10; class-cond. ImageNet-64)     teachers/unet/
+    edm               EDM/Karras-preconditioned denoisers D(x, sigma, class)         teachers/edm/
+    stable_diffusion  SD1.x / SD2.x                                                  teachers/stable_diffusion/
+    sdxl              SDXL                                                           teachers/stable_diffusion/
+    sd3, flux, sana   rectified-flow transformers                                    teachers/flow_transformer/
+
+Importing this package registers the built-in families: one import line each, below. A new family is a
+folder like these and one line here (or, outside onestep, an import of its module before the config is
+validated).
 """
+# one import line per built-in family registers it (its folder's teacher.py holds @TEACHERS.register)
 from onestep.teachers.base import Teacher
+from onestep.teachers.capabilities import FullSizeSpec, TeacherCapabilities
 from onestep.teachers.digits import DigitsTeacher
 from onestep.teachers.edm import EDMPrecond, EDMTeacher
 from onestep.teachers.flow_transformer import FluxTeacher, SanaTeacher, SD3Teacher
@@ -21,6 +31,7 @@ from onestep.teachers.stable_diffusion import SDXLTeacher, StableDiffusionTeache
 from onestep.teachers.unet import UNetTeacher
 
 __all__ = [
-    "Teacher", "DigitsTeacher", "GaussianMixture", "GMMTeacher", "UNetTeacher", "EDMPrecond", "EDMTeacher",
-    "StableDiffusionTeacher", "SDXLTeacher", "SD3Teacher", "FluxTeacher", "SanaTeacher", "PromptCondition", "TeacherFilesMissingError", "TeacherWeightsError",
+    "Teacher", "TeacherCapabilities", "FullSizeSpec", "DigitsTeacher", "GaussianMixture", "GMMTeacher", "UNetTeacher",
+    "EDMPrecond", "EDMTeacher", "StableDiffusionTeacher", "SDXLTeacher", "SD3Teacher", "FluxTeacher", "SanaTeacher",
+    "PromptCondition", "TeacherFilesMissingError", "TeacherWeightsError",
 ]

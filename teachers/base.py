@@ -7,18 +7,31 @@ score views and the teacher's own multi-step sampler.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from onestep import paths
 from onestep.sampling import solve_ode
+from onestep.teachers.capabilities import FullSizeSpec, TeacherCapabilities
 
 NULL_LABEL = -1  # class label meaning "no condition" for class-conditional teachers
 
 
 class Teacher(nn.Module):
+    #: what generic code may ask of the family (conditioning, latent or pixel, time kind, ...): see
+    #: onestep.teachers.capabilities; the defaults describe an unconditional pixel flow teacher
+    capabilities: ClassVar[TeacherCapabilities] = TeacherCapabilities()
+    #: the family's tiny builder (teacher_cfg, folder, class_conditional) -> teacher options, wrapped in
+    #: staticmethod; None: no tiny build (--dry-run and --smoke run the teacher as it is)
+    tiny: ClassVar[Callable[..., dict] | None] = None
+    #: the family's full-size models for --dry-run's estimate; None: no estimate
+    full_size: ClassVar[FullSizeSpec | None] = None
+    #: the family's exporter (onestep.export.Exporter), as "module:Class" so that importing the teacher does not
+    #: import the export code; None: no exporter (or one registered with onestep.export.register_exporter)
+    exporter: ClassVar[str | None] = None
+
     #: number of classes for class-conditional teachers, None for unconditional ones
     num_classes: int | None = None
     #: shape of one sample in the teacher's (latent) space, e.g. (1, 16, 16) or (2,)
@@ -26,6 +39,10 @@ class Teacher(nn.Module):
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Check the family's options (its `Config`) before any weights are loaded; raise ConfigError."""
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # a teacher is always in eval mode

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from onestep.teachers.base import Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.loading import (
     TeacherFilesMissingError, TeacherWeightsError, check_local_pipeline, dtype_kwargs, hub_offline,
     load_from_pretrained,
@@ -110,6 +111,8 @@ def _load_pipeline(pipeline_cls, path: str, *, family: str, components: dict[str
 
 class LatentTeacher(Teacher):
     """Base of the latent text-to-image adapters: VAE, prompts, null condition, pipeline handle."""
+
+    capabilities = TeacherCapabilities(conditioning="prompt", space="latent", null_condition=True, adapter=True)
 
     #: name of the denoiser component in the pipeline ("unet" or "transformer")
     denoiser_name: str = "unet"

@@ -20,7 +20,6 @@ from typing import Any, Callable
 import torch
 
 from onestep.errors import ConfigError, TeacherFilesMissingError, TeacherWeightsError
-from onestep.teachers.digits import _first_line
 
 __all__ = [
     "TeacherFilesMissingError",
@@ -33,6 +32,13 @@ __all__ = [
     "check_local_pipeline",
     "DTYPES",
 ]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
 
 #: dtype names a teacher config accepts
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -4,7 +4,7 @@
     export_run("runs/demo", "exports/demo-2step", steps=2)             # stock diffusers, 2 steps
     export_run("runs/demo", "exports/demo", format="onestep")          # OneStepPipeline, any k at call time
 
-Formats, per teacher family (an `Exporter` registered in `onestep.registry.EXPORTERS` under the teacher's name decides):
+Formats, per teacher family (the family's `Exporter`, in teachers/<family>/exporter.py and named by the teacher class, decides):
 
 * ``diffusers``: the stock pipeline of the family, loaded with ``DiffusionPipeline.from_pretrained(DIR)``
   with no onestep code, whose ``pipe(num_inference_steps=k)`` runs exactly the student's k-step sampler.
@@ -46,12 +46,11 @@ folder again gives the same files. ``out`` must be absent, empty, or an earlier 
 """
 from onestep.errors import ExportError
 from onestep.export.base import FORMATS, MANIFEST, WEIGHTS, Exporter, ExportResult, exporter_for, register_exporter
-from onestep.export.exporters import PixelUNetExporter
 from onestep.export.folding import fold_interval_embedding, fold_time_embedding
 from onestep.export.lora import lora_from_delta
 from onestep.export.publish import export_run
 from onestep.export.schedulers import stock_flow_scheduler
 
-__all__ = ["FORMATS", "MANIFEST", "WEIGHTS", "ExportError", "ExportResult", "Exporter", "PixelUNetExporter",
+__all__ = ["FORMATS", "MANIFEST", "WEIGHTS", "ExportError", "ExportResult", "Exporter",
            "export_run", "exporter_for", "fold_interval_embedding", "fold_time_embedding", "lora_from_delta",
            "register_exporter", "stock_flow_scheduler"]

@@ -2,6 +2,7 @@
 self-check against onestep's own sampler, and the reasons a student exports one step only."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +89,27 @@ def family_key(cfg) -> str:
     return cfg.teacher["name"] if cfg.has_teacher else f"scratch:{cfg.student.backbone}"
 
 
+def _resolve(hook) -> type:
+    """An exporter class, or one named "module:Class"."""
+    if not isinstance(hook, str):
+        return hook
+    module, _, name = hook.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def exporter_for(cfg) -> Exporter:
+    """The exporter of the run's family: one registered under its key (`register_exporter`: teacher-free runs'
+    `scratch:<backbone>`, or a user's own), else the teacher class's `exporter` hook (its folder's exporter.py)."""
+    from onestep.registry import TEACHERS
+
     key = family_key(cfg)
-    if key not in EXPORTERS:
+    hook = EXPORTERS.get(key) if key in EXPORTERS else TEACHERS.get(key).exporter if cfg.has_teacher else None
+    if hook is None:
+        have = EXPORTERS.names() + [n for n in TEACHERS.names() if TEACHERS.get(n).exporter is not None]
         raise ExportError(f"no exporter for students of teacher {key!r} yet (exporters exist for: "
-                          f"{', '.join(EXPORTERS.names())}); add one with onestep.export.register_exporter")
-    return EXPORTERS.get(key)()
+                          f"{', '.join(sorted(have))}); give the teacher class an `exporter` or register one "
+                          "with onestep.export.register_exporter")
+    return _resolve(hook)()
 
 
 @torch.no_grad()

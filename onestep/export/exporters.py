@@ -1,7 +1,6 @@
-"""One exporter per teacher family: which pipeline the student becomes, in which formats and step counts."""
+"""What the exporters of the adapter families share (`AdapterExporter`); each family's own exporter lives in its
+folder (teachers/<family>/exporter.py) and is named by the teacher class's `exporter` hook."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -12,148 +11,19 @@ from onestep.export.base import (
     Exporter,
     ExportResult,
     check_tolerance,
-    register_exporter,
-    self_check,
     torch_dtype_argument,
 )
-from onestep.export.folding import fold_interval_embedding, fold_time_embedding, folded_backbone
+from onestep.export.folding import folded_backbone
 from onestep.export.lora import LORA_TOL, lora_from_delta
 from onestep.export.schedulers import (
     ONESTEP_SCHEDULER_NOTE,
     flow_scheduler,
     scheduler_line,
-    scheduler_sigmas,
-    stock_flow_scheduler,
     vp_one_step_scheduler,
 )
 
 
-@register_exporter("gmm", "scratch:mlp")
-class NoPipelineExporter(Exporter):
-    """Vector-data toys (Gaussian mixtures, MLP students): diffusers has no pipeline for them."""
-
-    def check(self, cfg, format: str, steps: int = 1) -> None:
-        raise ExportError(
-            "students of the gmm teacher are MLPs on points (vector data) and diffusers has no pipeline for vector "
-            "data, so there is nothing to export; load the weights from the checkpoint's ema.safetensors "
-            "with onestep.build.build_student and sample with student.sample(noise, steps=k)")
-
-
-@register_exporter("digits", "scratch:digits_unet")
-class PixelUNetExporter(Exporter):
-    """Pixel-space `UNet2DModel` students (the digits family): DDPMPipeline or OneStepPipeline."""
-
-    family = "pixel-space diffusers UNet2DModel, flow time t (t = 1 noise), UNet timestep 1000 t, data in [-1, 1]"
-
-    def check(self, cfg, format: str, steps: int = 1) -> None:
-        if format == "lora":
-            raise ExportError(
-                "--format lora needs a teacher whose diffusers pipeline loads LoRA (pipe.load_lora_weights: "
-                "the stable_diffusion, sdxl, sd3, flux and sana teachers); the digits family's pipeline "
-                "(DDPMPipeline with a UNet2DModel) has none: use --format diffusers")
-
-    def write(self, student, teacher, info, out, format, steps):
-        from onestep.student import AvgVelocityUNet
-
-        if not isinstance(student, AvgVelocityUNet):
-            raise ExportError(f"expected a UNet2DModel student, got {type(student).__name__}")
-        if student.time_scale != 1000.0 and format == "diffusers" and steps != 1:
-            raise ExportError(f"the student's time scale is {student.time_scale:g} (e.g. distilled from the dense-time "
-                              f"teacher), but stock diffusers' schedulers feed the UNet 1000 t; only --steps 1 folds "
-                              f"that away (got --steps {steps}): use --steps 1 or --format onestep")
-        if format == "diffusers":
-            return self._write_stock(student, out, steps)
-        return self._write_onestep(student, out, steps)
-
-    # -- stock DDPMPipeline ----------------------------------------------------------------------
-    def _write_stock(self, student, out: Path, steps: int) -> ExportResult:
-        from diffusers import DDPMPipeline
-
-        unet = (fold_interval_embedding(student.unet, steps, student.interval_scale)
-                if student.has_interval_embedding else student.unet)
-        dense = student.time_scale != 1000.0
-        if dense:  # one step: the scheduler's timestep 1000 becomes the student's time_scale * 1
-            unet = fold_time_embedding(unet, student.time_scale * 1.0)
-        scheduler = stock_flow_scheduler(steps)
-        pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-        diff = self_check(student, pipe, steps)
-        pipe.save_pretrained(out, safe_serialization=True)
-        sched = scheduler.config
-        grid = ", ".join(f"{s:g}" for s in scheduler_sigmas(scheduler, steps))
-        notes = [
-            f"`DDPMPipeline` draws the noise, calls the UNet at timestep 1000 t and lets the scheduler "
-            f"step; with `shift_terminal` = 1/k the scheduler's sigmas are exactly the uniform grid "
-            f"[{grid}], and its Euler update z + (sigma_next - sigma) * output is the student's step "
-            + ("z_r = z_t - (t - r) u(z_t, r, t)." if student.has_interval_embedding else "(an Euler step of v)."),
-        ]
-        if student.has_interval_embedding:
-            notes.append(
-                f"The student is an average-velocity field u(z, r, t) whose t - r enters through a second "
-                f"time embedding (`class_embed_type=\"timestep\"`). On the uniform {steps}-step grid "
-                f"t - r = 1/{steps} at every step, so that embedding is one constant vector, folded into "
-                f"`time_embedding.linear_2.bias`: the exported UNet is a plain `UNet2DModel`. "
-                f"**This folder is exact only for `num_inference_steps={steps}`**; for other step counts "
-                + ("use `--format onestep` (see below)." if dense else "export again with `--steps`, or use `--format onestep`."))
-        elif not dense:
-            notes.append(f"The student is a plain velocity model; `num_inference_steps={steps}` runs its "
-                         f"{steps}-step Euler sampler on the uniform grid (other step counts use the "
-                         f"scheduler's own, non-uniform grid).")
-        if dense:
-            notes.append(
-                f"The student embeds timestep {student.time_scale:g} t (a student of the dense-time teacher), not "
-                f"the scheduler's 1000 t. In one step the UNet is called once, at t = 1, so its time embedding "
-                f"is that of timestep {student.time_scale:g}, folded into `time_embedding.linear_1` (weight 0, "
-                f"bias = its pre-activation at that timestep): the exported UNet embeds every timestep alike. "
-                f"**This folder is exact only for `num_inference_steps=1`**; use `--format onestep` for more steps.")
-        return ExportResult(
-            pipeline="`DDPMPipeline` (stock diffusers)",
-            loader="import torch\nfrom diffusers import DiffusionPipeline",
-            load_call="DiffusionPipeline.from_pretrained({path!r})",
-            call_args=f"batch_size=4, num_inference_steps={steps}",
-            scheduler=f"`FlowMatchEulerDiscreteScheduler`: num_train_timesteps={sched.num_train_timesteps}, "
-                      f"shift={sched.shift}, shift_terminal={sched.shift_terminal}, use_dynamic_shifting=false, "
-                      f"stochastic_sampling=false, invert_sigmas=false (sigmas [{grid}])",
-            notes=notes, max_abs_diff=diff)
-
-    # -- OneStepPipeline ---------------------------------------------------------------------------
-    def _write_onestep(self, student, out: Path, steps: int) -> ExportResult:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from onestep.pipelines import OneStepPipeline
-
-        # consistency-sampled students re-noise between steps, which this pipeline does not: 1 step only
-        only_one = getattr(student, "sampler", "avg_velocity") != "avg_velocity"
-        time_scale = None if student.time_scale == 1000.0 else student.time_scale  # None: the scheduler's 1000 t
-        pipe = OneStepPipeline(unet=student.unet, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
-                               default_num_inference_steps=steps, interval_scale=student.interval_scale,
-                               max_num_inference_steps=1 if only_one else None,
-                               time_scale=time_scale)
-        diff = self_check(student, pipe, steps)
-        pipe.save_pretrained(out, safe_serialization=True)
-        return ExportResult(
-            pipeline="`onestep.pipelines.OneStepPipeline` (a `DiffusionPipeline` subclass shipped with onestep)",
-            loader="import torch\nfrom onestep.pipelines import OneStepPipeline",
-            load_call="OneStepPipeline.from_pretrained({path!r})",
-            call_args=f"batch_size=4, num_inference_steps={steps}",
-            scheduler="`FlowMatchEulerDiscreteScheduler`: num_train_timesteps=1000, shift=1.0; the pipeline "
-                      "passes the uniform grid as `sigmas`, so any `num_inference_steps` is exact",
-            notes=[
-                "The UNet keeps its second time embedding of t - r (`class_embed_type=\"timestep\"`, class "
-                f"label {student.interval_scale:g} (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) on the uniform "
-                + (f"grid for any `num_inference_steps` (default {steps})." if not only_one else
-                   f"grid; this student was trained with the {student.sampler} sampler, so the pipeline takes "
-                   f"`num_inference_steps=1` only (max_num_inference_steps 1)."),
-                *([f"The UNet's timestep is {time_scale:g} t, not the scheduler's 1000 t (a student of the "
-                   "dense-time teacher): the pipeline's `time_scale`."] if time_scale is not None else []),
-                "Load it with `OneStepPipeline.from_pretrained`: diffusers' `DiffusionPipeline.from_pretrained` "
-                "resolves only pipeline classes defined inside diffusers (other code needs "
-                "`trust_remote_code=True`). For a folder that stock diffusers loads, export with "
-                "`--format diffusers --steps k`.",
-            ],
-            max_abs_diff=diff)
-
-
-class _AdapterExporter(Exporter):
+class AdapterExporter(Exporter):
     """Students (TeacherStudent) of a teacher adapter with a stock diffusers pipeline."""
 
     #: VP families: exact only for k = 1 (see the section comment)
@@ -363,129 +233,3 @@ class _AdapterExporter(Exporter):
                    f"pipe.scheduler = {sched_cls}.from_pretrained({{path!r}}, subfolder=\"scheduler\")"],
             call_args=self._call_args(teacher, steps), scheduler=scheduler_line(scheduler), notes=notes,
             max_abs_diff=diff, tolerance=tol, guidance=self._guidance(teacher, steps))
-
-
-@register_exporter("stable_diffusion")
-class StableDiffusionExporter(_AdapterExporter):
-    family = "Stable Diffusion 1.x/2.x: UNet2DConditionModel on VAE latents, discrete VP schedule (eps or v)"
-    vp_family = True
-
-
-@register_exporter("sdxl")
-class SDXLExporter(_AdapterExporter):
-    family = "Stable Diffusion XL: UNet2DConditionModel with text_time embedding on VAE latents, discrete VP schedule"
-    vp_family = True
-
-
-@register_exporter("sd3")
-class SD3Exporter(_AdapterExporter):
-    family = "Stable Diffusion 3/3.5: SD3Transformer2DModel (MMDiT) on VAE latents, rectified flow"
-
-    def call_kwargs(self, teacher, steps):
-        return {**super().call_kwargs(teacher, steps), "max_sequence_length": teacher.max_sequence_length or 256}
-
-
-@register_exporter("flux")
-class FluxExporter(_AdapterExporter):
-    family = "FLUX.1: FluxTransformer2DModel on 2x2-packed VAE latents, rectified flow"
-
-    def scheduler(self, adapter, steps, format="diffusers"):
-        return flow_scheduler(steps, pipeline_sets_sigmas=True)
-
-    def call_kwargs(self, teacher, steps):
-        # guidance-distilled FLUX embeds the guidance scale; the student was trained at the teacher's
-        kwargs = super().call_kwargs(teacher, steps)
-        kwargs["guidance_scale"] = teacher.default_guidance if teacher.guidance_embeds else 1.0
-        kwargs["max_sequence_length"] = teacher.max_sequence_length or 512
-        return kwargs
-
-    def _guidance(self, teacher, steps):
-        if teacher.guidance_embeds:
-            return (f"embedded: `guidance_scale={teacher.default_guidance:g}` is an input of this guidance-distilled "
-                    "transformer (the value the student was trained with), not classifier-free guidance")
-        return super()._guidance(teacher, steps)
-
-    def pack(self, pipe, latents):
-        b, c, h, w = latents.shape
-        return type(pipe)._pack_latents(latents, b, c, h, w)
-
-    def unpack(self, pipe, latents, teacher):
-        side, factor = teacher.resolution, pipe.vae_scale_factor
-        return type(pipe)._unpack_latents(latents, side, side, factor)
-
-
-@register_exporter("sana")
-class SanaExporter(_AdapterExporter):
-    family = "SANA: SanaTransformer2DModel (linear attention) on DC-AE latents, rectified flow"
-
-    def call_kwargs(self, teacher, steps):
-        kwargs = {**super().call_kwargs(teacher, steps), "max_sequence_length": teacher.max_sequence_length,
-                  "use_resolution_binning": False}  # the student samples the teacher's resolution as is
-        if teacher.complex_human_instruction is None:  # else the pipeline's default, which the teacher uses
-            kwargs["complex_human_instruction"] = None
-        return kwargs
-
-
-@register_exporter("unet")
-class PixelDDPMExporter(_AdapterExporter):
-    """Students of pixel DDPM UNets (UNet2DModel with a VP scheduler config): DDPMPipeline + 1-step DDIM."""
-
-    family = "pixel-space diffusers UNet2DModel with a discrete VP schedule (eps, v or x0 prediction)"
-    vp_family = True
-    lora = False
-    pipeline_tag = "unconditional-image-generation"
-
-    def write(self, student, teacher, info, out, format, steps):
-        from diffusers import DDPMPipeline
-
-        from onestep.student import TeacherStudent
-
-        if not isinstance(student, TeacherStudent):
-            raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
-        if teacher.class_conditional:
-            raise ExportError("students of class-conditional UNets have no stock diffusers pipeline (DDPMPipeline "
-                              "takes no class labels); sample with onestep (build_student + student.sample(noise, "
-                              "labels, steps=1))")
-        unet = teacher.unet
-        if unet.config.out_channels != unet.config.in_channels:
-            raise ExportError(f"the UNet outputs {unet.config.out_channels} channels for {unet.config.in_channels} "
-                              "(learned variances), which DDIM's step cannot take; sample with onestep")
-        backbone = folded_backbone(student, steps, unet.dtype)
-        scheduler = self.scheduler(student.adapter, steps, format)
-        pipe = DDPMPipeline(unet=backbone, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        diff, tol = self.self_check(student, teacher, pipe, steps)
-        pipe.save_pretrained(out, safe_serialization=True)
-        return ExportResult(
-            pipeline="`DDPMPipeline` (stock diffusers)" + (ONESTEP_SCHEDULER_NOTE if format == "onestep" else ""),
-            loader="import torch\nfrom diffusers import DiffusionPipeline",
-            load_call="DiffusionPipeline.from_pretrained({path!r})",
-            call_args=f"batch_size=4, num_inference_steps={steps}",
-            scheduler=scheduler_line(scheduler), notes=self._notes(student, teacher, steps, "DDPMPipeline", format),
-            max_abs_diff=diff, tolerance=tol)
-
-    @torch.no_grad()
-    def self_check(self, student, teacher, pipe, steps):
-        dtype, device = teacher.unet.dtype, teacher.unet.device
-        noise = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
-        want = (student.sample(noise.to(device), steps=steps) / 2 + 0.5).clamp(0, 1)
-        got = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                   output_type="pt").images
-        diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
-        tol = check_tolerance(dtype, 1.0)
-        if not diff <= tol:
-            raise ExportError(f"the exported DDPMPipeline differs from onestep's {steps}-step sampler by {diff:.3g} "
-                              f"(> {tol:.3g}); this diffusers version breaks the export's assumptions")
-        return diff, tol
-
-
-@register_exporter("edm")
-class EDMExporter(Exporter):
-    """EDM-preconditioned UNets: diffusers has no pipeline that applies EDM's c_in / c_skip / c_out."""
-
-    def check(self, cfg, format: str, steps: int = 1) -> None:
-        raise ExportError(
-            "students of the edm teacher have no stock diffusers pipeline (none applies EDM's preconditioning "
-            "c_in/c_skip/c_out around a UNet2DModel), so no --format fits; use the checkpoint: "
-            "onestep.build.build_student(cfg, teacher) with its ema.safetensors, then student.sample(noise, "
-            "labels, steps=k)")

@@ -1,4 +1,5 @@
 """Progressive adversarial distillation: trailing grids, stage targets, pure noise, schedule."""
+import dataclasses
 import json
 
 import pytest
@@ -152,6 +153,8 @@ class VPMixtureTeacher(GMMTeacher):
     """The mixture seen as a discrete VP eps-prediction model (SD's scaled-linear 1000-step schedule): the
     exact posterior eps at integer timesteps, turned into flow time by the VP adapters' own DiscreteVPModelTime
     (log-SNR interpolation between steps; above the top step, pure noise and the x0 prediction)."""
+
+    capabilities = dataclasses.replace(GMMTeacher.capabilities, time="vp")   # declares its discrete VP schedule
 
     def __init__(self, mixture):
         from onestep.teachers.vp import DiscreteVPModelTime

@@ -1,4 +1,4 @@
-"""Discriminator heads on transformer teachers (tiny SD3 and SANA from onestep.teachers.tiny).
+"""Discriminator heads on transformer teachers (tiny SD3 and SANA from onestep.teachers.flow_transformer.tiny).
 
 Transformer blocks return tokens [B, N, C]; the token heads are Conv1d over [B, C, N]. f-distill, SMD / SMT
 (both mixture nets) and Lightning take one critic and one generator step with finite losses; every token head gives one logit

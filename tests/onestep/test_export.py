@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from onestep.cli import main
 from onestep.checkpoint import write_checksums
 from onestep.config import load_config
-from onestep.export import ExportError, PixelUNetExporter, export_run, fold_interval_embedding
+from onestep.export import ExportError, export_run, fold_interval_embedding
+from onestep.teachers.digits.exporter import PixelUNetExporter
 from onestep.runs import load_run, load_student
 from onestep.trainer import Trainer
 

@@ -99,7 +99,7 @@ def _flux(tok):
 
 
 def _sana(tok):
-    from onestep.teachers.tiny import tiny_sana_pipeline
+    from onestep.teachers.flow_transformer.tiny import tiny_sana_pipeline
 
     return tiny_sana_pipeline(tok)
 

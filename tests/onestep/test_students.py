@@ -116,7 +116,7 @@ def _flux_teacher(tmp):
 def _sana_teacher(tmp):
     from onestep.teachers.flow_transformer import SanaTeacher
 
-    from onestep.teachers.tiny import tiny_sana_pipeline
+    from onestep.teachers.flow_transformer.tiny import tiny_sana_pipeline
 
     return SanaTeacher(tiny_sana_pipeline(clip_tokenizer(tmp / "vocab")), None, SEQ)
 

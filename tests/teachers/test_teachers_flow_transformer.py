@@ -118,7 +118,7 @@ def test_sd3_without_t5_and_errors(sd3_dir, tmp_path, monkeypatch):
 
 
 def _flux_dir(root, guidance_embeds):
-    from onestep.teachers.tiny import tiny_flux_pipeline
+    from onestep.teachers.flow_transformer.tiny import tiny_flux_pipeline
 
     tiny_flux_pipeline(clip_tokenizer(root / "vocab"), guidance_embeds).save_pretrained(root / "pipe")
     return root / "pipe"
@@ -175,7 +175,7 @@ def test_flux_velocity_features_and_vae(flux_dirs):
 
 @pytest.fixture(scope="module")
 def sana_dir(tmp_path_factory):
-    from onestep.teachers.tiny import tiny_sana_pipeline
+    from onestep.teachers.flow_transformer.tiny import tiny_sana_pipeline
 
     root = tmp_path_factory.mktemp("sana")
     tiny_sana_pipeline(clip_tokenizer(root / "vocab")).save_pretrained(root / "pipe")

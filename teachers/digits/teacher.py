@@ -17,6 +17,8 @@ from onestep.errors import ConfigError, TeacherWeightsError
 from onestep.registry import TEACHERS
 from onestep.student import AvgVelocityUNet
 from onestep.teachers.base import Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.loading import _first_line
 
 TIME_SCALE = 1000.0  # the UNet sees timestep = 1000 * flow time (unless the folder's onestep.json says otherwise)
 #: what diffusers' config.json cannot hold: {"time_scale": s}, the UNet's timestep = s * flow time. Written only
@@ -55,12 +57,6 @@ def new_digits_unet():
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 #: weight files that are pickles: never loaded (torch.load without weights_only runs arbitrary code)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_unet_config(config_file: Path) -> None:
@@ -107,8 +103,10 @@ class DigitsTeacherConfig:
 @TEACHERS.register("digits")
 class DigitsTeacher(Teacher):
     """Unconditional velocity teacher on 1x16x16 digits in [-1, 1]."""
+    exporter = "onestep.teachers.digits.exporter:PixelUNetExporter"   # loaded only when a run is exported
 
     Config = DigitsTeacherConfig
+    capabilities = TeacherCapabilities(conditioning="none", space="pixel", time="flow")
     sample_shape = (1, 16, 16)
     default_feature_layers = ("unet.down_blocks.1", "unet.down_blocks.2", "unet.mid_block")
 

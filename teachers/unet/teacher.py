@@ -18,6 +18,9 @@ import torch
 from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.unet.full_size import UNET_FULL_SIZE
+from onestep.teachers.unet.tiny import save_tiny
 from onestep.teachers.loading import (
     TeacherWeightsError, check_dtype_option, dtype_kwargs, load_from_pretrained,
 )
@@ -54,8 +57,14 @@ class UNetTeacherConfig:
 @TEACHERS.register("unet")
 class UNetTeacher(Teacher):
     """A pixel DDPM `UNet2DModel` (unconditional or class-conditional) in flow time."""
+    exporter = "onestep.teachers.unet.exporter:PixelDDPMExporter"   # loaded only when a run is exported
 
     Config = UNetTeacherConfig
+    # class-conditional when the loaded UNet has a class embedding; null condition: teacher.null_class
+    capabilities = TeacherCapabilities(conditioning="class", space="pixel", time="vp", null_condition=True,
+                                       adapter=True)
+    tiny = staticmethod(save_tiny)
+    full_size = UNET_FULL_SIZE
 
     def __init__(self, unet, scheduler_config: dict, prediction_type: str | None = None,
                  null_class: int | None = None):

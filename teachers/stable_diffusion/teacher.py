@@ -17,9 +17,12 @@ import torch
 
 from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
+from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
 from onestep.teachers.loading import check_dtype_option
-from onestep.teachers.unet import unet_feature_layers
+from onestep.teachers.stable_diffusion.full_size import SD_FULL_SIZE, SDXL_FULL_SIZE
+from onestep.teachers.stable_diffusion.tiny import save_tiny_sd, save_tiny_sdxl
+from onestep.teachers.unet.teacher import unet_feature_layers
 from onestep.teachers.vp import DiscreteVPModelTime
 
 _SD_COMPONENTS = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
@@ -29,6 +32,9 @@ _SDXL_COMPONENTS = {**_SD_COMPONENTS, "text_encoder_2": "model", "tokenizer_2": 
 
 class _DiscreteVPLatentTeacher(LatentTeacher):
     """A latent UNet teacher with a discrete VP schedule (shared by SD1.x/2.x and SDXL)."""
+
+    capabilities = TeacherCapabilities(conditioning="prompt", space="latent", time="vp", null_condition=True,
+                                       adapter=True)
 
     def __init__(self, pipeline, prediction_type: str | None = None, resolution: int | None = None,
                  clip_skip: int | None = None):
@@ -96,8 +102,11 @@ class StableDiffusionTeacherConfig:
 @TEACHERS.register("stable_diffusion")
 class StableDiffusionTeacher(_DiscreteVPLatentTeacher):
     """SD1.x / SD2.x (eps or v prediction), CFG with the empty prompt."""
+    exporter = "onestep.teachers.stable_diffusion.exporter:StableDiffusionExporter"   # loaded only when a run is exported
 
     Config = StableDiffusionTeacherConfig
+    tiny = staticmethod(save_tiny_sd)
+    full_size = SD_FULL_SIZE
 
     def encode_prompt(self, prompts: Sequence[str]) -> PromptCondition:
         embeds, _ = self.pipeline.encode_prompt(list(prompts), self.device, 1, False, clip_skip=self.clip_skip)
@@ -141,8 +150,11 @@ class SDXLTeacherConfig:
 @TEACHERS.register("sdxl")
 class SDXLTeacher(_DiscreteVPLatentTeacher):
     """SDXL: two CLIP text encoders, pooled embedding and add_time_ids; VAE in float32 when it asks."""
+    exporter = "onestep.teachers.stable_diffusion.exporter:SDXLExporter"   # loaded only when a run is exported
 
     Config = SDXLTeacherConfig
+    tiny = staticmethod(save_tiny_sdxl)
+    full_size = SDXL_FULL_SIZE
 
     def add_time_ids(self, batch: int, original_size=None, crop_top_left=(0, 0), target_size=None) -> torch.Tensor:
         """The pipeline's micro-conditioning row (original size, crop corner, target size), per sample."""

@@ -28,8 +28,11 @@ from onestep import paths
 from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.edm.full_size import EDM_FULL_SIZE
+from onestep.teachers.edm.tiny import save_tiny
 from onestep.teachers.loading import check_dtype_option, dtype_kwargs, load_from_pretrained
-from onestep.teachers.unet import _check_no_meta, unet_feature_layers
+from onestep.teachers.unet.teacher import _check_no_meta, unet_feature_layers
 
 LABEL_FORMATS = ("index", "one_hot")
 
@@ -124,8 +127,13 @@ class EDMTeacherConfig:
 @TEACHERS.register("edm")
 class EDMTeacher(Teacher):
     """Flow velocity of an EDM-preconditioned denoiser D(x, sigma, class)."""
+    exporter = "onestep.teachers.edm.exporter:EDMExporter"   # loaded only when a run is exported
 
     Config = EDMTeacherConfig
+    capabilities = TeacherCapabilities(conditioning="class", space="pixel", time="edm", null_condition=True,
+                                       adapter=True)
+    tiny = staticmethod(save_tiny)
+    full_size = EDM_FULL_SIZE
 
     def __init__(self, precond: EDMPrecond, sample_shape: tuple[int, ...], sigma_min: float = 0.002,
                  sigma_max: float = 80.0, feature_layers: tuple[str, ...] = ()):

@@ -28,11 +28,17 @@ from onestep import paths
 from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
 from onestep.sampling import solve_ode
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.flow_transformer.full_size import FLUX_FULL_SIZE, SANA_FULL_SIZE, SD3_FULL_SIZE
+from onestep.teachers.flow_transformer.tiny import save_tiny_flux, save_tiny_sana, save_tiny_sd3
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
 from onestep.teachers.loading import check_dtype_option
 
 
 class _FlowTransformerTeacher(LatentTeacher):
+    # FLUX.1-dev embeds its guidance instead (no null pass); its null condition serves CFG on other models
+    capabilities = TeacherCapabilities(conditioning="prompt", space="latent", time="flow", null_condition=True,
+                                       adapter=True)
     denoiser_name = "transformer"
     #: how many of the first transformer blocks `features` returns by default
     num_feature_blocks = 4
@@ -126,8 +132,11 @@ class SD3TeacherConfig:
 @TEACHERS.register("sd3")
 class SD3Teacher(_FlowTransformerTeacher):
     """SD3/SD3.5: `SD3Transformer2DModel`, CLIP-L + CLIP-G (+ T5), FlowMatchEuler with shift."""
+    exporter = "onestep.teachers.flow_transformer.exporter:SD3Exporter"   # loaded only when a run is exported
 
     Config = SD3TeacherConfig
+    tiny = staticmethod(save_tiny_sd3)
+    full_size = SD3_FULL_SIZE
 
     def _velocity(self, x, t, cond):
         cond = self._condition(cond, x.shape[0])
@@ -201,8 +210,11 @@ class FluxTeacherConfig:
 class FluxTeacher(_FlowTransformerTeacher):
     """FLUX.1: `FluxTransformer2DModel` on 2x2-packed latents, CLIP pooled + T5 embeddings; guidance as
     an input embedding for guidance-distilled models (dev), classifier-free guidance otherwise."""
+    exporter = "onestep.teachers.flow_transformer.exporter:FluxExporter"   # loaded only when a run is exported
 
     Config = FluxTeacherConfig
+    tiny = staticmethod(save_tiny_flux)
+    full_size = FLUX_FULL_SIZE
 
     def __init__(self, pipeline, resolution=None, max_sequence_length=None, guidance: float = 3.5):
         super().__init__(pipeline, resolution, max_sequence_length)
@@ -322,8 +334,11 @@ class SanaTeacher(_FlowTransformerTeacher):
     """SANA: `SanaTransformer2DModel` (linear attention), Gemma-2 text encoder with attention masks,
     DC-AE VAE (scaling only). Euler in flow time on FlowMatchEuler sigmas with the config's shift
     (SANA repositories ship a DPM-Solver config whose `flow_shift` is used)."""
+    exporter = "onestep.teachers.flow_transformer.exporter:SanaExporter"   # loaded only when a run is exported
 
     Config = SanaTeacherConfig
+    tiny = staticmethod(save_tiny_sana)
+    full_size = SANA_FULL_SIZE
 
     def __init__(self, pipeline, resolution=None, max_sequence_length=300, complex_human_instruction: bool = True):
         super().__init__(pipeline, resolution, max_sequence_length)

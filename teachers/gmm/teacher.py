@@ -16,6 +16,7 @@ from onestep.errors import ConfigError
 from onestep.paths import batch_time
 from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
 
 
 class GaussianMixture:
@@ -78,8 +79,11 @@ class GMMTeacherConfig:
 @TEACHERS.register("gmm")
 class GMMTeacher(Teacher):
     """Exact flow-matching teacher of a Gaussian mixture: v(x, t) = E[eps | x_t] - E[x0 | x_t]."""
+    exporter = "onestep.teachers.gmm.exporter:NoPipelineExporter"   # loaded only when a run is exported
 
     Config = GMMTeacherConfig
+    # class-conditional when the mixture has labels (teacher.labels); label -1 draws from the whole mixture
+    capabilities = TeacherCapabilities(conditioning="class", space="pixel", time="flow", null_condition=True)
 
     def __init__(self, mixture: GaussianMixture):
         super().__init__()
