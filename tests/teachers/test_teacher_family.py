@@ -5,102 +5,47 @@ of onestep edited. Also: every built-in family declares what the generic code as
 from __future__ import annotations
 
 import importlib
+import re
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
+from onestep.teachers import FullSizeSpec, Teacher, TeacherCapabilities
 
 from onestep.config import ConfigError, load_config
 from onestep.registry import TEACHERS
-from onestep.teachers import FullSizeSpec, Teacher, TeacherCapabilities
 
 # the toy family's folder, as a contributor would write it under teachers/toy_flow/
-TOY_FILES = {
-    "__init__.py": '''
-        """A toy flow teacher: a tiny pixel UNet2DModel read as a flow velocity (timestep 1000 t)."""
-        from toy_flow.teacher import ToyFlowTeacher
-        ''',
-    "teacher.py": '''
-        from dataclasses import dataclass
-        from typing import Optional
-
-        from onestep.registry import TEACHERS
-        from onestep.teachers.base import Teacher
-        from onestep.teachers.capabilities import TeacherCapabilities
-        from toy_flow.full_size import TOY_FULL_SIZE
-        from toy_flow.tiny import save_tiny
+DOC = Path(__file__).resolve().parents[2] / "docs" / "howto" / "add-teacher-family.md"
 
 
-        @dataclass
-        class ToyFlowTeacherConfig:
-            path: str = "toy/flow-unet"
-            subfolder: Optional[str] = "unet"
-            dtype: Optional[str] = None
-            device: Optional[str] = None
-            variant: Optional[str] = None
-            revision: Optional[str] = None
-
-
-        @TEACHERS.register("toy_flow")
-        class ToyFlowTeacher(Teacher):
-            Config = ToyFlowTeacherConfig
-            capabilities = TeacherCapabilities(conditioning="none", space="pixel", time="flow", adapter=True)
-            tiny = staticmethod(save_tiny)
-            full_size = TOY_FULL_SIZE
-
-            def __init__(self, unet):
-                super().__init__()
-                self.unet = unet
-                self.sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-                self.freeze()
-
-            def _velocity(self, x, t, cond):
-                return self.unet(x, 1000 * t).sample
-
-            def backbone(self):
-                return self.unet
-
-            @classmethod
-            def from_config(cls, cfg):
-                from diffusers import UNet2DModel
-
-                return cls(UNet2DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder, use_safetensors=True))
-        ''',
-    "tiny.py": '''
-        from onestep.teachers.unet.tiny import tiny_pixel_unet
-
-
-        def save_tiny(cfg, folder, class_conditional):
-            tiny_pixel_unet(seed=3).save_pretrained(folder / "unet", safe_serialization=True)
-            return {"path": str(folder), "subfolder": "unet"}
-        ''',
-    "full_size.py": '''
-        from onestep.teachers.capabilities import FullSizeSpec
-
-        _UNET = ("UNet2DModel", dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                                     layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                                     down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                     up_block_types=("AttnUpBlock2D", "UpBlock2D")))
-        TOY_FULL_SIZE = FullSizeSpec({"toy/flow-unet": {"denoiser": _UNET}}, default="toy/flow-unet", pipeline=False)
-        ''',
-}
+def toy_files() -> dict[str, str]:
+    """The toy family's files as docs/howto/add-teacher-family.md shows them (`### teachers/toy_flow/<file>`)."""
+    text = DOC.read_text(encoding="utf-8")
+    found = re.findall(r"### `teachers/toy_flow/([a-z_]+\.py)`\n\n```python\n(.*?)```", text, flags=re.S)
+    assert [name for name, _ in found] == ["__init__.py", "teacher.py", "tiny.py", "full_size.py"]
+    return dict(found)
 
 
 @pytest.fixture
 def toy_family(tmp_path, monkeypatch):
-    folder = tmp_path / "toy_flow"
+    import onestep.teachers
+
+    folder = tmp_path / "toy_flow"    # teachers/toy_flow/, in a folder added to the package's search path
     folder.mkdir()
-    for name, text in TOY_FILES.items():
-        (folder / name).write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, text in toy_files().items():
+        (folder / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(onestep.teachers, "__path__", [*onestep.teachers.__path__, str(tmp_path)])
     TEACHERS.load_builtin()
     try:
-        importlib.import_module("toy_flow")  # the one registration line (teachers/__init__.py holds one per family)
+        # the one registration line (teachers/__init__.py holds one per family)
+        importlib.import_module("onestep.teachers.toy_flow")
         yield TEACHERS.get("toy_flow")
     finally:
         TEACHERS._entries.pop("toy_flow", None)
-        for module in [m for m in sys.modules if m == "toy_flow" or m.startswith("toy_flow.")]:
+        name = "onestep.teachers.toy_flow"
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             del sys.modules[module]
 
 
@@ -114,9 +59,10 @@ def _recipe(tmp_path, data: dict, **objective):
 
 
 def test_a_toy_family_from_its_folder_validates_and_dry_runs(toy_family, tmp_path, monkeypatch):
+    from onestep.teachers.tiny import tiny_families
+
     from onestep.config import teacher_families
     from onestep.dryrun import dry_run, dry_run_families, full_size_models
-    from onestep.teachers.tiny import tiny_families
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert issubclass(toy_family, Teacher) and toy_family.capabilities.space == "pixel"
