@@ -1,4 +1,4 @@
-"""What the distribution-matching objectives (f-distill, SMT/SMD) share.
+"""What the distribution-matching objectives (f-distill, SMT/SMD, rCM) share.
 
 * The one-step generator is the student used at (r, t) = (0, 1): G(z) = z - u(z, 0, 1).
 * Noise levels: "uniform" flow time in [lo, hi], or the EDM Karras grid (rho = 7, sigma in
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from onestep import paths
+from onestep.objectives.base import frozen_eval
 
 
 def one_step_generate(student: nn.Module, z: torch.Tensor, cond=None) -> torch.Tensor:
@@ -161,3 +162,75 @@ def sample_shape_of(teacher, student: nn.Module) -> tuple[int, ...]:
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters(), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+# --- DMD (reverse KL) pieces: f-distill and rCM ---------------------------------------------------
+
+class DMDLoss:
+    """DMD's reverse-KL pieces on an objective that owns `student`, `teacher`, `fake_score` (a velocity net used at
+    r = t), draws from its generator, has `sample_times(n, span, device) -> (t, coordinate)` and options
+    `cfg.guidance` (the teacher's CFG scale for D_T) and `cfg.dmd_normalizer` (w below; off: w = 1), read at each
+    call. Shared by
+    f-distill (which reweights the direction per sample by h(r)) and rCM (h = 1). Holds no parameters: the fake
+    score stays the objective's own submodule, so checkpoints keep their keys.
+
+        x = G(z),  x_t = (1 - t) x + t eps                     (one draw of z, t, eps each)
+        g = (D_phi(x_t) - D_T(x_t)) w h,  w = 1 / (mean_dims |x - D_T| + 1e-6)   (no gradient)
+        L_G = 1/2 mean ||x - sg[x - g]||^2                    (gradient g / numel with respect to x)
+        L_phi = mean ||v_phi(sg[x]_t, t) - (eps - sg[x])||^2  (the fake score's flow-matching loss)
+    """
+
+    def __init__(self, objective: nn.Module):
+        self.objective = objective
+
+    def teacher_x0(self, x_t, t, cond=None):
+        with frozen_eval(self.objective.teacher):
+            return self.objective.teacher.x0(x_t, t, cond, self.objective.cfg.guidance)
+
+    def fake_x0(self, x_t, t, cond=None):
+        with frozen_eval(self.objective.fake_score):
+            return velocity_net_x0(self.objective.fake_score, x_t, t, cond)
+
+    def generator_sample(self, like: torch.Tensor, cond, span):
+        """(x = G(z) with gradient, x_t, t, coordinate): z, t and eps drawn in this order, in `like`'s dtype."""
+        obj, n, dev, dt = self.objective, like.shape[0], like.device, like.dtype
+        z = obj.randn(*like.shape, device=dev).to(dt)
+        x = one_step_generate(obj.student, z, cond)
+        t, coord = obj.sample_times(n, span, dev)
+        t = t.to(dt)
+        eps = obj.randn(*like.shape, device=dev).to(dt)
+        return x, paths.interpolate(x, eps, t), t, coord
+
+    def direction(self, x: torch.Tensor, d_teacher: torch.Tensor, d_fake: torch.Tensor,
+                  h: torch.Tensor | None = None) -> torch.Tensor:
+        """g = (D_phi - D_T) w h, in D_T's dtype, without gradient (h None: 1)."""
+        with torch.no_grad():
+            acc = d_teacher.dtype
+            x_acc = x.detach().to(acc)
+            ones = torch.ones(x.shape[0], device=x.device, dtype=acc) if h is None else torch.ones_like(h)
+            w = 1 / ((x_acc - d_teacher).abs().flatten(1).mean(1) + 1e-6) if self.objective.cfg.dmd_normalizer else ones
+            scale = w if h is None else w * h.to(acc)
+            return torch.nan_to_num((d_fake - d_teacher) * paths.expand_like(scale, x_acc))
+
+    def generator_loss(self, like: torch.Tensor, cond, span) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_G, x) of the plain reverse KL (h = 1): the DMD generator loss on one-step samples."""
+        acc = torch.promote_types(like.dtype, torch.float32)
+        x, x_t, t, _ = self.generator_sample(like, cond, span)
+        x_target, t_acc = x_t.detach().to(acc), t.to(acc)
+        d_teacher = self.teacher_x0(x_target, t_acc, cond).to(acc)
+        d_fake = self.fake_x0(x_target, t_acc, cond).to(acc)
+        return pseudo_target_loss(x, self.direction(x, d_teacher, d_fake)), x
+
+    def fake_score_loss(self, like: torch.Tensor, cond, span):
+        """(L_phi, x_t, t) on a fresh detached one-step sample: z, t and eps drawn in this order."""
+        obj, n, dev, dt = self.objective, like.shape[0], like.device, like.dtype
+        acc = torch.promote_types(dt, torch.float32)
+        z = obj.randn(*like.shape, device=dev).to(dt)
+        with torch.no_grad():
+            x_fake = one_step_generate(obj.student, z, cond)
+        t, _ = obj.sample_times(n, span, dev)
+        t = t.to(dt)
+        eps = obj.randn(*like.shape, device=dev).to(dt)
+        x_t = paths.interpolate(x_fake, eps, t)
+        v = obj.fake_score(x_t, t, t, cond)
+        return (v.to(acc) - (eps - x_fake).to(acc)).pow(2).mean(), x_t, t

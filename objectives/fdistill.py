@@ -52,12 +52,12 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.errors import ConfigError
 from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
+    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator,
 )
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import (
-    call_with_frozen_parameters, global_mean, global_sum, karras_sigmas, module_device_dtype, one_step_generate,
-    pseudo_target_loss, sample_noise_levels, trainable_copy_of_backbone, velocity_net_x0,
+    DMDLoss, call_with_frozen_parameters, global_mean, global_sum, karras_sigmas, module_device_dtype,
+    pseudo_target_loss, sample_noise_levels, trainable_copy_of_backbone,
 )
 from onestep.registry import OBJECTIVES
 
@@ -152,6 +152,7 @@ class FDistill(Objective):
         self.check_config(cfg, teacher)
         self.divergence = DIVERGENCES[cfg.divergence]
         self.fake_score = fake_score if fake_score is not None else trainable_copy_of_backbone(teacher, student)
+        self.dmd = DMDLoss(self)   # D_T, D_phi, the direction g and the fake-score loss (shared with rCM)
         self.uses_discriminator = uses_discriminator(cfg)
         if self.uses_discriminator and discriminator is None:
             try:
@@ -245,12 +246,10 @@ class FDistill(Objective):
         return self.discriminator(feats, t)
 
     def fake_x0(self, x_t, t, cond=None):
-        with frozen_eval(self.fake_score):
-            return velocity_net_x0(self.fake_score, x_t, t, cond)
+        return self.dmd.fake_x0(x_t, t, cond)
 
     def teacher_x0(self, x_t, t, cond=None):
-        with frozen_eval(self.teacher):
-            return self.teacher.x0(x_t, t, cond, self.cfg.guidance)
+        return self.dmd.teacher_x0(x_t, t, cond)
 
     @torch.no_grad()
     def bin_normalise(self, r: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
@@ -290,12 +289,7 @@ class FDistill(Objective):
         x_real, cond = batch["x"], batch.get("cond")
         n, dev, dt = x_real.shape[0], x_real.device, x_real.dtype
         acc = torch.promote_types(dt, torch.float32)
-        z = self.randn(*x_real.shape, device=dev).to(dt)
-        x = one_step_generate(self.student, z, cond)
-        t, coord = self.sample_times(n, cfg.time_range, dev)
-        t = t.to(dt)
-        eps = self.randn(*x_real.shape, device=dev).to(dt)
-        x_t = paths.interpolate(x, eps, t)
+        x, x_t, t, coord = self.dmd.generator_sample(x_real, cond, cfg.time_range)
         # targets in fp32 (autocast is off in frozen_eval; under mixed precision x_t may be bf16/fp16)
         x_target = x_t.detach().to(acc)
         d_teacher = self.teacher_x0(x_target, t.to(acc), cond).to(acc)
@@ -314,12 +308,7 @@ class FDistill(Objective):
             logs["log/h_max"] = h.max()
         else:
             h = torch.ones(n, device=dev, dtype=acc)
-        with torch.no_grad():
-            x_acc = x.detach().to(acc)
-            w = 1 / ((x_acc - d_teacher).abs().flatten(1).mean(1) + 1e-6) if cfg.dmd_normalizer else torch.ones_like(h)
-            g = (d_fake - d_teacher) * paths.expand_like(w * h.to(acc), x_acc)
-            g = torch.nan_to_num(g)
-        loss_dm = pseudo_target_loss(x, g)
+        loss_dm = pseudo_target_loss(x, self.dmd.direction(x, d_teacher, d_fake, h))
         loss = loss_dm
         if logits is not None and cfg.gan_weight > 0:
             loss_gan = F.softplus(-logits).mean()
@@ -331,16 +320,7 @@ class FDistill(Objective):
         cfg = self.cfg
         x_real, cond = batch["x"], batch.get("cond")
         n, dev, dt = x_real.shape[0], x_real.device, x_real.dtype
-        acc = torch.promote_types(dt, torch.float32)
-        z = self.randn(*x_real.shape, device=dev).to(dt)
-        with torch.no_grad():
-            x_fake = one_step_generate(self.student, z, cond)
-        t, _ = self.sample_times(n, cfg.critic_time_range, dev)
-        t = t.to(dt)
-        eps = self.randn(*x_real.shape, device=dev).to(dt)
-        x_t = paths.interpolate(x_fake, eps, t)
-        v = self.fake_score(x_t, t, t, cond)
-        loss_fake = (v.to(acc) - (eps - x_fake).to(acc)).pow(2).mean()
+        loss_fake, x_t, t = self.dmd.fake_score_loss(x_real, cond, cfg.critic_time_range)
         out = {"fake_score": loss_fake, "log/loss_fake_score": loss_fake.detach()}
         total = loss_fake.detach()
         if self.discriminator is not None:

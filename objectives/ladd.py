@@ -1,14 +1,21 @@
-"""LADD and the sCM + LADD hybrid of SANA-Sprint (Chen et al. 2025; LADD: Sauer et al. 2024).
+"""LADD (Sauer et al. 2024) and the sCM + LADD hybrid of SANA-Sprint (Chen et al. 2025).
 
 `LADDDiscriminator`: trainable heads (objectives/discriminators.py) on the **frozen teacher's** features
 at noised inputs. Only the heads train; the teacher stays frozen and its hooks are removed after every call
 (Teacher.features). Transformer token features [B, N, C] go to the heads as they are (FeatureDiscriminator
 reads them channels first).
 
-`scm_ladd`, G/D alternation (objectives.base.UpdateSchedule, generator first): cycles of
+`ladd` (the `LADD` class) is the adversarial distillation alone: the student is trained only by the adversarial
+term below, on the frozen teacher's features; `scm_ladd` (`SCMLADD`, a subclass) adds the sCM loss to its generator
+step and nothing else. Both sample the student like sCM (`student.sampler = "consistency"`): one jump to the data
+x_hat = cos s y - sin s F_theta(y, s), re-noised between steps; `ladd` reads sCM's time options (sigma_d, p_mean,
+p_std, time_clamp, sampler grid) for its generation times and refuses the sCM-only ones.
+
+`ladd` and `scm_ladd`, G/D alternation (objectives.base.UpdateSchedule, generator first): cycles of
 `critic_per_generator` + 1 steps, the student at the first and the heads at the others; the default 1 is
 strict alternation (even steps: student, odd steps: heads):
-* G: L = scm_weight L_sCM + adv_weight L_adv (1.0 and 0.5), with L_adv = -mean D(fake). The adversarial
+* G: L = scm_weight L_sCM + adv_weight L_adv (1.0 and 0.5; `ladd`: L = adv_weight L_adv, 1.0), with
+  L_adv = -mean D(fake). The adversarial
   sample: with probability `pure_noise_prob` s_G = pi/2 and y = eps (pure noise), otherwise a fresh sCM
   time and fresh noise; x_hat = cos s_G y - sin s_G F_theta(y, s_G) (with gradient).
 * D noise: s_D = arctan(e^tau / sigma_d), tau ~ N(d_mean, d_std^2), drawn independently for real and fake;
@@ -62,9 +69,9 @@ class LADDDiscriminator(nn.Module):
 
 
 @dataclass
-class SCMLADDConfig(SCMConfig):
+class LADDOptions:
+    """The adversarial options of `ladd` and `scm_ladd`."""
     critic_per_generator: int = 1       # discriminator updates per student update (the student first in each cycle)
-    scm_weight: float = 1.0
     adv_weight: float = 0.5
     pure_noise_prob: float = 0.5        # share of adversarial samples generated from pure noise at s = pi/2
     d_mean: float = -0.6                # discriminator noise: s_D = arctan(e^tau / sigma_d), tau ~ N(d_mean, d_std^2)
@@ -79,13 +86,50 @@ class SCMLADDConfig(SCMConfig):
     retired_keys: ClassVar[dict] = RETIRED_SCHEDULE_KEYS
 
 
-@OBJECTIVES.register("scm_ladd")
-class SCMLADD(Objective):
-    Config = SCMLADDConfig
+@dataclass
+class SCMLADDConfig(LADDOptions, SCMConfig):
+    scm_weight: float = 1.0
+
+
+#: SCMConfig options that only the sCM loss reads: `ladd` refuses values other than their defaults
+SCM_ONLY_OPTIONS = ("velocity", "guidance", "tangent_warmup", "tangent_norm", "tangent_norm_c", "prior_weight",
+                    "learn_logvar", "jvp", "fd_step")
+
+
+@dataclass
+class LADDConfig(LADDOptions, SCMConfig):
+    """`ladd`: the adversarial options and sCM's time and sampler options (sigma_d, p_mean, p_std, time_clamp,
+    sampler_data_std, sampler_intermediate, lr, betas, weight_decay); no sCM loss, so no log-variance head."""
+    adv_weight: float = 1.0             # the only term: its scale matters only through the optimiser
+    learn_logvar: bool = False
+
+
+def check_adversarial_config(name: str, cfg, teacher=...) -> None:
+    check_critic_per_generator(cfg)
+    if teacher is None:
+        raise ConfigError(f"objective {name} needs a teacher: its discriminator reads the teacher's features")
+    for key in ("adv_weight", "r1_weight", "r1_noise"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"objective.{key} must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.pure_noise_prob <= 1.0:
+        raise ConfigError(f"objective.pure_noise_prob must be in [0, 1], got {cfg.pure_noise_prob}")
+    if cfg.d_std <= 0 or cfg.head_hidden < 1:
+        raise ConfigError(f"objective.d_std must be > 0 and head_hidden >= 1, got {cfg.d_std}, {cfg.head_hidden}")
+    if len(cfg.disc_betas) != 2:
+        raise ConfigError(f"objective.disc_betas must be two numbers, got {cfg.disc_betas}")
+
+
+@OBJECTIVES.register("ladd")
+class LADD(Objective):
+    """Adversarial distillation on the frozen teacher's features alone (no sCM term); see the module docstring.
+    `self.scm` holds sCM's pieces that the adversarial sample uses (the student's TrigFlow field, sCM's times);
+    with `learn_logvar` off (`ladd`) it has no parameters."""
+
+    Config = LADDConfig
     needs_interval = True
     student_sampler = "consistency"
 
-    def __init__(self, student, teacher, cfg: SCMLADDConfig, discriminator: nn.Module | None = None):
+    def __init__(self, student, teacher, cfg, discriminator: nn.Module | None = None):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
@@ -99,19 +143,13 @@ class SCMLADD(Objective):
 
     @staticmethod
     def check_config(cfg, teacher=...) -> None:
-        check_scm_config(cfg, teacher)
-        check_critic_per_generator(cfg)
-        if teacher is None:
-            raise ConfigError("objective scm_ladd needs a teacher: its discriminator reads the teacher's features")
-        for name in ("scm_weight", "adv_weight", "r1_weight", "r1_noise"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"objective.{name} must be >= 0, got {getattr(cfg, name)}")
-        if not 0.0 <= cfg.pure_noise_prob <= 1.0:
-            raise ConfigError(f"objective.pure_noise_prob must be in [0, 1], got {cfg.pure_noise_prob}")
-        if cfg.d_std <= 0 or cfg.head_hidden < 1:
-            raise ConfigError(f"objective.d_std must be > 0 and head_hidden >= 1, got {cfg.d_std}, {cfg.head_hidden}")
-        if len(cfg.disc_betas) != 2:
-            raise ConfigError(f"objective.disc_betas must be two numbers, got {cfg.disc_betas}")
+        defaults = LADDConfig()
+        for key in SCM_ONLY_OPTIONS:
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(f"objective.{key} is an sCM-loss option and objective ladd has no sCM term (got "
+                                  f"{getattr(cfg, key)!r}); use objective scm_ladd for sCM + LADD")
+        check_scm_config(cfg, teacher if teacher is not None else ...)   # the time and sampler options
+        check_adversarial_config("ladd", cfg, teacher)
 
     @classmethod
     def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
@@ -162,18 +200,16 @@ class SCMLADD(Objective):
         y = cos * x_real + paths.expand_like(torch.sin(s), x_real) * eps
         return consistency_x0(y, s, self.scm.student_trig(y, s, cond))
 
+    def adversarial_loss(self, x_real: torch.Tensor, cond=None) -> torch.Tensor:
+        """L_adv = -mean D(x_hat): the heads frozen, the gradient reaching x_hat through the frozen teacher."""
+        x_hat = self.student_sample(x_real, cond)
+        x_t, t = self.noise_for_discriminator(x_hat)
+        return -self.discriminator(x_t, t, cond, frozen_heads=True).mean()
+
     def generator_loss(self, batch, step):
-        cfg = self.cfg
-        x_real, cond = batch["x"], batch.get("cond")
-        loss_scm, logs = self.scm(batch, step)
-        loss = cfg.scm_weight * loss_scm
-        if cfg.adv_weight > 0:
-            x_hat = self.student_sample(x_real, cond)
-            x_t, t = self.noise_for_discriminator(x_hat)
-            loss_adv = -self.discriminator(x_t, t, cond, frozen_heads=True).mean()
-            loss = loss + cfg.adv_weight * loss_adv
-            logs["log/loss_adv"] = loss_adv.detach()
-        return {"student": loss, "log/loss": loss.detach(), **logs}
+        loss_adv = self.adversarial_loss(batch["x"], batch.get("cond"))
+        loss = self.cfg.adv_weight * loss_adv
+        return {"student": loss, "log/loss": loss.detach(), "log/loss_adv": loss_adv.detach()}
 
     def discriminator_loss(self, batch):
         cfg = self.cfg
@@ -200,3 +236,28 @@ class SCMLADD(Objective):
             loss = loss + cfg.r1_weight * loss_r1
             out["log/loss_r1"] = loss_r1.detach()
         return {"disc": loss, "log/loss_disc": loss.detach(), "log/loss": loss.detach(), **out}
+
+
+@OBJECTIVES.register("scm_ladd")
+class SCMLADD(LADD):
+    """sCM + LADD (SANA-Sprint): `ladd` with the sCM loss added to the generator step."""
+
+    Config = SCMLADDConfig
+
+    @staticmethod
+    def check_config(cfg, teacher=...) -> None:
+        check_scm_config(cfg, teacher)
+        check_adversarial_config("scm_ladd", cfg, teacher)
+        if cfg.scm_weight < 0:
+            raise ConfigError(f"objective.scm_weight must be >= 0, got {cfg.scm_weight}")
+
+    def generator_loss(self, batch, step):
+        cfg = self.cfg
+        x_real, cond = batch["x"], batch.get("cond")
+        loss_scm, logs = self.scm(batch, step)
+        loss = cfg.scm_weight * loss_scm
+        if cfg.adv_weight > 0:
+            loss_adv = self.adversarial_loss(x_real, cond)
+            loss = loss + cfg.adv_weight * loss_adv
+            logs["log/loss_adv"] = loss_adv.detach()
+        return {"student": loss, "log/loss": loss.detach(), **logs}

@@ -20,7 +20,8 @@ from onestep.teachers.tiny import save_tiny_teacher
 from onestep.trainer import Trainer
 
 FAMILIES = ["gmm", "digits", "unet", "edm", "stable_diffusion", "sdxl", "sd3", "flux", "sana"]
-OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smt", "smd", "scm", "scm_ladd", "lightning"]
+OBJECTIVES = ["flow_matching", "splitmeanflow", "meanflow", "fdistill", "smt", "smd", "scm", "scm_ladd", "lightning",
+              "rcm", "ladd"]
 #: short schedules: every group steps within a few steps
 OBJECTIVE_OPTIONS = {
     "fdistill": ["objective.critic_per_generator=1"],
@@ -29,9 +30,10 @@ OBJECTIVE_OPTIONS = {
     "meanflow": ["objective.jvp=single"],
     "scm": ["objective.jvp=single", "objective.tangent_warmup=1"],
     "scm_ladd": ["objective.jvp=single", "objective.tangent_warmup=1"],
+    "rcm": ["objective.jvp=single", "objective.tangent_warmup=1"],
     "lightning": ["objective.teacher_steps=4", "objective.stages=[2,1]", "objective.stage_iters=[1,2]"],
 }
-JVP = {"meanflow", "scm", "scm_ladd"}
+JVP = {"meanflow", "scm", "scm_ladd", "rcm"}
 
 FAST = {(o, "sd3") for o in OBJECTIVES} | {("splitmeanflow", f) for f in FAMILIES}
 
