@@ -51,10 +51,10 @@ def classify(net, images):
 
 def main() -> None:
     import torch
+    from onestep.evaluation.features import load_digits_feature_net
 
     from onestep.data import load_digits
     from onestep.demo import evaluate_digits_seeds, reference_teacher
-    from onestep.evaluation.features import load_digits_feature_net
     from onestep.export import ExportError
     from onestep.runs import load_run, load_student
 

@@ -62,8 +62,9 @@ def build(family: str, folder: Path) -> None:
     """Random full-size weights of every component, saved as the pipeline folder the recipe's teacher loads."""
     import diffusers
     import torch
-    from onestep.dryrun import _class, full_size_models
     from onestep.teachers.tiny import clip_tokenizer
+
+    from onestep.dryrun import _class, full_size_models
 
     recipe, key, pipeline_name, scheduler, overrides = FAMILIES[family]
     from onestep.config import load_config
@@ -153,6 +154,7 @@ def measure(family: str, folder: Path, steps: int) -> dict:
     import ctypes
 
     import torch
+
     from onestep.config import load_config
     from onestep.dryrun import LiveBytes, dry_run_estimate
     from onestep.smoke import PeakMemory

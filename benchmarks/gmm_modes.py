@@ -36,9 +36,9 @@ def means() -> list[list[float]]:
 
 def train_and_score(name: str, steps: int, output_dir: str, threads: int = 1) -> dict:
     import torch
+    from onestep.evaluation.toy import energy_distance, mode_coverage
 
     from onestep.config import load_config
-    from onestep.evaluation.toy import energy_distance, mode_coverage
     from onestep.trainer import Trainer
 
     overrides = [

@@ -30,13 +30,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "sharded.json"
 
 
 def main(argv=None) -> None:
-    import torch
-
     import test_sharded as ts
     import test_sharded_crash as tc
+    import torch
     from onestep.teachers.tiny import save_tiny_teacher
-    from onestep.trainer import Trainer
     from sharded_worker import BATCH, STEPS, sharded_cfg
+
+    from onestep.trainer import Trainer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=len(tc.KILLS), help="how many of the kill points to run")

@@ -78,11 +78,11 @@ def plain_mlp(hidden: int = 256):
 def train_and_score(setting: str, seed: int, arch: str = "mlp", steps: int = 3000, batch: int = 512,
                     lr: float = 1e-3, samples: int = SAMPLES) -> dict:
     import torch
-
     from onestep.evaluation.toy import energy_distance
     from onestep.objectives.splitmeanflow import SplitMeanFlow, SplitMeanFlowConfig
-    from onestep.student import MLPAvgVelocity
     from onestep.teachers.gmm import GMMTeacher
+
+    from onestep.student import MLPAvgVelocity
 
     options, clip = SETTINGS[setting]
     # everything pinned here, so that a change of SplitMeanFlowConfig's defaults does not move old rows
@@ -135,7 +135,6 @@ def train_and_score(setting: str, seed: int, arch: str = "mlp", steps: int = 300
 
 def floor(samples: int = SAMPLES) -> float:
     import torch
-
     from onestep.evaluation.toy import energy_distance
 
     mix = mixture()
@@ -180,7 +179,6 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     import torch
-
     from onestep.objectives.splitmeanflow import SplitMeanFlowConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

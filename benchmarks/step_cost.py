@@ -44,10 +44,11 @@ def time_steps(objective, params, batch, warmup: int, steps: int) -> float:
 
 
 def main() -> None:
+    from onestep.teachers.digits import DigitsTeacher
+
     from onestep.data import load_digits
     from onestep.registry import OBJECTIVES, load_builtin
     from onestep.student import AvgVelocityUNet, student_from_teacher
-    from onestep.teachers.digits import DigitsTeacher
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)

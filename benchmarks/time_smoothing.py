@@ -23,9 +23,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "time_smoothing.json"
 
 
 def main() -> None:
-    from onestep.data import load_digits
     from onestep.evaluation.features import digits_fid
     from onestep.teachers.digits import DigitsTeacher
+
+    from onestep.data import load_digits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.002, 0.005, 0.01])

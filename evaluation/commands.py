@@ -16,7 +16,6 @@ import torch
 from .fid import FIDInputError
 from .geneval import GenEvalError
 
-
 # ------------------------------------------------------------------------------- run models
 
 class RunModels:

@@ -10,9 +10,9 @@ import time
 from typing import Callable
 
 import torch
+from onestep.evaluation.latency import _sync
 
 from onestep.errors import InputError
-from onestep.evaluation.latency import _sync
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

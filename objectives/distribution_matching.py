@@ -22,10 +22,10 @@ import copy
 from typing import Sequence
 
 import torch
+from onestep.objectives.base import frozen_eval
 from torch import nn
 
 from onestep import paths
-from onestep.objectives.base import frozen_eval
 
 
 def one_step_generate(student: nn.Module, z: torch.Tensor, cond=None) -> torch.Tensor:

@@ -47,18 +47,30 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, List, Optional
 
 import torch
+from onestep.objectives.base import (
+    GENERATOR,
+    RETIRED_SCHEDULE_KEYS,
+    Objective,
+    OptimDefaults,
+    UpdateSchedule,
+    check_critic_per_generator,
+)
+from onestep.objectives.discriminators import FeatureDiscriminator
+from onestep.objectives.distribution_matching import (
+    DMDLoss,
+    call_with_frozen_parameters,
+    global_mean,
+    global_sum,
+    karras_sigmas,
+    module_device_dtype,
+    pseudo_target_loss,
+    sample_noise_levels,
+    trainable_copy_of_backbone,
+)
 from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator,
-)
-from onestep.objectives.discriminators import FeatureDiscriminator
-from onestep.objectives.distribution_matching import (
-    DMDLoss, call_with_frozen_parameters, global_mean, global_sum, karras_sigmas, module_device_dtype,
-    pseudo_target_loss, sample_noise_levels, trainable_copy_of_backbone,
-)
 from onestep.registry import OBJECTIVES
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, logit_normal
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, frozen_eval, logit_normal
 from onestep.registry import OBJECTIVES
 
 

@@ -33,17 +33,22 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Sequence
 
 import torch
+from onestep.objectives.base import (
+    GENERATOR,
+    RETIRED_SCHEDULE_KEYS,
+    Objective,
+    OptimDefaults,
+    UpdateSchedule,
+    check_critic_per_generator,
+)
+from onestep.objectives.discriminators import FeatureDiscriminator
+from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
+from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
 from torch import nn
 from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator,
-)
-from onestep.objectives.discriminators import FeatureDiscriminator
-from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
-from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
 from onestep.registry import OBJECTIVES
 from onestep.trigflow import HALF_PI, consistency_x0, sample_trig_time
 

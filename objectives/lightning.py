@@ -51,17 +51,27 @@ from itertools import accumulate
 from typing import ClassVar, List, Optional
 
 import torch
+from onestep.objectives.base import (
+    GENERATOR,
+    RETIRED_SCHEDULE_KEYS,
+    Objective,
+    OptimDefaults,
+    UpdateSchedule,
+    check_critic_per_generator,
+    frozen_eval,
+)
+from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, find_module, module_features
+from onestep.objectives.distribution_matching import (
+    call_with_frozen_parameters,
+    module_device_dtype,
+    sample_shape_of,
+    trainable_copy_of_backbone,
+)
 from torch import nn
 from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
-)
-from onestep.objectives.discriminators import FeatureDiscriminator, concat_channels, find_module, module_features
-from onestep.objectives.distribution_matching import (
-    call_with_frozen_parameters, module_device_dtype, sample_shape_of, trainable_copy_of_backbone)
 from onestep.registry import OBJECTIVES
 
 GRIDS = ("auto", "uniform", "trailing")

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from onestep.objectives.base import Objective, OptimDefaults, anchor_tensor, autocast_off, frozen_eval, sample_intervals
+from onestep.teachers.base import NULL_LABEL, Teacher
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (Objective, OptimDefaults, anchor_tensor, autocast_off, frozen_eval,
-                                     sample_intervals)
 from onestep.registry import OBJECTIVES
-from onestep.teachers.base import NULL_LABEL, Teacher
 
 JVP_MODES = ("single", "split", "finite_difference")
 

@@ -34,15 +34,24 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
-from onestep.errors import ConfigError
 from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator,
+    GENERATOR,
+    RETIRED_SCHEDULE_KEYS,
+    Objective,
+    OptimDefaults,
+    UpdateSchedule,
+    check_critic_per_generator,
 )
 from onestep.objectives.distribution_matching import (
-    DMDLoss, karras_sigmas, sample_noise_levels, trainable_copy_of_backbone,
+    DMDLoss,
+    karras_sigmas,
+    sample_noise_levels,
+    trainable_copy_of_backbone,
 )
 from onestep.objectives.fdistill import check_time_options
 from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
+
+from onestep.errors import ConfigError
 from onestep.registry import OBJECTIVES
 
 

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from onestep.objectives.base import Objective, OptimDefaults, autocast_off, frozen_eval
 from torch import nn
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, OptimDefaults, autocast_off, frozen_eval
 from onestep.registry import OBJECTIVES
 from onestep.student import sinusoidal_embedding
 from onestep.trigflow import HALF_PI, consistency_times, sample_trig_time, teacher_trig_field, trig_field

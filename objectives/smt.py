@@ -67,22 +67,34 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
 import torch
+from onestep.objectives.base import (
+    GENERATOR,
+    RETIRED_SCHEDULE_KEYS,
+    Objective,
+    OptimDefaults,
+    UpdateSchedule,
+    check_critic_per_generator,
+    frozen_eval,
+)
+from onestep.objectives.discriminators import FeatureDiscriminator, find_module, module_features
+from onestep.objectives.distribution_matching import (
+    call_with_frozen_parameters,
+    karras_sigmas,
+    module_device_dtype,
+    one_step_generate,
+    pseudo_target_loss,
+    sample_noise_levels,
+    sample_shape_of,
+    trainable_copy_of_backbone,
+)
+from onestep.objectives.fdistill import check_time_options
+from onestep.teachers.base import Teacher
 from torch import nn
 from torch.nn import functional as F
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (
-    GENERATOR, RETIRED_SCHEDULE_KEYS, Objective, OptimDefaults, UpdateSchedule, check_critic_per_generator, frozen_eval,
-)
-from onestep.objectives.discriminators import FeatureDiscriminator, find_module, module_features
-from onestep.objectives.distribution_matching import (
-    call_with_frozen_parameters, karras_sigmas, module_device_dtype, one_step_generate, pseudo_target_loss,
-    sample_noise_levels, sample_shape_of, trainable_copy_of_backbone,
-)
-from onestep.objectives.fdistill import check_time_options
 from onestep.registry import OBJECTIVES
-from onestep.teachers.base import Teacher
 
 GENERATOR_WEIGHTS = ("adaptive", "dmd", "none")
 SCORE_WEIGHTINGS = ("velocity", "edm")

@@ -22,12 +22,17 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from onestep.objectives.base import (
+    Objective,
+    OptimDefaults,
+    anchor_tensor,
+    at_least_one_row,
+    frozen_eval,
+    sample_intervals,
+)
 
 from onestep import paths
 from onestep.errors import ConfigError
-from onestep.objectives.base import (
-    Objective, OptimDefaults, anchor_tensor, at_least_one_row, frozen_eval, sample_intervals,
-)
 from onestep.registry import OBJECTIVES
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from onestep.errors import ConfigError
 from onestep.config import RunConfig, section_config, teacher_families
+from onestep.errors import ConfigError
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
 
 

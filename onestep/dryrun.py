@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import weakref
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from onestep.errors import ConfigError
 from onestep.config import RunConfig, validate
+from onestep.errors import ConfigError
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}

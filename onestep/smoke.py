@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onestep.errors import ConfigError
 from onestep.config import RunConfig, validate
+from onestep.errors import ConfigError
 
 #: images each export generates and eval scores
 SMOKE_IMAGES = 8
@@ -237,7 +237,7 @@ def load_and_sample(export: Path, fmt: str, tiny: RunConfig, teacher, prompts, o
             scheduler_cls = getattr(pipelines, config["_class_name"])
         pipe.scheduler = scheduler_cls.from_pretrained(str(export), subfolder="scheduler")
     elif json.loads((export / "model_index.json").read_text())["_class_name"] == "OneStepPipeline":
-        from onestep.pipelines import OneStepPipeline   # the digits family's onestep format (needs onestep)
+        from onestep.pipelines import OneStepPipeline  # the digits family's onestep format (needs onestep)
 
         pipe = OneStepPipeline.from_pretrained(str(export))
     else:

@@ -10,11 +10,11 @@ import copy
 from typing import Callable, ClassVar, Sequence
 
 import torch
+from onestep.teachers.capabilities import FullSizeSpec, TeacherCapabilities
 from torch import nn
 
 from onestep import paths
 from onestep.sampling import solve_ode
-from onestep.teachers.capabilities import FullSizeSpec, TeacherCapabilities
 
 NULL_LABEL = -1  # class label meaning "no condition" for class-conditional teachers
 

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-
 from onestep.teachers.base import Teacher
 from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.loading import (
-    TeacherFilesMissingError, TeacherWeightsError, check_local_pipeline, dtype_kwargs, hub_offline,
+    TeacherFilesMissingError,
+    TeacherWeightsError,
+    check_local_pipeline,
+    dtype_kwargs,
+    hub_offline,
     load_from_pretrained,
 )
 

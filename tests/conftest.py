@@ -1,9 +1,9 @@
 import pytest
 import torch
+from onestep.teachers.gmm import GMMTeacher, four_component_mixture
 from torch import nn
 
 from onestep.student import AvgVelocityField
-from onestep.teachers.gmm import GMMTeacher, four_component_mixture
 
 
 class ExactAvgVelocity(AvgVelocityField):

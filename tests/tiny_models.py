@@ -4,7 +4,6 @@ tests), and a 2-D field with dropout (the JVP objectives' mask replay).
 The builders live in `onestep.teachers.tiny` and the families' `tiny.py` (the dry run of `onestep distill`
 uses them too); nothing there downloads."""
 import torch
-
 from onestep.teachers.stable_diffusion.tiny import tiny_sd_unet  # noqa: F401
 from onestep.teachers.tiny import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_vae  # noqa: F401
 from onestep.teachers.unet.tiny import tiny_pixel_unet  # noqa: F401

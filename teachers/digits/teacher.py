@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
+from onestep.teachers.base import Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.loading import _first_line
 
 from onestep.errors import ConfigError, TeacherWeightsError
 from onestep.registry import TEACHERS
 from onestep.student import AvgVelocityUNet
-from onestep.teachers.base import Teacher
-from onestep.teachers.capabilities import TeacherCapabilities
-from onestep.teachers.loading import _first_line
 
 TIME_SCALE = 1000.0  # the UNet sees timestep = 1000 * flow time (unless the folder's onestep.json says otherwise)
 #: what diffusers' config.json cannot hold: {"time_scale": s}, the UNet's timestep = s * flow time. Written only

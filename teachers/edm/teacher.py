@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
-
-from onestep import paths
-from onestep.errors import ConfigError
-from onestep.registry import TEACHERS
 from onestep.teachers.base import NULL_LABEL, Teacher
 from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.edm.full_size import EDM_FULL_SIZE
 from onestep.teachers.edm.tiny import save_tiny
 from onestep.teachers.loading import check_dtype_option, dtype_kwargs, load_from_pretrained
 from onestep.teachers.unet.teacher import _check_no_meta, unet_feature_layers
+from torch import nn
+
+from onestep import paths
+from onestep.errors import ConfigError
+from onestep.registry import TEACHERS
 
 LABEL_FORMATS = ("index", "one_hot")
 

@@ -2,7 +2,12 @@
 
 `teacher.py` the adapters, `tiny.py` their tiny builders, `full_size.py` their full-size specs."""
 from onestep.teachers.flow_transformer.teacher import (
-    FluxTeacher, FluxTeacherConfig, SanaTeacher, SanaTeacherConfig, SD3Teacher, SD3TeacherConfig,
+    FluxTeacher,
+    FluxTeacherConfig,
+    SanaTeacher,
+    SanaTeacherConfig,
+    SD3Teacher,
+    SD3TeacherConfig,
 )
 
 __all__ = ["SD3Teacher", "SD3TeacherConfig", "FluxTeacher", "FluxTeacherConfig", "SanaTeacher", "SanaTeacherConfig"]

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-
-from onestep import paths
-from onestep.errors import ConfigError
-from onestep.registry import TEACHERS
-from onestep.sampling import solve_ode
 from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.flow_transformer.full_size import FLUX_FULL_SIZE, SANA_FULL_SIZE, SD3_FULL_SIZE
 from onestep.teachers.flow_transformer.tiny import save_tiny_flux, save_tiny_sana, save_tiny_sd3
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
 from onestep.teachers.loading import check_dtype_option
+
+from onestep import paths
+from onestep.errors import ConfigError
+from onestep.registry import TEACHERS
+from onestep.sampling import solve_ode
 
 
 class _FlowTransformerTeacher(LatentTeacher):

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from onestep.teachers.tiny import (
-    TINY_RESOLUTION, TINY_SEQUENCE, clip_text_encoder, clip_tokenizer, t5_encoder, tiny_vae,
+    TINY_RESOLUTION,
+    TINY_SEQUENCE,
+    clip_text_encoder,
+    clip_tokenizer,
+    t5_encoder,
+    tiny_vae,
 )
 
 

@@ -11,12 +11,12 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+from onestep.teachers.base import NULL_LABEL, Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
 
 from onestep.errors import ConfigError
 from onestep.paths import batch_time
 from onestep.registry import TEACHERS
-from onestep.teachers.base import NULL_LABEL, Teacher
-from onestep.teachers.capabilities import TeacherCapabilities
 
 
 class GaussianMixture:

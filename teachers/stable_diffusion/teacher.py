@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-
-from onestep.errors import ConfigError
-from onestep.registry import TEACHERS
 from onestep.teachers.capabilities import TeacherCapabilities
 from onestep.teachers.latent import LatentTeacher, PromptCondition, _load_pipeline
 from onestep.teachers.loading import check_dtype_option
@@ -24,6 +21,9 @@ from onestep.teachers.stable_diffusion.full_size import SD_FULL_SIZE, SDXL_FULL_
 from onestep.teachers.stable_diffusion.tiny import save_tiny_sd, save_tiny_sdxl
 from onestep.teachers.unet.teacher import unet_feature_layers
 from onestep.teachers.vp import DiscreteVPModelTime
+
+from onestep.errors import ConfigError
+from onestep.registry import TEACHERS
 
 _SD_COMPONENTS = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
                   "scheduler": "scheduler"}

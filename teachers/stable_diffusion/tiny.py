@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from onestep.teachers.tiny import TINY_RESOLUTION, clip_text_encoder, clip_tokenizer, tiny_vae, tiny_vp_scheduler
 
 

@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from onestep.teachers.base import NULL_LABEL, Teacher
+from onestep.teachers.capabilities import TeacherCapabilities
+from onestep.teachers.loading import (
+    TeacherWeightsError,
+    check_dtype_option,
+    dtype_kwargs,
+    load_from_pretrained,
+)
+from onestep.teachers.unet.full_size import UNET_FULL_SIZE
+from onestep.teachers.unet.tiny import save_tiny
+from onestep.teachers.vp import DiscreteVPModelTime
 
 from onestep.errors import ConfigError
 from onestep.registry import TEACHERS
-from onestep.teachers.base import NULL_LABEL, Teacher
-from onestep.teachers.capabilities import TeacherCapabilities
-from onestep.teachers.unet.full_size import UNET_FULL_SIZE
-from onestep.teachers.unet.tiny import save_tiny
-from onestep.teachers.loading import (
-    TeacherWeightsError, check_dtype_option, dtype_kwargs, load_from_pretrained,
-)
-from onestep.teachers.vp import DiscreteVPModelTime
 
 
 def _check_no_meta(model, family: str, where: str, option: str = "teacher.path") -> None:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from onestep.evaluation.report import PROTOCOL_KEYS
 
 from onestep.cli import main
 from onestep.config import load_config
-from onestep.evaluation.report import PROTOCOL_KEYS
 from onestep.trainer import Trainer
 
 
@@ -45,6 +45,7 @@ def digits_ref(tmp_path_factory):
 def test_eval_fid_on_a_run(run_dir, digits_ref, tmp_path, capsys):
     from onestep.evaluation.fid import compute_fid, load_images
     from onestep.evaluation.generate import shard_generator
+
     from onestep.runs import load_run, load_student
 
     out = tmp_path / "fid"
@@ -107,11 +108,10 @@ def test_latency_bad_steps(run_dir, capsys):
 
 
 def test_eval_clip_and_geneval_on_image_folders(tmp_path, capsys):
+    from onestep.evaluation.clip_score import clip_score
     from PIL import Image
     from test_eval_clip_score import tiny_clip
     from test_eval_geneval import tiny_mask2former
-
-    from onestep.evaluation.clip_score import clip_score
 
     clip = tiny_clip(tmp_path)
     rng = np.random.default_rng(0)
@@ -184,11 +184,10 @@ def sd_run(tmp_path_factory):
 
 
 def test_clip_and_geneval_generate_from_a_text_to_image_run(sd_run, tmp_path):
-    from test_eval_clip_score import tiny_clip
-    from test_eval_geneval import tiny_mask2former
-
     from onestep.evaluation.clip_score import clip_score
     from onestep.evaluation.fid import load_images
+    from test_eval_clip_score import tiny_clip
+    from test_eval_geneval import tiny_mask2former
 
     clip = tiny_clip(tmp_path)
     prompts = tmp_path / "prompts.txt"

@@ -6,7 +6,6 @@ mean_i max(100 cos_i, 0); the two agree whenever no cosine is negative (always, 
 import numpy as np
 import pytest
 import torch
-
 from tiny_models import clip_tokenizer
 
 
@@ -45,9 +44,8 @@ def hand_clip_score(model, proc, images_u8, prompts):
 
 
 def test_clip_score_equals_hand_computation(tmp_path):
-    from transformers import CLIPModel, CLIPProcessor
-
     from onestep.evaluation.clip_score import clip_score
+    from transformers import CLIPModel, CLIPProcessor
 
     path = tiny_clip(tmp_path)
     rng = np.random.default_rng(0)

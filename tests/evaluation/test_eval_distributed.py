@@ -28,10 +28,10 @@ WORK = re.compile(r"process (\d) of 2 \(cpu\): generated shards \[([\d, ]*)\]; f
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A run trained for one step, 300 digits as the reference, 5 images with prompts and a tiny CLIP."""
+    from onestep.evaluation.fid import to_uint8_images
     from test_eval_clip_score import tiny_clip
 
     from onestep.data import load_digits
-    from onestep.evaluation.fid import to_uint8_images
 
     root = tmp_path_factory.mktemp("evaldist")
     torch.manual_seed(0)
@@ -135,7 +135,12 @@ def test_each_process_did_its_share(one_and_two):
 def test_a_lost_share_would_change_the_fid(one_and_two, setup):
     """The 1e-6 agreement is a real check: without process 1's shard the FID moves by far more."""
     from onestep.evaluation.fid import (
-        DigitsImageFeatures, image_features, load_images, reference_statistics, torchmetrics_frechet)
+        DigitsImageFeatures,
+        image_features,
+        load_images,
+        reference_statistics,
+        torchmetrics_frechet,
+    )
 
     one, _, _ = one_and_two
     extractor = DigitsImageFeatures()

@@ -4,11 +4,10 @@ loading and its one-line errors."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-
 from onestep.evaluation import fid as F
 from onestep.evaluation import inception
+from PIL import Image
+from torch import nn
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # inside clean-fid
 
@@ -207,8 +206,9 @@ def test_inception_loads_a_local_torchscript_file(tmp_path):
 
 
 def test_digits_features_through_the_image_path():
-    from onestep.data import load_digits
     from onestep.evaluation.features import extract_features
+
+    from onestep.data import load_digits
 
     imgs = load_digits("heldout").images[:200]
     u8 = F.to_uint8_images(imgs)  # grey repeated to RGB, quantised

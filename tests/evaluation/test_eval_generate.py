@@ -3,7 +3,6 @@ same samples as an uninterrupted run, refused with other settings."""
 import numpy as np
 import pytest
 import torch
-
 from onestep.evaluation.fid import FIDInputError, load_images
 from onestep.evaluation.generate import GenerationError, generate_shards
 

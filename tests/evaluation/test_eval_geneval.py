@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from onestep.evaluation import geneval as G
 from onestep.evaluation.geneval import Detection as D
+from PIL import Image
 
 
 def box(cx, cy, w=10, h=10):
@@ -248,7 +247,12 @@ def test_metadata_errors(tmp_path, monkeypatch):
 
 
 def tiny_mask2former(folder):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                       window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])

@@ -2,7 +2,6 @@
 import time
 
 import pytest
-
 from onestep.evaluation.latency import latency_table, measure_latency
 
 

@@ -4,7 +4,6 @@ brute-force numpy loops written from the papers' definitions, plus limiting case
 import numpy as np
 import pytest
 import torch
-
 from onestep.evaluation import precision_recall as PR
 from onestep.evaluation.precision_recall import coverage_metrics, density_coverage, knn_radii, precision_recall
 

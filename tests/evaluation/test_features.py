@@ -6,11 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from onestep.evaluation.features import (
+    classifier_accuracy,
+    default_asset_dir,
+    digits_fid,
+    load_digits_feature_net,
+)
 
 from onestep.data import load_digits
-from onestep.evaluation.features import (
-    classifier_accuracy, default_asset_dir, digits_fid, load_digits_feature_net,
-)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from onestep.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
 
 

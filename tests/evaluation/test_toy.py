@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
 from onestep.evaluation.toy import energy_distance, mode_coverage, sliced_wasserstein
 
 

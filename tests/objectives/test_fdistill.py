@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from onestep.objectives.fdistill import DIVERGENCES, FDistill, FDistillConfig
+from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 from torch import nn
 from torch.nn import functional as F
 
 from onestep.config import ConfigError
-from onestep.objectives.fdistill import DIVERGENCES, FDistill, FDistillConfig
 from onestep.student import MLPAvgVelocity
-from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 
 
 class AffineGenerator(nn.Module):
@@ -348,9 +348,10 @@ def test_karras_noise_levels(gmm_teacher):
 # --- the trainer: several groups, EMA, checkpoints, exact resume -------------------------------------
 
 def test_resume_continues_exactly_with_every_group(tmp_path):
+    from safetensors.torch import load_file
+
     from onestep.config import load_config
     from onestep.trainer import Trainer
-    from safetensors.torch import load_file
 
     def cfg(name, steps):
         return load_config(None, [
@@ -450,7 +451,6 @@ def test_discriminator_heads_for_vector_token_and_map_features():
 def tiny_class_conditional_unet_teacher():
     """A pixel DDPM adapter (v-prediction, 10 classes + a null class) around a tiny random UNet."""
     from diffusers import DDIMScheduler, UNet2DModel
-
     from onestep.teachers.unet import UNetTeacher
 
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """LADD and sCM + LADD: hinge loss, misaligned pairs, frozen heads in the student step, alternation."""
 import torch
+from onestep.objectives.ladd import SCMLADD, LADDDiscriminator, SCMLADDConfig
 from torch import nn
 
-from onestep.objectives.ladd import LADDDiscriminator, SCMLADD, SCMLADDConfig
 from onestep.student import MLPAvgVelocity
 
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from onestep.objectives.lightning import Lightning, LightningConfig
+from onestep.teachers.gmm import GMMTeacher
 
 from onestep import paths
-from onestep.objectives.lightning import Lightning, LightningConfig
 from onestep.paths import trailing_timesteps
 from onestep.sampling import solve_ode
 from onestep.student import AvgVelocityField, MLPAvgVelocity
-from onestep.teachers.gmm import GMMTeacher
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 32, 128])
@@ -88,7 +88,6 @@ def test_first_timestep_input_is_pure_noise(gmm_teacher):
 
 def test_vp_teacher_grid_is_trailing_with_pure_noise_on_top(tmp_path):
     from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
-
     from onestep.teachers.unet import UNetTeacher
 
     torch.manual_seed(0)
@@ -216,9 +215,9 @@ def tiny_vp_unet_student():
     """A float64 TeacherStudent of a tiny eps-prediction UNet2DModel on SD's schedule, its interval embedding
     random (so t - r changes the backbone's output)."""
     from diffusers import DDIMScheduler, UNet2DModel
+    from onestep.teachers.unet import UNetTeacher
 
     from onestep.student import student_from_teacher
-    from onestep.teachers.unet import UNetTeacher
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
@@ -409,9 +408,10 @@ def test_resume_and_rebuilt_students_in_the_one_step_stage_read_x0(tmp_path):
     """A run of a tiny pixel DDPM (eps) with stages [2, 1] x 2 steps: a checkpoint whose last trained step was in the
     1-step stage reads x0 when the trainer resumes from it (before any loss runs) and when export / evaluation
     rebuild its student; the checkpoint at the stage boundary (trained only in the 2-step stage) reads eps."""
+    from onestep.teachers.tiny import save_tiny_teacher
+
     from onestep.config import load_config
     from onestep.runs import load_run, load_student
-    from onestep.teachers.tiny import save_tiny_teacher
     from onestep.trainer import Trainer
 
     teacher_opts = save_tiny_teacher("unet", {}, tmp_path / "teacher")
@@ -448,7 +448,7 @@ def test_export_of_a_one_step_stage_sd_student_is_ddim_sample_in_stock_diffusers
     import json
 
     from safetensors.torch import load_file, save_file
-    from test_export_families import PROMPT, _perturb_full, _sd, _randomise, isolated
+    from test_export_families import PROMPT, _perturb_full, _randomise, _sd, isolated
     from tiny_models import clip_tokenizer
 
     from onestep.build import build_student, build_teacher

@@ -2,12 +2,12 @@
 Gaussian mixture, stop-gradient placement, the two JVP variants, CFG mixing, and wrong tangents."""
 import pytest
 import torch
-
-from onestep.config import ConfigError
 from onestep.evaluation.toy import energy_distance
 from onestep.objectives.meanflow import MeanFlow, MeanFlowConfig
-from onestep.student import AvgVelocityUNet, MLPAvgVelocity
 from tiny_models import DropoutField
+
+from onestep.config import ConfigError
+from onestep.student import AvgVelocityUNet, MLPAvgVelocity
 
 
 def batch(gmm_teacher, n=32, seed=0):
@@ -294,10 +294,11 @@ def test_attention_backend_from_the_config_reaches_the_student(tmp_path):
 def test_cfg_mixing_with_prompt_conditions(tmp_path, monkeypatch):
     """A text-conditional student: dropout puts the teacher's empty-prompt condition in the dropped rows,
     and v_g = omega v + kappa u(c) + (1 - omega - kappa) u(null) computed by hand from the student."""
+    from onestep.teachers.tiny import save_tiny_teacher
+
     from onestep.config import section_config
     from onestep.registry import TEACHERS, load_builtin
     from onestep.student import student_from_teacher
-    from onestep.teachers.tiny import save_tiny_teacher
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     load_builtin()

@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
+from onestep.teachers.tiny import save_tiny_teacher
 
 from onestep.config import load_config
-from onestep.teachers.tiny import save_tiny_teacher
 from onestep.trainer import Trainer
 
 FAMILIES = ["gmm", "digits", "unet", "edm", "stable_diffusion", "sdxl", "sd3", "flux", "sana"]

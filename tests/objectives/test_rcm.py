@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-
-from onestep.config import ConfigError, load_config
 from onestep.objectives.fdistill import FDistill, FDistillConfig
-from onestep.objectives.ladd import LADD, LADDConfig, SCMLADD, SCMLADDConfig
+from onestep.objectives.ladd import LADD, SCMLADD, LADDConfig, SCMLADDConfig
 from onestep.objectives.rcm import RCM, RCMConfig
 from onestep.objectives.scm import SCM, SCMConfig
+
+from onestep.config import ConfigError, load_config
 from onestep.student import MLPAvgVelocity
 
 

@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
+from onestep.objectives.scm import SCM, SCMConfig
+from tiny_models import DropoutField
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.scm import SCM, SCMConfig
 from onestep.student import MLPAvgVelocity
 from onestep.trigflow import HALF_PI, TrigFlowStudent, consistency_times, consistency_x0, teacher_trig_field
-from tiny_models import DropoutField
 
 
 def direct_trig_field(teacher, y, s, cond=None):
@@ -29,8 +29,9 @@ def test_flow_to_trigflow_conversion_is_exact_on_the_mixture(gmm_teacher):
 
 
 def test_student_at_init_equals_teacher_in_trigflow():
-    from onestep.student import student_from_teacher
     from onestep.teachers.digits import DigitsTeacher
+
+    from onestep.student import student_from_teacher
 
     teacher = DigitsTeacher.from_pretrained()
     student = student_from_teacher(teacher)

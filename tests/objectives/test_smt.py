@@ -7,13 +7,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from onestep.objectives.smt import SMD, SMT, ExplicitMixtureScore, MixtureScore, SMDConfig, SMTConfig
+from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 from torch import nn
 
 from onestep import paths
 from onestep.config import ConfigError
-from onestep.objectives.smt import SMD, SMT, ExplicitMixtureScore, MixtureScore, SMDConfig, SMTConfig
 from onestep.student import MLPAvgVelocity
-from onestep.teachers.gmm import GaussianMixture, GMMTeacher
 
 
 class AffineGenerator(nn.Module):
@@ -402,8 +402,9 @@ def test_explicit_smd_on_the_digits_teacher():
     """alpha = 1 is the teacher and alpha = 0 the fake net, exactly; the score loss trains the fake net
     and the logit head (not the teacher, not the generator); the generator's GAN term reaches the
     generator only through x; checkpoints hold the fake net and the head, not a second teacher."""
-    from onestep.student import student_from_teacher
     from onestep.teachers.digits import DigitsTeacher
+
+    from onestep.student import student_from_teacher
 
     teacher = DigitsTeacher.from_pretrained()
     obj = SMD(student_from_teacher(teacher), teacher, SMDConfig(mixture="explicit"))

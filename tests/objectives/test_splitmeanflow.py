@@ -1,9 +1,9 @@
 """SplitMeanFlow against the exact average velocity of the Gaussian mixture."""
 import pytest
 import torch
+from onestep.objectives.splitmeanflow import SplitMeanFlow, SplitMeanFlowConfig
 
 from onestep.config import ConfigError
-from onestep.objectives.splitmeanflow import SplitMeanFlow, SplitMeanFlowConfig
 from onestep.student import MLPAvgVelocity
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from onestep.objectives.discriminators import FeatureDiscriminator, TokenHead
 from test_recipes import _build_teacher, _tiny_teacher_section
 
 from onestep import paths
-from onestep.objectives.discriminators import FeatureDiscriminator, TokenHead
 from onestep.student import sinusoidal_embedding, student_from_teacher
 
 FAMILIES = ["sd3", "sana"]

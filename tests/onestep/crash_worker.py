@@ -27,8 +27,9 @@ import torch
 torch.set_num_threads(1)
 # import everything a training segment needs once, before forking: children then start in milliseconds
 import diffusers.training_utils  # noqa: E402,F401
-import onestep.trainer  # noqa: E402,F401
 import torch.utils.tensorboard  # noqa: E402,F401
+
+import onestep.trainer  # noqa: E402,F401
 from onestep.registry import load_builtin  # noqa: E402
 
 load_builtin()

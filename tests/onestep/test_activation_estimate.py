@@ -3,10 +3,10 @@ matrix products), and the trace on fake tensors (no memory) counts exactly what 
 holds, for a latent teacher loaded through its adapter from a local folder's configs. benchmarks/full_size.py
 compares the whole estimate with peak memory measured at full size."""
 import torch
+from onestep.teachers.tiny import save_tiny_teacher
 
 from onestep.config import load_config
 from onestep.dryrun import LiveBytes, activation_bytes
-from onestep.teachers.tiny import save_tiny_teacher
 
 
 def test_live_bytes_counts_what_is_held_at_once():

@@ -33,13 +33,13 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onestep.teachers.digits import DigitsTeacher, TeacherWeightsError, shipped_weights_dir
 
 import onestep.cli as cli
 from onestep.cli import main
-from onestep.config import ConfigError, DataSection, EvalSection, RunConfig, StudentSection, TrainSection, load_config
+from onestep.config import DataSection, EvalSection, RunConfig, StudentSection, TrainSection, load_config
 from onestep.data import DataError, load_image_folder, load_prompts
 from onestep.registry import OBJECTIVES, TEACHERS, load_builtin
-from onestep.teachers.digits import DigitsTeacher, TeacherWeightsError, shipped_weights_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CASES: dict[str, bool] = {}      # table case id -> clean error

@@ -17,8 +17,17 @@ from onestep.trainer import Trainer
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from distributed_worker import (  # noqa: E402
-    EVAL_NOISE, FDISTILL_GRAD, FDISTILL_GRAD_STEP, MULTI_GROUP, OBJECTIVES, fdistill_generator_gradient, gmm_cfg,
-    meanflow_gradient, params, sharded_samples, trainable_state,
+    EVAL_NOISE,
+    FDISTILL_GRAD,
+    FDISTILL_GRAD_STEP,
+    MULTI_GROUP,
+    OBJECTIVES,
+    fdistill_generator_gradient,
+    gmm_cfg,
+    meanflow_gradient,
+    params,
+    sharded_samples,
+    trainable_state,
 )
 
 BATCH, STEPS = 16, 50

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DModel
+from onestep.teachers.digits.exporter import PixelUNetExporter
 from safetensors.torch import load_file, save_file
 
-from onestep.cli import main
 from onestep.checkpoint import write_checksums
+from onestep.cli import main
 from onestep.config import load_config
 from onestep.export import ExportError, export_run, fold_interval_embedding
-from onestep.teachers.digits.exporter import PixelUNetExporter
 from onestep.runs import load_run, load_student
 from onestep.trainer import Trainer
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from test_export import NO_ONESTEP as BLOCK_ONESTEP, snippet
+from test_export import NO_ONESTEP as BLOCK_ONESTEP
+from test_export import snippet
 from tiny_models import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_sd_unet, tiny_vae
 
 from onestep.build import build_student, build_teacher

@@ -1,6 +1,5 @@
 """The import contracts of pyproject.toml: no cycles, and the layers (commands > runs > training > models)."""
 import pytest
-
 from lint_imports import lint_imports
 
 

@@ -13,9 +13,9 @@ import socket
 import pytest
 import torch
 import yaml
+from onestep.teachers.tiny import save_tiny_teacher
 
 from onestep.config import ConfigError, load_config
-from onestep.teachers.tiny import save_tiny_teacher
 
 RECIPES = ["cifar10_splitmeanflow", "imagenet64_smd", "sd15_splitmeanflow", "sd15_fdistill", "sdxl_fdistill",
            "sd3_splitmeanflow", "flux_splitmeanflow", "sana_splitmeanflow"]

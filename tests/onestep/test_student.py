@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DModel
+from onestep.teachers.digits import DIGITS_UNET_CONFIG, DigitsTeacher
 
 from onestep.sampling import sample_avg_velocity
 from onestep.student import AvgVelocityUNet, MLPAvgVelocity, student_from_teacher
-from onestep.teachers.digits import DIGITS_UNET_CONFIG, DigitsTeacher
 
 
 def random_digits_teacher(seed=0):
@@ -82,7 +82,6 @@ def test_sampler_with_exact_field_reproduces_flow_map(exact_field, gmm_teacher, 
 
 def test_digits_teacher_features_by_layer_name_and_hooks_removed():
     import pytest
-
     from onestep.teachers.digits import DigitsTeacher
 
     teacher = DigitsTeacher.from_pretrained()
@@ -194,8 +193,9 @@ def test_teacher_fine_tune_student_is_a_trainable_velocity_copy():
 
 
 def test_shipped_dense_teacher_and_bad_choice():
-    from onestep.config import ConfigError, load_config
     from onestep.teachers.digits import SHIPPED
+
+    from onestep.config import ConfigError, load_config
 
     assert set(SHIPPED) == {"standard", "dense"}
     dense = DigitsTeacher.from_pretrained(shipped="dense")

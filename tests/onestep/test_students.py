@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-
 from tiny_models import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_sd_unet, tiny_vae
 
 from onestep.student import TeacherStudent, student_from_teacher
@@ -52,7 +51,6 @@ def _edm_teacher(tmp):
 
 def _sd_teacher(tmp):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from onestep.teachers.stable_diffusion import StableDiffusionTeacher
 
     tok = clip_tokenizer(tmp / "vocab")
@@ -64,7 +62,6 @@ def _sd_teacher(tmp):
 
 def _sdxl_teacher(tmp):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-
     from onestep.teachers.stable_diffusion import SDXLTeacher
 
     tok = clip_tokenizer(tmp / "vocab")
@@ -78,7 +75,6 @@ def _sdxl_teacher(tmp):
 
 def _sd3_teacher(tmp):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     from onestep.teachers.flow_transformer import SD3Teacher
 
     tok = clip_tokenizer(tmp / "vocab")
@@ -97,7 +93,6 @@ def _sd3_teacher(tmp):
 
 def _flux_teacher(tmp):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
     from onestep.teachers.flow_transformer import FluxTeacher
 
     tok = clip_tokenizer(tmp / "vocab")
@@ -115,7 +110,6 @@ def _flux_teacher(tmp):
 
 def _sana_teacher(tmp):
     from onestep.teachers.flow_transformer import SanaTeacher
-
     from onestep.teachers.flow_transformer.tiny import tiny_sana_pipeline
 
     return SanaTeacher(tiny_sana_pipeline(clip_tokenizer(tmp / "vocab")), None, SEQ)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from onestep.objectives.scm import SCMConfig
+from onestep.objectives.smt import SMTConfig
 from safetensors.torch import load_file
 
 from onestep.config import load_config
-from onestep.objectives.scm import SCMConfig
-from onestep.objectives.smt import SMTConfig
 from onestep.trainer import NonFiniteLossError, Trainer
 
 
@@ -117,8 +117,9 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
 
 def test_teacher_train_round_trip_through_from_pretrained(tmp_path):
     """`onestep teacher-train` on digits for a few steps; the saved folder loads with diffusers."""
-    from onestep.cli import main
     from onestep.teachers.digits import DigitsTeacher
+
+    from onestep.cli import main
 
     out = tmp_path / "teacher"
     rc = main(["teacher-train", "--out", str(out), f"output_dir={tmp_path}", "train.steps=2",
@@ -250,9 +251,10 @@ def test_digit_classes_summary_counts_a_dropped_digit_as_half_its_share():
 def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():
     """digits_smt (no teacher) is a benchmark recipe; its student is scored next to the shipped digits
     teacher, and a run's own teacher is kept."""
+    from onestep.teachers.digits import DigitsTeacher
+
     from onestep.config import find_config, load_config
     from onestep.demo import reference_teacher
-    from onestep.teachers.digits import DigitsTeacher
 
     bench = benchmark_module("objectives")
     assert "smt" in bench.FROM_DATA and bench.recipes_of("smt") == ["digits_smt"]

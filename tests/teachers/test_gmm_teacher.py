@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from onestep.teachers.gmm import GaussianMixture, GMMTeacher, four_component_mixture
 
 from onestep import paths
-from onestep.teachers.gmm import GaussianMixture, GMMTeacher, four_component_mixture
 
 
 def single_gaussian_flow(m, s, z, t, r):

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from onestep.teachers.edm import EDMPrecond, EDMTeacher, karras_sigmas
+from onestep.teachers.loading import TeacherFilesMissingError
 from torch import nn
 
 from onestep import paths
-from onestep.teachers.edm import EDMPrecond, EDMTeacher, karras_sigmas
-from onestep.teachers.loading import TeacherFilesMissingError
 
 F64 = torch.float64
 

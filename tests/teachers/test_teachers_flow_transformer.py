@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tiny_models import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_vae
-
 from onestep.teachers.flow_transformer import FluxTeacher, SanaTeacher, SD3Teacher
 from onestep.teachers.loading import TeacherFilesMissingError
+from tiny_models import clip_text_encoder, clip_tokenizer, t5_encoder, tiny_vae
 
 PROMPTS = ["a cat", "the dog"]
 SEQ = 16  # max_sequence_length of the T5 / Gemma prompts, small for speed

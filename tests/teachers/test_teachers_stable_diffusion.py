@@ -3,16 +3,14 @@
 the whole sampler == the stock pipeline (output_type="latent"), VAE round trip, one-line errors."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-from tiny_models import clip_text_encoder, clip_tokenizer, tiny_sd_unet, tiny_vae
-
-from onestep import paths
 from onestep.teachers.latent import PromptCondition
 from onestep.teachers.loading import TeacherFilesMissingError
 from onestep.teachers.stable_diffusion import SDXLTeacher, StableDiffusionTeacher
+from tiny_models import clip_text_encoder, clip_tokenizer, tiny_sd_unet, tiny_vae
+
+from onestep import paths
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 PROMPTS = ["a cat", "the dog"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from onestep import paths
 from onestep.teachers.loading import TeacherFilesMissingError, TeacherWeightsError
 from onestep.teachers.unet import UNetTeacher
+
+from onestep import paths
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 

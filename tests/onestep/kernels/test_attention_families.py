@@ -20,11 +20,15 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention  # noqa: E402
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0  # noqa: E402
 from diffusers.models.transformers.transformer_flux import (  # noqa: E402
-    FluxAttention, FluxAttnProcessor, FluxPosEmbed,
+    FluxAttention,
+    FluxAttnProcessor,
+    FluxPosEmbed,
 )
 
 from onestep.kernels import (  # noqa: E402
-    OnestepFluxAttnProcessor, OnestepSanaAttnProcessor, set_attention_backend,
+    OnestepFluxAttnProcessor,
+    OnestepSanaAttnProcessor,
+    set_attention_backend,
 )
 
 B = 2
