@@ -62,7 +62,8 @@ def read_prompts(path) -> list[str]:
         try:
             return [json.loads(ln).get("prompt") or json.loads(ln)["text"] for ln in lines]
         except (ValueError, KeyError, AttributeError) as e:
-            raise FIDInputError(f"{path}: every line must be JSON with a prompt or text field ({type(e).__name__})") from None
+            raise FIDInputError(f"{path}: every line must be JSON with a prompt or text field "
+                                f"({type(e).__name__})") from None
     if not lines:
         raise FIDInputError(f"{path} holds no prompts")
     return lines
@@ -219,7 +220,8 @@ def _eval_clip(args, procs) -> int:
     chunks = image_chunks(source, args.shard_size)
     num_images = chunks[-1].stop if chunks else 0
     if num_images != len(prompts):
-        raise FIDInputError(f"{num_images} images but {len(prompts)} prompts in {args.prompts} (one image a prompt, in order)")
+        raise FIDInputError(f"{num_images} images but {len(prompts)} prompts in {args.prompts} "
+                            "(one image a prompt, in order)")
     model, processor = load_clip(args.clip_model)
     scores = clip_score_of_chunks(chunks, prompts, model=(model, processor), batch_size=args.batch_size,
                                   device=device, processes=procs)
@@ -291,7 +293,8 @@ def eval_geneval(args) -> int:
     if first:
         report.save_grid(np.stack([np.asarray(Image.open(f).convert("RGB").resize((128, 128))) for f in first]),
                          out / "grid.png")
-    sha = report.module_sha256(detector.model) if hasattr(detector, "model") and hasattr(detector.model, "state_dict") else None
+    sha = (report.module_sha256(detector.model)
+           if hasattr(detector, "model") and hasattr(detector.model, "state_dict") else None)
     protocol = report.make_protocol(metric="geneval", backend=f"onestep.geneval ({args.detector_backend})", mode=None,
                                     feature_extractor=f"detector {detector.name}; colours CLIP {args.clip_model}",
                                     feature_extractor_sha256=sha, reference=str(args.metadata or G.METADATA_URL),
@@ -329,7 +332,8 @@ def bench_latency(args) -> int:
     if teacher.capabilities.conditioning == "prompt":
         cond = models.encode_prompts([args.prompt] * b)  # encoded once, outside the timing
     elif teacher.num_classes:
-        cond = torch.randint(0, teacher.num_classes, (b,), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+        cond = torch.randint(0, teacher.num_classes, (b,),
+                             generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     else:
         cond = None
     rows = []
@@ -415,7 +419,8 @@ def add_eval_parsers(sub) -> None:
     gen.add_argument("--detector-backend", default="transformers", help="transformers (default) or mmdet")
     gen.add_argument("--mmdet-config", help="mmdet config file (with --detector-backend mmdet)")
     gen.add_argument("--detector-size", default="800,1333", help="shortest,longest input edge (default 800,1333)")
-    gen.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="colour classifier: hub id or folder")
+    gen.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                     help="colour classifier: hub id or folder")
     bench = sub.add_parser("bench", help="benchmarks of a run")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     lat = bench_sub.add_parser("latency", help="ms/image and images/s: teacher at N steps vs student at 1/2/4")

@@ -62,7 +62,8 @@ class Processes:
             state = PartialState(cpu=on_cpu)
             if state.num_processes != int(os.environ["WORLD_SIZE"]):
                 raise RuntimeError(f"accelerate sees {state.num_processes} processes but WORLD_SIZE is "
-                                   f"{os.environ['WORLD_SIZE']}: an accelerate state of another setup is in this process")
+                                   f"{os.environ['WORLD_SIZE']}: an accelerate state of another setup is in "
+                                   "this process")
             self.process_index, self.num_processes = state.process_index, state.num_processes
             # accelerate may say cpu:0: one CPU device either way
             self.device = torch.device("cpu") if on_cpu else state.device

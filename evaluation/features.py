@@ -182,7 +182,8 @@ def load_digits_feature_net(directory: str | Path | None = None, device: str = "
         net = DigitsFeatureNet(**arch_args)
         net.load_state_dict(load_file(str(weights)))
     except Exception as e:  # wrong keys/shapes/format: a file that does not fit this code
-        raise ValueError(f"cannot load digits feature net weights {weights} ({type(e).__name__}); {REGENERATE_HINT}") from None
+        raise ValueError(f"cannot load digits feature net weights {weights} ({type(e).__name__}); "
+                         f"{REGENERATE_HINT}") from None
     net.weights_sha256 = sha
     net.eval().requires_grad_(False)
     return net.to(device)
@@ -198,7 +199,8 @@ def _shipped_net() -> DigitsFeatureNet:
 @torch.no_grad()
 def extract_features(net: DigitsFeatureNet, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     """[N, 1, 16, 16] images in [-1, 1] -> float64 numpy features [N, feature_dim]."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, DIGITS_SIZE, DIGITS_SIZE):
+    if (not isinstance(images, torch.Tensor) or images.ndim != 4
+            or tuple(images.shape[1:]) != (1, DIGITS_SIZE, DIGITS_SIZE)):
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected images as a tensor [N, 1, {DIGITS_SIZE}, {DIGITS_SIZE}], got {shape}")
     if not images.is_floating_point():
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     net, acc = train_digits_feature_net(seed=args.seed, epochs=args.epochs, device=args.device)
     seconds = time.perf_counter() - start
     save_digits_feature_net(net, out, acc, seed=args.seed, epochs=args.epochs)
-    print(f"held-out accuracy {acc:.4f}, trained in {seconds:.1f} s (torch threads: {torch.get_num_threads()}); saved to {out}")
+    print(f"held-out accuracy {acc:.4f}, trained in {seconds:.1f} s (torch threads: {torch.get_num_threads()}); "
+          f"saved to {out}")
 
 
 if __name__ == "__main__":

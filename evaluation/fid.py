@@ -157,7 +157,8 @@ def image_chunks(source, chunk: int = 1000) -> list[ImageChunk]:
                                     f"keys {sorted(data.keys())}")
             images = data[key]
         return slices(images, to_uint8_images)
-    raise FIDInputError(f"unsupported image source {path}: give a folder of images, a folder of shard-*.npz, or an .npz")
+    raise FIDInputError(f"unsupported image source {path}: give a folder of images, a folder of shard-*.npz, "
+                        "or an .npz")
 
 
 def _shard_chunks(path: Path, shards: list[Path]) -> list[ImageChunk]:
@@ -232,7 +233,8 @@ def image_features(images, extractor: nn.Module, backend: str = "clean-fid", mod
         if backend == "clean-fid":
             batches = _cleanfid_batches(chunk, mode, batch_size)
         else:
-            batches = (torch.from_numpy(chunk[s:s + batch_size]).permute(0, 3, 1, 2) for s in range(0, len(chunk), batch_size))
+            batches = (torch.from_numpy(chunk[s:s + batch_size]).permute(0, 3, 1, 2)
+                       for s in range(0, len(chunk), batch_size))
         for b in batches:
             out.append(extractor(b.to(device)).double().cpu().reshape(len(b), -1))
             if bar is not None:
@@ -365,7 +367,8 @@ def reference_statistics(reference, extractor: nn.Module, backend: str = "clean-
                     n = int(data["n"]) if "n" in data else None
                     return {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64),
                             "n": n, "source": f"npz-stats:{path}", "features": None, "extracted": 0}
-        key = hashlib.sha256(f"{path.resolve()}|{_source_fingerprint(path)}|{sha}|{backend}|{mode}".encode()).hexdigest()
+        key = hashlib.sha256(f"{path.resolve()}|{_source_fingerprint(path)}|"
+                             f"{sha}|{backend}|{mode}".encode()).hexdigest()
         cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key[:20]}.npz"
         hit = _cache_holds(cache_file, "features" if return_features else "mu")
         if processes is not None:

@@ -111,7 +111,8 @@ def read_metadata(source: str | Path | None = None, download: bool | None = None
                 if req["class"] not in CLASSES or int(req["count"]) < 1:
                     raise ValueError(f"class {req['class']!r} / count {req['count']!r}")
         except (ValueError, KeyError, TypeError) as e:
-            raise GenEvalError(f"{source}, line {i + 1}: not a GenEval metadata row ({type(e).__name__}: {e})") from None
+            raise GenEvalError(f"{source}, line {i + 1}: not a GenEval metadata row "
+                               f"({type(e).__name__}: {e})") from None
         rows.append(row)
     if not rows:
         raise GenEvalError(f"{source} holds no metadata rows")
@@ -205,7 +206,8 @@ def judge(image, objects: dict[str, list[Detection]], metadata: dict, classify_c
                             actual = relative_position(obj.box, other.box, options.position_threshold)
                             if relation not in actual:
                                 ok = False
-                                reasons.append(f"expected {name} {relation} target, found {' and '.join(sorted(actual))} target")
+                                reasons.append(f"expected {name} {relation} target, "
+                                               f"found {' and '.join(sorted(actual))} target")
                                 break
                         if not ok:
                             break
@@ -290,7 +292,8 @@ class Mask2FormerDetector:
         self.model.eval().requires_grad_(False).to(device)
         # (shortest, longest) edge of the resized input: GenEval's mmdet test pipeline (and Detectron2's)
         # use 800 / 1333; None keeps the image processor's own setting
-        self.size = None if input_size is None else {"shortest_edge": int(input_size[0]), "longest_edge": int(input_size[1])}
+        self.size = None if input_size is None else {"shortest_edge": int(input_size[0]),
+                                                     "longest_edge": int(input_size[1])}
         self.device, self.name = device, str(model)
         labels = self.model.config.id2label
         if len(labels) != len(CLASSES):
@@ -457,5 +460,6 @@ def evaluate_folder(image_dir, detector, classify_colors: ColorFn, options: Opti
             correct, reason = judge(image, objects, metadata, classify_colors, options)
             results.append({"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"],
                             "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
-                            "details": json.dumps({k: [list(d.box) + [d.score] for d in v] for k, v in objects.items()})})
+                            "details": json.dumps({k: [list(d.box) + [d.score] for d in v]
+                                                   for k, v in objects.items()})})
     return results

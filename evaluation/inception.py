@@ -41,7 +41,8 @@ class InceptionWeightsError(FileNotFoundError):
 
 def offline() -> bool:
     """Downloads are off when HF_HUB_OFFLINE or ONESTEP_OFFLINE is set (to anything but 0/false)."""
-    return any(os.environ.get(k, "0").lower() not in ("", "0", "false", "no") for k in ("HF_HUB_OFFLINE", "ONESTEP_OFFLINE"))
+    return any(os.environ.get(k, "0").lower() not in ("", "0", "false", "no")
+               for k in ("HF_HUB_OFFLINE", "ONESTEP_OFFLINE"))
 
 
 def default_weights_path(mode: str) -> Path:

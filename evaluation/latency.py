@@ -74,7 +74,8 @@ def measure_latency(generate_fn: Callable[[], object], batch_size: int, warmup: 
 
 def latency_table(rows: list[dict]) -> str:
     """A markdown table of `measure_latency` rows carrying `model` and `steps`."""
-    lines = ["| model | steps | batch | ms/image | images/s | median ms/batch | peak MB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | batch | ms/image | images/s | median ms/batch | peak MB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"| {r['model']} | {r['steps']} | {r['batch_size']} | {r['ms_per_image']:.3f} | "

@@ -278,7 +278,8 @@ def at_least_one_row(index: torch.Tensor) -> torch.Tensor:
 
 
 def autocast_off(device: torch.device):
-    """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 whatever the trainer's mixed precision."""
+    """Autocast switched off on `device`'s type: JVPs and loss arithmetic run in fp32 whatever the trainer's mixed
+    precision."""
     return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu", "xpu") else "cpu", enabled=False)
 
 

@@ -104,7 +104,8 @@ class FDistillConfig:
     critic_per_generator: int = 4        # critic updates (fake score + discriminator) per generator update, which
                                          # steps alone: a cycle of N + 1 steps (UpdateSchedule)
     time_sampler: str = "uniform"        # "uniform" flow time or "karras" (EDM sigma grid), see distribution_matching
-    time_range: List[float] = field(default_factory=lambda: [0.02, 0.98])       # generator phase (grid share for karras)
+    # generator phase (grid share for karras)
+    time_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
     critic_time_range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # fake score and discriminator
     sigma_min: float = 0.002             # karras grid
     sigma_max: float = 80.0
@@ -195,7 +196,8 @@ class FDistill(Objective):
         check_time_options(cfg, ("time_range", "critic_time_range"))
         lo, hi = cfg.ratio_clip if len(cfg.ratio_clip) == 2 else (None, None)
         if lo is None or not 0 < lo <= 1 <= hi:
-            raise ConfigError(f"objective.ratio_clip must be [lo, hi] with 0 < lo <= 1 <= hi, got {list(cfg.ratio_clip)}")
+            raise ConfigError(f"objective.ratio_clip must be [lo, hi] with 0 < lo <= 1 <= hi, "
+                              f"got {list(cfg.ratio_clip)}")
         if cfg.logit_clamp <= 0 or cfg.ratio_bins < 0 or not 0 <= cfg.ratio_bin_ema < 1:
             raise ConfigError("objective.logit_clamp must be > 0, ratio_bins >= 0 and ratio_bin_ema in [0, 1), got "
                               f"{cfg.logit_clamp}, {cfg.ratio_bins}, {cfg.ratio_bin_ema}")
@@ -351,7 +353,8 @@ class FDistill(Objective):
             if cfg.r1_weight > 0:
                 delta = self.randn(*x_real.shape, device=dev).to(dt)
                 with torch.no_grad():
-                    feats_near = self.teacher.features(x_real_t + cfg.r1_noise * delta, t_real, cond, cfg.feature_layers)
+                    feats_near = self.teacher.features(x_real_t + cfg.r1_noise * delta, t_real, cond,
+                                                       cfg.feature_layers)
                 loss_r1 = (self.discriminator(feats_near, t_real) - logit_real).pow(2).mean()
                 loss_disc = loss_disc + cfg.r1_weight * loss_r1
                 out["log/loss_r1"] = loss_r1.detach()

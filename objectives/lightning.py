@@ -167,8 +167,8 @@ class Lightning(Objective):
         self.base_prediction = getattr(student, "prediction_type", None)
         if cfg.one_step_prediction != "auto" and self.base_prediction is None:
             raise ConfigError(f"objective.one_step_prediction={cfg.one_step_prediction} needs a student built from a "
-                              f"discrete VP teacher (unet, stable_diffusion, sdxl); {type(student).__name__} predicts a "
-                              "velocity, which needs no switch: use auto")
+                              f"discrete VP teacher (unet, stable_diffusion, sdxl); {type(student).__name__} predicts "
+                              "a velocity, which needs no switch: use auto")
         # the previous stage's student, frozen; a submodule from the start so checkpoints always hold it. A
         # copy of the student before any switch: only the last stage can have 1 step, so every previous
         # model (a stage with >= 2 steps) reads its backbone as the teacher does
@@ -224,7 +224,8 @@ class Lightning(Objective):
                               f"got {cfg.one_step_prediction!r}")
         check_critic_per_generator(cfg)
         if cfg.disc_hidden < 1 or cfg.mse_weight < 0 or cfg.adv_weight < 0 or len(cfg.betas) != 2:
-            raise ConfigError("objective.disc_hidden must be >= 1, adv_weight and mse_weight >= 0 and betas two numbers")
+            raise ConfigError("objective.disc_hidden must be >= 1, adv_weight and mse_weight >= 0 and "
+                              "betas two numbers")
 
     # --- schedule ----------------------------------------------------------------------------------
     @property

@@ -90,7 +90,8 @@ class MeanFlow(Objective):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ConfigError(f"objective.{name} must be in [0, 1], got {getattr(cfg, name)}")
         if cfg.adaptive_p < 0 or cfg.adaptive_c <= 0:
-            raise ConfigError(f"objective.adaptive_p must be >= 0 and adaptive_c > 0, got {cfg.adaptive_p}, {cfg.adaptive_c}")
+            raise ConfigError(f"objective.adaptive_p must be >= 0 and adaptive_c > 0, "
+                              f"got {cfg.adaptive_p}, {cfg.adaptive_c}")
         anchor_tensor(cfg)
         lo_hi = cfg.cfg_interval
         if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:

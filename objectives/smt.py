@@ -276,15 +276,18 @@ class SMT(Objective):
         if not 0.0 <= cfg.point_mass_prob <= 1.0:
             raise ConfigError(f"objective.point_mass_prob must be in [0, 1], got {cfg.point_mass_prob}")
         if cfg.alpha_levels < 2 or not cfg.alpha_scale > 0:
-            raise ConfigError(f"objective.alpha_levels must be >= 2 and alpha_scale > 0, got {cfg.alpha_levels}, {cfg.alpha_scale}")
+            raise ConfigError(f"objective.alpha_levels must be >= 2 and alpha_scale > 0, "
+                              f"got {cfg.alpha_levels}, {cfg.alpha_scale}")
         check_time_options(cfg, ("time_range", "score_time_range"))
         if cfg.score_weighting not in SCORE_WEIGHTINGS:
-            raise ConfigError(f"objective.score_weighting must be one of {', '.join(SCORE_WEIGHTINGS)}, got {cfg.score_weighting!r}")
+            raise ConfigError(f"objective.score_weighting must be one of {', '.join(SCORE_WEIGHTINGS)}, "
+                              f"got {cfg.score_weighting!r}")
         if cfg.generator_weight not in GENERATOR_WEIGHTS:
             raise ConfigError(f"objective.generator_weight must be one of {', '.join(GENERATOR_WEIGHTS)}, "
                               f"got {cfg.generator_weight!r}")
         if cfg.sigma_data <= 0 or cfg.gan_weight < 0 or cfg.critic_gan_weight < 0 or cfg.head_hidden < 1:
-            raise ConfigError("objective.sigma_data must be > 0, gan_weight and critic_gan_weight >= 0, head_hidden >= 1")
+            raise ConfigError("objective.sigma_data must be > 0, gan_weight and critic_gan_weight >= 0, "
+                              "head_hidden >= 1")
         if not (cfg.score_lr > 0 and math.isfinite(cfg.score_lr)):
             raise ConfigError(f"objective.score_lr must be a finite number > 0, got {cfg.score_lr}")
 
@@ -463,7 +466,8 @@ class SMT(Objective):
         err_real = (v_real - target_real).pow(2).flatten(1).mean(1)
         err_fake = (v_fake - (eps_fake - x_fake).to(acc)).pow(2).flatten(1).mean(1)
         tf = t.to(acc)
-        weight = torch.ones_like(tf) if cfg.score_weighting == "velocity" else (1 - tf) ** 2 + tf ** 2 / cfg.sigma_data ** 2
+        weight = (torch.ones_like(tf) if cfg.score_weighting == "velocity"
+                  else (1 - tf) ** 2 + tf ** 2 / cfg.sigma_data ** 2)
         a = alpha.to(acc)
         loss_score = (weight * (a * err_real + (1 - a) * err_fake)).mean()
         loss = loss_score

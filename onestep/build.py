@@ -155,7 +155,8 @@ def add_lora(net, rank: int, alpha: float | None, targets) -> int:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
-        raise ConfigError("student.lora_rank > 0 needs peft: pip install 'onestep[lora]' (or pip install peft)") from None
+        raise ConfigError("student.lora_rank > 0 needs peft: pip install 'onestep[lora]' "
+                          "(or pip install peft)") from None
     if not any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
                             lora_dropout=0.0, init_lora_weights=True)  # lora_B = 0: equals the teacher at init

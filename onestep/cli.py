@@ -210,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--dry-run", action="store_true", help="validate the recipe, build it at a tiny size, run one "
                     "training step and print parameter counts and a full-size GPU memory estimate (no download)")
     di.add_argument("--smoke", action="store_true", help="rehearse the recipe end to end at tiny size (its teacher "
-                    "family built tiny, the recipe's precision/LoRA/schedule): train every optimizer group, checkpoint, "
-                    "resume, decoded sample grid, export in every format, load, eval; writes <output_dir>/<name>-smoke/"
-                    "smoke.json and exits 0 only if every stage passed")
+                    "family built tiny, the recipe's precision/LoRA/schedule): train every optimizer group, "
+                    "checkpoint, resume, decoded sample grid, export in every format, load, eval; writes "
+                    "<output_dir>/<name>-smoke/smoke.json and exits 0 only if every stage passed")
     sp = sub.add_parser("list", help="registered teachers, objectives and metrics")
     sp.set_defaults(func=cmd_list)
     # no argparse `required`/`choices`/`type` here: export_run checks them and reports in one line

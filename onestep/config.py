@@ -337,7 +337,8 @@ def _merge(cfg, values: dict, prefix: str = ""):
         raise ConfigError(f"{prefix}{_one_line(e)}") from None
     except (TypeError, ValueError):
         key, node, value = _mismatched_key(cfg, values)
-        expected = "a list" if isinstance(node, ListConfig) else "a mapping" if isinstance(node, DictConfig) else "a value"
+        expected = ("a list" if isinstance(node, ListConfig)
+                    else "a mapping" if isinstance(node, DictConfig) else "a value")
         raise ConfigError(f"{prefix}{key} must be {expected}, got {_kind(value)}") from None
 
 
@@ -456,7 +457,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("student.backbone=digits_unet works on data.name=digits; use student.backbone=mlp")
     if run.student.init == "scratch" and run.student.backbone == "mlp" and run.data.name == "digits":
         raise ConfigError("student.backbone=mlp works on vector data (data.name=gmm); use student.backbone=digits_unet")
-    if getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch" and not run.student.interval_embedding:
+    if (getattr(obj_cls, "needs_interval", False) and run.student.init == "scratch"
+            and not run.student.interval_embedding):
         raise ConfigError(f"objective {run.objective['name']} trains u(z, r, t): set student.interval_embedding=true")
     _check_adapter_options(run, obj_cls, obj_cfg)
 
@@ -509,7 +511,8 @@ def _check_adapter_options(run: RunConfig, obj_cls, obj_cfg) -> None:
     if d.name == "class_labels" and caps.conditioning != "class":
         raise ConfigError(f"data.name=class_labels needs a class-conditional teacher "
                           f"({' or '.join(teacher_families(adapter=True, conditioning='class'))}); "
-                          f"teacher {teacher} is not" + (": use data.name=prompts" if caps.conditioning == "prompt" else ""))
+                          f"teacher {teacher} is not"
+                          + (": use data.name=prompts" if caps.conditioning == "prompt" else ""))
     if d.name == "teacher_samples" and d.teacher_steps < 1:
         raise ConfigError("data.name=teacher_samples draws x from the teacher: set data.teacher_steps >= 1")
     if d.name in ("prompts", "class_labels") and d.teacher_steps == 0 and obj_cls.reads_data(obj_cfg):

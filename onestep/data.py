@@ -149,7 +149,8 @@ def load_image_folder(path, size=None, mode: str = "L") -> torch.Tensor:
                 img.load()  # decode now: a truncated file fails here, not later as a black image
                 img = img.convert(mode)
         except UnidentifiedImageError:
-            raise DataError(f"{f} is not an image (PIL cannot identify it); image folders must hold only images") from None
+            raise DataError(f"{f} is not an image (PIL cannot identify it); "
+                            "image folders must hold only images") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             detail = " ".join(str(e).split()) or type(e).__name__
             raise DataError(f"{f} is an unreadable image ({detail}): truncated or corrupt?") from None
@@ -340,7 +341,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 img.load()
                 img = img.convert(self.mode)
         except UnidentifiedImageError:
-            raise DataError(f"{f} is not an image (PIL cannot identify it); image folders must hold only images") from None
+            raise DataError(f"{f} is not an image (PIL cannot identify it); "
+                            "image folders must hold only images") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             detail = " ".join(str(e).split()) or type(e).__name__
             raise DataError(f"{f} is an unreadable image ({detail}): truncated or corrupt?") from None

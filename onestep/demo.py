@@ -73,7 +73,8 @@ def evaluate_digits(teacher, student, cfg: RunConfig, device) -> dict:
     protocol.update({
         "noise_seed": ev.seed, "teacher_solver": ev.solver, "student_sampler": sampler,
         "student_weights": weights, "generation_batch_size": ev.batch_size, "device": str(device),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "real_row": "held-out split vs the training-split reference, same N",
     })
     return {"rows": rows, "protocol": protocol, "samples": samples}
@@ -110,10 +111,12 @@ def paired_seeds(teacher, student, cfg: RunConfig, device, first: dict) -> dict:
     if ev.noise_seeds < 2 or ("teacher", 50) not in fid:
         return {}
     lean = replace(cfg, eval=replace(ev, teacher_steps=[50], noise_seeds=1))
-    results = [first] + evaluate_digits_seeds(teacher, student, replace(lean, eval=replace(lean.eval, seed=ev.seed + 1)),
+    results = [first] + evaluate_digits_seeds(teacher, student,
+                                              replace(lean, eval=replace(lean.eval, seed=ev.seed + 1)),
                                               device, ev.noise_seeds - 1)
     seeds, per_seed = scores_by_seed(results)
-    return {f"{k}-step": seed_spread(seeds, [s[("student", k)] for s in per_seed], [s[("teacher", 50)] for s in per_seed])
+    return {f"{k}-step": seed_spread(seeds, [s[("student", k)] for s in per_seed],
+                                     [s[("teacher", 50)] for s in per_seed])
             for k in ev.student_steps}
 
 
@@ -129,7 +132,8 @@ def targets(rows, spread: dict | None = None) -> list[tuple[str, float, str, flo
 
     def versus_teacher50(k):
         if f"{k}-step" in spread:
-            return f"student {k}-step FID / teacher 50-step FID (mean over noise seeds)", spread[f"{k}-step"]["ratio_mean"]
+            return (f"student {k}-step FID / teacher 50-step FID (mean over noise seeds)",
+                    spread[f"{k}-step"]["ratio_mean"])
         return f"student {k}-step FID / teacher 50-step FID", ratio(fid, ("student", k), ("teacher", 50))
 
     goals = [
@@ -152,8 +156,9 @@ def markdown(report: dict) -> str:
     spread = report.get("seed_spread") or {}
     if spread:
         seeds = next(iter(spread.values()))["noise_seeds"]
-        lines += [f"Student / teacher 50-step digits-FID over {len(seeds)} paired noise seeds ({', '.join(map(str, seeds))}; "
-                  "the table below is the first):", "", "| student steps | ratio mean ± sd | per seed |", "|---|---|---|"]
+        lines += [f"Student / teacher 50-step digits-FID over {len(seeds)} paired noise seeds "
+                  f"({', '.join(map(str, seeds))}; the table below is the first):", "",
+                  "| student steps | ratio mean ± sd | per seed |", "|---|---|---|"]
         for key, s in spread.items():
             per_seed = ", ".join(f"{a / b:.3f}" for a, b in zip(s["digits_fid_seeds"], s["teacher50_digits_fid_seeds"]))
             lines.append(f"| {key.split('-')[0]} | {s['ratio_mean']:.3f} ± {s['ratio_sd']:.3f} | {per_seed} |")

@@ -556,8 +556,8 @@ def dry_run(cfg: RunConfig, print_fn=print, activations: bool = True) -> dict:
         " (full fine-tune)"
     print_fn(f"  student {_fmt(est.student_trainable)} trainable / {_fmt(est.student_total)}{lora}")
     if est.aux_total:
-        print_fn(f"  teacher-copied nets of the objective ({tiny['aux_copies']}): {_fmt(est.aux_trainable)} trainable / "
-                 f"{_fmt(est.aux_total)}")
+        print_fn(f"  teacher-copied nets of the objective ({tiny['aux_copies']}): "
+                 f"{_fmt(est.aux_trainable)} trainable / {_fmt(est.aux_total)}")
     heads = {n: v for n, v in tiny["aux"].items() if n not in ("fake_score", "score_net")}
     if heads:
         print_fn("  discriminator heads: " + ", ".join(f"{n} {_fmt(v[0])} at tiny size" for n, v in heads.items())

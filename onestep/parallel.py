@@ -362,7 +362,8 @@ class DeepSpeedZero2:
 
     def refuse_nonfinite(self, step: int, group: str) -> None:
         raise FloatingPointError(f"step {step}: non-finite loss in group {group!r}; DeepSpeed cannot skip an update, "
-                                 "so the run stops here: resume from the last checkpoint (or use train.distributed=ddp)")
+                                 "so the run stops here: resume from the last checkpoint "
+                                 "(or use train.distributed=ddp)")
 
     def end_step(self) -> None:
         pass
@@ -386,7 +387,8 @@ class DeepSpeedZero2:
             moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
             if step is not None and moments["exp_avg"] is not None:
                 state[self.names[p]] = {"step": torch.as_tensor(step).clone(), **moments}
-        groups = [{k: v for k, v in pg.items() if k != "params"} | {"params": [self.names[p] for p in self.groups[group]]}
+        groups = [{k: v for k, v in pg.items() if k != "params"}
+                  | {"params": [self.names[p] for p in self.groups[group]]}
                   for pg in zero.param_groups]
         return {"state": state, "param_groups": groups}
 

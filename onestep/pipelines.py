@@ -121,7 +121,8 @@ class OneStepPipeline(DiffusionPipeline):
                 class_labels = (interval * self.config.interval_scale).expand(z.shape[0])
             # the scheduler's timestep is 1000 t; a student with another time scale sees time_scale * t, computed
             # as onestep's sampler does (float32 t, then x time_scale)
-            unet_time = timestep if time_scale is None else sigmas[i].to(device=device, dtype=torch.float32) * time_scale
+            unet_time = (timestep if time_scale is None
+                         else sigmas[i].to(device=device, dtype=torch.float32) * time_scale)
             u = self.unet(z, unet_time.expand(z.shape[0]), class_labels=class_labels).sample
             z = self.scheduler.step(u, timestep, z).prev_sample
 
@@ -182,7 +183,8 @@ class StudentVPScheduler(SchedulerMixin, ConfigMixin):
                              f"with num_inference_steps={k} (got {num_inference_steps})")
         self._times = time_grid(k, dtype=torch.float64).tolist()
         like = torch.zeros(1)  # the sampler's times are float32 tensors
-        self.timesteps = torch.cat([self._time.schedule.timestep(batch_time(t, like)) for t in self._times[:-1]]).to(device)
+        self.timesteps = torch.cat([self._time.schedule.timestep(batch_time(t, like))
+                                    for t in self._times[:-1]]).to(device)
         self._step_index = 0
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

@@ -35,7 +35,8 @@ def solve_ode(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, solver
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
-    grid = time_grid(steps, noise.device, torch.float64) if times is None else torch.as_tensor(times, dtype=torch.float64)
+    grid = (time_grid(steps, noise.device, torch.float64) if times is None
+            else torch.as_tensor(times, dtype=torch.float64))
     x = noise
     for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         h = t_next - t_cur
@@ -56,7 +57,8 @@ def sample_avg_velocity(avg_velocity: AvgVelocityFn, noise: torch.Tensor, steps:
 
     One step is x0 = eps - u(eps, 0, 1). With the exact u this reproduces the exact flow map for any grid.
     """
-    grid = time_grid(steps, noise.device, torch.float64) if times is None else torch.as_tensor(times, dtype=torch.float64)
+    grid = (time_grid(steps, noise.device, torch.float64) if times is None
+            else torch.as_tensor(times, dtype=torch.float64))
     z = noise
     for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         u = avg_velocity(z, batch_time(t_next, z), batch_time(t_cur, z))

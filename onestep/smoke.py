@@ -251,7 +251,8 @@ def load_and_sample(export: Path, fmt: str, tiny: RunConfig, teacher, prompts, o
     images = pipe(generator=generator, output_type="np", **kwargs).images
     images = np.asarray(images)
     if images.shape[0] != SMOKE_IMAGES or not np.isfinite(images).all():
-        raise RuntimeError(f"{type(pipe).__name__} returned {images.shape} images (finite: {np.isfinite(images).all()})")
+        raise RuntimeError(f"{type(pipe).__name__} returned {images.shape} images "
+                           f"(finite: {np.isfinite(images).all()})")
     _save_pngs(images, out)
     return f"{type(pipe).__name__}: {SMOKE_IMAGES} images {images.shape[1]}x{images.shape[2]}"
 

@@ -172,7 +172,8 @@ class AvgVelocityUNet(AvgVelocityField):
                          times=self.default_times(steps) if times is None else times)
 
     @classmethod
-    def from_velocity_unet(cls, unet, time_scale: float = 1000.0, interval_scale: float | None = None) -> "AvgVelocityUNet":
+    def from_velocity_unet(cls, unet, time_scale: float = 1000.0,
+                           interval_scale: float | None = None) -> "AvgVelocityUNet":
         """Copy a velocity UNet and add a zero-initialised embedding of t - r."""
         # `_use_default_values` would reset class_embed_type to its default: drop it
         config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}

@@ -214,7 +214,8 @@ class Trainer:
         save_file(rng, tmp / f"rng-{acc.process_index}.safetensors")
         # collective under FSDP: every process gathers, in the same order
         trainable = {k: par.full_tensor(v).detach().contiguous().cpu() for k, v in obj.trainable_state_dict().items()}
-        ema = {n: par.full_tensor(s).detach().contiguous().cpu() for n, s in zip(self.ema_names, self.ema.shadow_params)}
+        ema = {n: par.full_tensor(s).detach().contiguous().cpu()
+               for n, s in zip(self.ema_names, self.ema.shadow_params)}
         optim = {g: par.optimizer_state(g, obj) for g in self.groups}
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -419,7 +420,8 @@ class Trainer:
                 acc.log(scalars, step=self.step)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3), **scalars}) + "\n")
+                        f.write(json.dumps({"step": self.step, "time_s": round(time.perf_counter() - t0, 3),
+                                            **scalars}) + "\n")
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self.step in self.milestones:
                 self.save_checkpoint()
             if tc.sample_every and self.step % tc.sample_every == 0:

@@ -18,7 +18,8 @@ T5_XXL = ("T5EncoderModel", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=1
                                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
 GEMMA2_2B = ("Gemma2Model", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256))
-SD_VAE = ("AutoencoderKL", dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+SD_VAE = ("AutoencoderKL", dict(in_channels=3, out_channels=3, latent_channels=4,
+                                block_out_channels=(128, 256, 512, 512),
                                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512))
 FLOW_VAE = ("AutoencoderKL", dict(SD_VAE[1], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,

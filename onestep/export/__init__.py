@@ -4,7 +4,8 @@
     export_run("runs/demo", "exports/demo-2step", steps=2)             # stock diffusers, 2 steps
     export_run("runs/demo", "exports/demo", format="onestep")          # OneStepPipeline, any k at call time
 
-Formats, per teacher family (the family's `Exporter`, in teachers/<family>/exporter.py and named by the teacher class, decides):
+Formats, per teacher family (the family's `Exporter`, in teachers/<family>/exporter.py and named by the teacher class,
+decides):
 
 * ``diffusers``: the stock pipeline of the family, loaded with ``DiffusionPipeline.from_pretrained(DIR)``
   with no onestep code, whose ``pipe(num_inference_steps=k)`` runs exactly the student's k-step sampler.

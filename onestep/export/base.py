@@ -125,7 +125,8 @@ def self_check(student, pipe, steps: int) -> float:
     noise = torch.randn(2, unet.config.in_channels, *size, generator=torch.Generator().manual_seed(0), dtype=unet.dtype)
     want = (student.sample(noise.to(unet.device), steps=steps) / 2 + 0.5).clamp(0, 1)
     pipe.set_progress_bar_config(disable=True)
-    got = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    got = pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
     diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
     if not diff <= SELF_CHECK_TOL:
         raise ExportError(f"the exported pipeline differs from onestep's {steps}-step sampler by {diff:.3g} "

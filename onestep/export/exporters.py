@@ -40,7 +40,8 @@ class AdapterExporter(Exporter):
                               f"(unet, stable_diffusion, sdxl) and the digits family")
         if format == "lora" and not self.lora:
             raise ExportError(f"the {name} family's diffusers pipeline has no load_lora_weights, so there is no "
-                              "--format lora for it: use --format diffusers" + (" or onestep" if self.vp_family else ""))
+                              "--format lora for it: use --format diffusers"
+                              + (" or onestep" if self.vp_family else ""))
         if self.vp_family and steps != 1 and format == "diffusers":
             raise ExportError(
                 f"students of the {name} teacher (a VP model, which cannot reach flow time 1) match a stock "
@@ -97,7 +98,8 @@ class AdapterExporter(Exporter):
         from onestep.student import TeacherStudent
 
         if not isinstance(student, TeacherStudent):
-            raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
+            raise ExportError("expected a student built from the teacher (TeacherStudent), "
+                              f"got {type(student).__name__}")
         dtype = next(teacher.backbone().parameters()).dtype
         backbone = folded_backbone(student, steps, dtype)
         # a VP student's LoRA for k >= 2 needs onestep's scheduler, as --format onestep does
@@ -118,7 +120,8 @@ class AdapterExporter(Exporter):
             max_abs_diff=diff, tolerance=tol, guidance=self._guidance(teacher, steps))
 
     def _call_args(self, teacher, steps):
-        return ", ".join([f"prompt={CARD_PROMPT!r}"] + [f"{k}={v!r}" for k, v in self.call_kwargs(teacher, steps).items()])
+        return ", ".join([f"prompt={CARD_PROMPT!r}"]
+                         + [f"{k}={v!r}" for k, v in self.call_kwargs(teacher, steps).items()])
 
     def _guidance(self, teacher, steps) -> str:
         return ("off: `guidance_scale=1.0`; the student's sampler makes one pass per step without classifier-free "
@@ -224,7 +227,8 @@ class AdapterExporter(Exporter):
         return ExportResult(
             pipeline=f"`{pipe_cls.__name__}` of the teacher + this LoRA (`load_lora_weights`) and scheduler"
                      + (ONESTEP_SCHEDULER_NOTE if sched_module != "diffusers" else ""),
-            loader=(f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}" if sched_module == "diffusers"
+            loader=(f"import torch\nfrom diffusers import {pipe_cls.__name__}, {sched_cls}"
+                    if sched_module == "diffusers"
                     else f"import torch\nfrom diffusers import {pipe_cls.__name__}\n"
                          f"from {type(scheduler).__module__} import {sched_cls}"),
             load_call=f"{pipe_cls.__name__}.from_pretrained({teacher_path!r}"

@@ -62,8 +62,8 @@ def lora_from_delta(teacher_net, student_net, rank: int):
         if any_bias:
             bias = after.get(f"{name}.bias")
             biasless += bias is None
-            layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else
-                                             (bias.double() - before[f"{name}.bias"].double()).to(w.dtype))
+            layers[f"{name}.lora_B.bias"] = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None
+                                             else (bias.double() - before[f"{name}.bias"].double()).to(w.dtype))
         count += 1
     if not layers:
         raise ExportError("the student's backbone equals the teacher's: there is no LoRA to export")

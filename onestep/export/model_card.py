@@ -119,7 +119,8 @@ def _eval_files(info: RunInfo, steps: int) -> list[str]:
             data = json.loads(f.read_text())
         except (ValueError, UnicodeDecodeError):
             continue
-        if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or not isinstance(data.get("protocol"), dict):
+        if (not isinstance(data, dict) or not isinstance(data.get("scores"), dict)
+                or not isinstance(data.get("protocol"), dict)):
             continue
         p, scores = data["protocol"], data["scores"]
         same = (p.get("checkpoint") == info.checkpoint.name and p.get("weights", "ema") == info.weights

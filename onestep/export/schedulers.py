@@ -74,7 +74,8 @@ def scheduler_line(scheduler) -> str:
     cfg = scheduler.config
     if type(scheduler).__name__ == "StudentVPScheduler":
         return (f"`onestep.pipelines.StudentVPScheduler`: num_inference_steps={cfg.num_inference_steps}, "
-                f"prediction_type={cfg.prediction_type}, the teacher's betas ({cfg.teacher_scheduler_config.get('beta_schedule')}, "
+                f"prediction_type={cfg.prediction_type}, the teacher's betas "
+                f"({cfg.teacher_scheduler_config.get('beta_schedule')}, "
                 f"{cfg.teacher_scheduler_config.get('beta_start')} to {cfg.teacher_scheduler_config.get('beta_end')}, "
                 f"{cfg.num_train_timesteps} steps); timesteps "
                 + ", ".join(f"{t:.2f}" for t in _student_timesteps(scheduler)))

@@ -16,8 +16,8 @@ from .sparse_attention import AdaSpaSearch, FlexPrefillSearch, block_sparse_atte
 _LAZY = ("ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepFluxAttnProcessor", "OnestepJointAttnProcessor",
          "OnestepSanaAttnProcessor", "set_attention_backend")
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "AdaSpaSearch", "FlexPrefillSearch", "FusedAttentionFunction", "block_sparse_attention",
-           "fused_attention", "math_attention", *_LAZY]
+__all__ = ["DEFAULT_BLOCK_SIZE", "AdaSpaSearch", "FlexPrefillSearch", "FusedAttentionFunction",
+           "block_sparse_attention", "fused_attention", "math_attention", *_LAZY]
 
 
 def __getattr__(name):

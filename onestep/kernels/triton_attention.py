@@ -50,7 +50,8 @@ def unavailable_reason(q: torch.Tensor):
     if q.is_cuda:
         return None
     if q.device.type != "cpu" or not interpreting():
-        return "the Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
+        return ("the Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+                "imported")
     if q.dtype == torch.bfloat16:
         # triton 3.8's interpreter returns garbage from tl.dot on bf16 operands (a 16x16 bf16 dot
         # kernel alone reproduces it), so bf16 is only supported compiled, on GPUs

@@ -72,7 +72,8 @@ class PixelUNetExporter(Exporter):
                 f"t - r = 1/{steps} at every step, so that embedding is one constant vector, folded into "
                 f"`time_embedding.linear_2.bias`: the exported UNet is a plain `UNet2DModel`. "
                 f"**This folder is exact only for `num_inference_steps={steps}`**; for other step counts "
-                + ("use `--format onestep` (see below)." if dense else "export again with `--steps`, or use `--format onestep`."))
+                + ("use `--format onestep` (see below)." if dense
+                   else "export again with `--steps`, or use `--format onestep`."))
         elif not dense:
             notes.append(f"The student is a plain velocity model; `num_inference_steps={steps}` runs its "
                          f"{steps}-step Euler sampler on the uniform grid (other step counts use the "
@@ -118,7 +119,8 @@ class PixelUNetExporter(Exporter):
                       "passes the uniform grid as `sigmas`, so any `num_inference_steps` is exact",
             notes=[
                 "The UNet keeps its second time embedding of t - r (`class_embed_type=\"timestep\"`, class "
-                f"label {student.interval_scale:g} (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) on the uniform "
+                f"label {student.interval_scale:g} (t - r)); `OneStepPipeline` runs z_r = z_t - (t - r) u(z_t, r, t) "
+                "on the uniform "
                 + (f"grid for any `num_inference_steps` (default {steps})." if not only_one else
                    f"grid; this student was trained with the {student.sampler} sampler, so the pipeline takes "
                    f"`num_inference_steps=1` only (max_num_inference_steps 1)."),

@@ -139,7 +139,8 @@ class DigitsTeacher(Teacher):
         config_file, weights = path / "config.json", path / WEIGHTS_NAME
         for f in (config_file, weights):
             if not f.is_file():
-                pickled = [p.name for p in sorted(path.glob("*")) if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
+                pickled = ([p.name for p in sorted(path.glob("*")) if p.suffix in PICKLE_SUFFIXES]
+                           if path.is_dir() else [])
                 note = (f" (found {', '.join(pickled)}: pickle files, which onestep never loads; convert the "
                         "weights to safetensors)") if pickled and f == weights else ""
                 raise FileNotFoundError(
@@ -153,7 +154,8 @@ class DigitsTeacher(Teacher):
             unet = UNet2DModel.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
             # e.g. config.json describes another architecture than the weights (shape mismatches)
-            reason = _first_line(e).split(". ")[0].replace("Cannot load  because ", "")  # diffusers: one sentence is enough
+            # diffusers: one sentence is enough
+            reason = _first_line(e).split(". ")[0].replace("Cannot load  because ", "")
             raise TeacherWeightsError(f"digits teacher in {path} cannot be loaded: {reason} (config.json and "
                                       f"{WEIGHTS_NAME} do not fit together?); check teacher.path") from None
         # diffusers leaves parameters the file lacks uninitialised (on the meta device) and only warns

@@ -233,7 +233,8 @@ class EDMTeacher(Teacher):
         if not cfg.path:
             raise ConfigError("teacher.path: name the EDM denoiser (hub id or local folder with a UNet2DModel)")
         if cfg.label_format not in LABEL_FORMATS:
-            raise ConfigError(f"teacher.label_format: unknown {cfg.label_format!r}; allowed: {', '.join(LABEL_FORMATS)}")
+            raise ConfigError(f"teacher.label_format: unknown {cfg.label_format!r}; "
+                              f"allowed: {', '.join(LABEL_FORMATS)}")
         if not 0 < cfg.sigma_min < cfg.sigma_max or cfg.sigma_data <= 0 or not math.isfinite(cfg.sigma_max):
             raise ConfigError("teacher: need 0 < sigma_min < sigma_max < inf and sigma_data > 0")
 

@@ -34,9 +34,10 @@ _SANA_1600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_ch
                                                           cross_attention_dim=2240, caption_channels=2304,
                                                           mlp_ratio=2.5, sample_size=32, patch_size=1))
 _SANA_600M_TRANSFORMER = ("SanaTransformer2DModel", dict(in_channels=32, out_channels=32, num_attention_heads=36,
-                                                         attention_head_dim=32, num_layers=28, num_cross_attention_heads=16,
-                                                         cross_attention_head_dim=72, cross_attention_dim=1152,
-                                                         caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1))
+                                                         attention_head_dim=32, num_layers=28,
+                                                         num_cross_attention_heads=16, cross_attention_head_dim=72,
+                                                         cross_attention_dim=1152, caption_channels=2304,
+                                                         mlp_ratio=2.5, sample_size=32, patch_size=1))
 SD3_MODELS = {
     "stabilityai/stable-diffusion-3.5-medium": {"denoiser": _SD35M_TRANSFORMER, "vae": FLOW_VAE,
                                                 "text_encoder": CLIP_L_PROJ, "text_encoder_2": OPENCLIP_BIGG_PROJ,

@@ -53,7 +53,8 @@ class _FlowTransformerTeacher(LatentTeacher):
         self.max_sequence_length = max_sequence_length
         blocks = [n for n, _ in transformer.named_children() if n == "transformer_blocks"]
         count = len(transformer.transformer_blocks) if blocks else 0
-        self.default_feature_layers = tuple(f"transformer_blocks.{i}" for i in range(min(self.num_feature_blocks, count)))
+        self.default_feature_layers = tuple(f"transformer_blocks.{i}"
+                                            for i in range(min(self.num_feature_blocks, count)))
 
     @staticmethod
     def _latent_channels(pipeline) -> int:
@@ -120,7 +121,8 @@ _SD3_COMPONENTS = {"transformer": "model", "vae": "model", "text_encoder": "mode
 @dataclass
 class SD3TeacherConfig:
     path: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local pipeline folder
-    load_t5: bool = True                  # False: no T5 (text_encoder_3); its embeddings are zeros, as the pipeline does
+    # False: no T5 (text_encoder_3); its embeddings are zeros, as the pipeline does
+    load_t5: bool = True
     max_sequence_length: int = 256
     resolution: Optional[int] = None      # image side; None: transformer sample_size x VAE factor
     dtype: str = "bfloat16"

@@ -97,7 +97,8 @@ class GMMTeacher(Teacher):
         if cfg.means is None:
             extra = [k for k in ("stds", "weights", "labels") if getattr(cfg, k) is not None]
             if extra:
-                raise ConfigError(f"teacher.{extra[0]} needs teacher.means (without means the built-in mixture is used)")
+                raise ConfigError(f"teacher.{extra[0]} needs teacher.means "
+                                  "(without means the built-in mixture is used)")
             return
         means = cfg.means
         if not means or not means[0] or any(len(m) != len(means[0]) for m in means):
@@ -110,7 +111,8 @@ class GMMTeacher(Teacher):
         per = f"one number per component ({k})" if k > 1 else "one number"
         if len(cfg.stds) not in (1, k) or not all(s > 0 and math.isfinite(s) for s in cfg.stds):
             raise ConfigError(f"teacher.stds must be one number or {per}, all finite and > 0, got {cfg.stds}")
-        if cfg.weights is not None and (len(cfg.weights) != k or not all(w >= 0 and math.isfinite(w) for w in cfg.weights)
+        if cfg.weights is not None and (len(cfg.weights) != k
+                                        or not all(w >= 0 and math.isfinite(w) for w in cfg.weights)
                                         or not sum(cfg.weights) > 0):
             raise ConfigError(f"teacher.weights must be {per}, finite, >= 0, with a positive sum, got {cfg.weights}")
         if cfg.labels is not None and (len(cfg.labels) != k or any(c < 0 for c in cfg.labels)):

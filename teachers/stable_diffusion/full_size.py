@@ -14,7 +14,8 @@ _SDXL_UNET = ("UNet2DConditionModel", dict(sample_size=128, in_channels=4, out_c
                                            attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
                                            use_linear_projection=True, addition_embed_type="text_time",
                                            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                             "CrossAttnDownBlock2D"),
                                            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")))
 SD_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": {"denoiser": _SD15_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},

@@ -75,7 +75,8 @@ class _DiscreteVPLatentTeacher(LatentTeacher):
             return super().sample(noise, cond, steps, solver, guidance)
         if grid != "scheduler":
             raise ValueError(f"unknown grid {grid!r}; allowed: uniform, scheduler")
-        return self.time.sample_on_scheduler_grid(lambda x, t: self.velocity(x, t, cond, guidance), noise, steps, solver)
+        return self.time.sample_on_scheduler_grid(lambda x, t: self.velocity(x, t, cond, guidance),
+                                                  noise, steps, solver)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -102,7 +103,8 @@ class StableDiffusionTeacherConfig:
 @TEACHERS.register("stable_diffusion")
 class StableDiffusionTeacher(_DiscreteVPLatentTeacher):
     """SD1.x / SD2.x (eps or v prediction), CFG with the empty prompt."""
-    exporter = "onestep.teachers.stable_diffusion.exporter:StableDiffusionExporter"   # loaded only when a run is exported
+    # loaded only when a run is exported
+    exporter = "onestep.teachers.stable_diffusion.exporter:StableDiffusionExporter"
 
     Config = StableDiffusionTeacherConfig
     tiny = staticmethod(save_tiny_sd)

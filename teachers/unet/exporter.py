@@ -33,7 +33,8 @@ class PixelDDPMExporter(AdapterExporter):
         from onestep.student import TeacherStudent
 
         if not isinstance(student, TeacherStudent):
-            raise ExportError(f"expected a student built from the teacher (TeacherStudent), got {type(student).__name__}")
+            raise ExportError("expected a student built from the teacher (TeacherStudent), "
+                              f"got {type(student).__name__}")
         if teacher.class_conditional:
             raise ExportError("students of class-conditional UNets have no stock diffusers pipeline (DDPMPipeline "
                               "takes no class labels); sample with onestep (build_student + student.sample(noise, "

@@ -140,7 +140,8 @@ class UNetTeacher(Teacher):
             return super().sample(noise, cond, steps, solver, guidance)
         if grid != "scheduler":
             raise ValueError(f"unknown grid {grid!r}; allowed: uniform, scheduler")
-        return self.time.sample_on_scheduler_grid(lambda x, t: self.velocity(x, t, cond, guidance), noise, steps, solver)
+        return self.time.sample_on_scheduler_grid(lambda x, t: self.velocity(x, t, cond, guidance),
+                                                  noise, steps, solver)
 
     def backbone(self):
         return self.unet
