@@ -1,6 +1,7 @@
 """Which digits a model draws: the class shares of its samples under the digits classifier (mode coverage on digits).
 
-    python benchmarks/digit_classes.py RUN [RUN ...] [--seeds 5] [--steps 1] [--out benchmarks/results/digit_classes.json]
+    python benchmarks/digit_classes.py RUN [RUN ...] [--seeds 5] [--steps 1]
+        [--out benchmarks/results/digit_classes.json]
 
 `gmm_modes.py` counts the modes a one-step student covers on the 2-D mixture; this is the same question on the
 digits teacher. Each run's EMA student (its last checkpoint) and its teacher at 50 Euler steps sample the demo
@@ -88,7 +89,8 @@ def main() -> None:
             images = torch.cat([res["samples"][(model, steps)] for res in results])
             fids = [next(r["digits_fid"] for r in res["rows"] if (r["model"], r["steps"]) == (model, steps))
                     for res in results]
-            name = f"{info.run_dir.name} ({info.checkpoint.name})" if model == "student" else f"teacher of {info.run_dir.name}"
+            name = (f"{info.run_dir.name} ({info.checkpoint.name})" if model == "student"
+                    else f"teacher of {info.run_dir.name}")
             rows.append({"model": name, "steps": steps, **class_summary(classify(net, images), train_shares),
                          "noise_seeds": [res["protocol"]["noise_seed"] for res in results], "digits_fid_seeds": fids})
 
@@ -96,7 +98,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         shares = " ".join(f"{100 * s:.1f}" for s in r["class_share"])
-        print(f"| {r['model']} | {r['steps']} | {r['tv_to_train']:.3f} | {r['min_share']:.3f} | {r['mean_top_prob']:.3f} | {shares} |")
+        print(f"| {r['model']} | {r['steps']} | {r['tv_to_train']:.3f} | {r['min_share']:.3f} | "
+              f"{r['mean_top_prob']:.3f} | {shares} |")
     out = {"train_label_share": [round(s, 4) for s in train_shares.tolist()], "rows": rows,
            "protocol": {"seeds": args.seeds, "images_per_seed": rows[-1]["n"] // args.seeds,
                         "classifier": "digits-FID feature net (its argmax)"}}

@@ -6,7 +6,8 @@
 Rows: the digits-FID net (16x16 grey, the spine's protocol) on [-1, 1] tensors, the same net behind the
 image interface of onestep.evaluation.fid (uint8 RGB in, grey + [-1, 1] conversion included), and,
 the FID Inception on 299x299 inputs when its weights are available (the standard download location or
---inception-weights), else torchvision's Inception-v3 architecture with random weights (same cost). Throughput = batch / median time of `repeats` timed batches after one
+--inception-weights), else torchvision's Inception-v3 architecture with random weights (same cost).
+Throughput = batch / median time of `repeats` timed batches after one
 warm-up (device-synchronised). Prints a table, writes benchmarks/results/feature_throughput.json.
 Target (issue 7): digits net >= 1,000 images/s on CPU.
 """
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
                          **measure_latency(lambda: arch(x), bi, warmup=1, repeats=args.repeats, device=dev)})
     print("| network | input | batch | images/s | ms/image |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['network']} | {r['input']} | {r['batch_size']} | {r['images_per_s']:.0f} | {r['ms_per_image']:.4f} |")
+        print(f"| {r['network']} | {r['input']} | {r['batch_size']} | {r['images_per_s']:.0f} | "
+              f"{r['ms_per_image']:.4f} |")
     if inception_note:
         print(inception_note)
     digits = rows[0]["images_per_s"]

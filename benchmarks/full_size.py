@@ -241,7 +241,8 @@ def main(argv=None) -> None:
     import torch
 
     # rows of earlier calls are kept (each with its own command and date); the protocol is the machine's
-    protocol = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    protocol = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                "torch": torch.__version__}
     out.write_text(json.dumps({"rows": rows, "protocol": protocol}, indent=1) + "\n")
     print(f"written to {out}")
 

@@ -56,7 +56,8 @@ def train_and_score(name: str, steps: int, output_dir: str, threads: int = 1) ->
     reference, _ = trainer.teacher.mixture.sample(SAMPLES, torch.Generator().manual_seed(1))
     coverage = mode_coverage(samples, means(), STD, radius=3.0, min_count=SAMPLES // 100)
     return {"student": name, "train_steps": steps, "generator_updates": steps // 5,
-            "modes_covered": round(coverage["modes_covered"] * MODES), "near_a_mode": round(coverage["high_quality"], 4),
+            "modes_covered": round(coverage["modes_covered"] * MODES),
+            "near_a_mode": round(coverage["high_quality"], 4),
             "mode_counts": coverage["mode_counts"], "energy_distance": round(energy_distance(samples, reference), 4),
             "train_seconds": round(seconds, 1)}
 

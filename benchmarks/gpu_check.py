@@ -150,7 +150,8 @@ def check_case(candidates, shape, dtype_name, mask_kind, device, seed=0):
     names = list(results)
     if len(names) >= 2:
         a, b = results[names[0]], results[names[1]]
-        record[f"{names[0]}_vs_{names[1]}"] = {n: (a[n].double() - b[n].double()).abs().max().item() for n in QUANTITIES}
+        record[f"{names[0]}_vs_{names[1]}"] = {n: (a[n].double() - b[n].double()).abs().max().item()
+                                               for n in QUANTITIES}
     return record
 
 
@@ -180,7 +181,8 @@ def _case_line(rec, candidates):
     for name in candidates:
         r = rec[name]
         worst = max(r["errors"].values()) if "errors" in r else float("nan")
-        parts.append(f"{name}: {'ok' if r['passed'] else 'FAIL'} (max err {worst:.1e})" + ("" if "errors" in r else f" {r['error'][:200]}"))
+        parts.append(f"{name}: {'ok' if r['passed'] else 'FAIL'} (max err {worst:.1e})"
+                     + ("" if "errors" in r else f" {r['error'][:200]}"))
     return "  ".join(parts)
 
 
@@ -309,7 +311,8 @@ def main(argv=None) -> int:
         return 2
     device = _cuda_device()
     started = time.time()
-    report = {"device": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
+    report = {"device": torch.cuda.get_device_name(device),
+              "capability": list(torch.cuda.get_device_capability(device)),
               "versions": _versions(), "tolerances": TOLERANCES,
               "error_measure": "max |x - ref| / max |ref|, ref = float64 math attention of the same rounded inputs",
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}

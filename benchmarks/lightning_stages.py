@@ -36,7 +36,8 @@ def main() -> None:
         cfg.eval.student_steps = [steps]
         result = evaluate_digits(teacher, student, cfg, "cpu")
         by = {(r["model"], r["steps"]): r for r in result["rows"]}
-        rows.append({"stage": k, "steps": steps, "checkpoint_step": end, "digits_fid": by[("student", steps)]["digits_fid"],
+        rows.append({"stage": k, "steps": steps, "checkpoint_step": end,
+                     "digits_fid": by[("student", steps)]["digits_fid"],
                      "teacher50_digits_fid": by[("teacher", 50)]["digits_fid"]})
         protocol = result["protocol"]
         print(rows[-1], flush=True)

@@ -6,7 +6,8 @@
 Loads the run's last checkpoint (or each `--checkpoint`; EMA student), scores the teacher at 50 Euler
 steps once and each checkpoint's student at each of `--steps` under the demo's protocol on the noise
 seeds eval.seed, eval.seed + 1, ... (or from `--first-seed`) and prints, per checkpoint and step count,
-the per seed scores and the paired ratio student / teacher's mean and sd (onestep.demo.seed_spread). Any run works, recipe or not
+the per seed scores and the paired ratio student / teacher's mean and sd (onestep.demo.seed_spread).
+Any run works, recipe or not
 (benchmarks/objectives.py --noise-seeds does the same for its recipe rows); a run trained from data without
 a teacher (`digits_smt`) is compared with the shipped digits teacher. Choices between runs or
 settings are better made on seeds other than the reported 1234-1238 (the README's sampler-grid and

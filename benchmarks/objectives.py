@@ -41,7 +41,8 @@ def main() -> None:
     from onestep.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="objective or recipe names (default: every distillation objective, and smt)")
+    ap.add_argument("--only", nargs="*",
+                    help="objective or recipe names (default: every distillation objective, and smt)")
     ap.add_argument("--steps", type=int, help="override train.steps (quick checks; not for the committed table)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--output-dir", default="runs/benchmarks")
@@ -72,7 +73,8 @@ def main() -> None:
             start = time.perf_counter()
             trainer.fit(resume=False)
             train_seconds = time.perf_counter() - start
-            teacher, student, train_steps, device = trainer.teacher, trainer.ema_student(), trainer.step, trainer.accelerator.device
+            teacher, student, train_steps, device = (trainer.teacher, trainer.ema_student(), trainer.step,
+                                                     trainer.accelerator.device)
         teacher = reference_teacher(teacher).to(device)   # smt: the shipped digits teacher
         results = evaluate_digits_seeds(teacher, student, cfg, device, args.noise_seeds)
         seeds, by = scores_by_seed(results)
@@ -86,16 +88,19 @@ def main() -> None:
             if len(seeds) > 1:
                 rows[-1].update(seed_spread(seeds, [b[("student", k)] for b in by], [b[("teacher", 50)] for b in by]))
             if args.from_run:
-                rows[-1]["note"] = f"scored from {args.from_run.name} (trained with the recipe, 1 thread, shared machine)"
+                rows[-1]["note"] = (f"scored from {args.from_run.name} "
+                                    "(trained with the recipe, 1 thread, shared machine)")
             print(f"{recipe}: {rows[-1]}", flush=True)
         protocol = {k: v for k, v in results[0]["protocol"].items() if k not in PER_ROW}
 
-    print("\n| recipe | teacher | student steps | digits-FID | teacher 50-step | ratio | ratio over seeds | train steps | train s |")
+    print("\n| recipe | teacher | student steps | digits-FID | teacher 50-step | ratio | ratio over seeds "
+          "| train steps | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         spread = f"{r['ratio_mean']:.2f} ± {r['ratio_sd']:.2f} ({len(r['noise_seeds'])})" if "ratio_mean" in r else "-"
-        print(f"| {r['recipe']} | {r.get('teacher', '-')} | {r['steps']} | {r['digits_fid']:.2f} | {r['teacher50_digits_fid']:.2f} | "
-              f"{r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {spread} | {r['train_steps']} | {r['train_seconds']:.0f} |")
+        print(f"| {r['recipe']} | {r.get('teacher', '-')} | {r['steps']} | {r['digits_fid']:.2f} | "
+              f"{r['teacher50_digits_fid']:.2f} | {r['digits_fid'] / r['teacher50_digits_fid']:.2f} | {spread} | "
+              f"{r['train_steps']} | {r['train_seconds']:.0f} |")
     # rows of recipes not run this time (--only) are kept from the previous results
     if args.out.is_file():
         ran = {r["recipe"] for r in rows}
@@ -134,7 +139,8 @@ def finished_run(run_dir: Path, recipe):
 
     # what shapes training must match (onestep.config.training_settings); where it ran, what it logged or
     # saved along the way need not
-    diff = setting_differences(training_settings(load_config(run_dir / "config.yaml", saved_run=True)), training_settings(recipe))
+    diff = setting_differences(training_settings(load_config(run_dir / "config.yaml", saved_run=True)),
+                               training_settings(recipe))
     if diff:
         raise SystemExit(f"{run_dir} was not trained with the recipe: {' '.join(diff)} (the run's values)")
     info = load_run(run_dir)

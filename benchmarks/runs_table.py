@@ -111,7 +111,8 @@ def main() -> None:
         met = "" if goal is None else "{} / {} of {} (<= {})".format(*meets(s, goal), len(s["ratio_mean"]), goal)
         print(f"| {s['recipe']} | {' '.join(s['settings']) or '(recipe)'} | {s['student_steps']} "
               f"| {', '.join(map(str, s['training_seeds']))} | {' / '.join(f'{x:.2f}' for x in s['ratio_first_seed'])} "
-              f"| {s['first_seed_mean']:.2f}{sd(s['first_seed_sd'])} | {' / '.join(f'{x:.2f}' for x in s['ratio_mean'])} "
+              f"| {s['first_seed_mean']:.2f}{sd(s['first_seed_sd'])} "
+              f"| {' / '.join(f'{x:.2f}' for x in s['ratio_mean'])} "
               f"| {s['mean_of_means']:.2f}{sd(s['mean_sd'])} | {met} |")
 
 

@@ -3,13 +3,13 @@
     python benchmarks/sharded.py [--kills 8] [--out benchmarks/results/sharded.json]
 
 1. `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 2` (gloo, 2 CPU
-   processes) trains tests/onestep/sharded_worker.py's runs for 20 steps: SplitMeanFlow on a tiny pixel-UNet teacher with
-   its own samples as data (teacher_steps 2), f-distill JS on the digits teacher (FSDP only: DeepSpeed refuses
+   processes) trains tests/onestep/sharded_worker.py's runs for 20 steps: SplitMeanFlow on a tiny pixel-UNet teacher
+   with its own samples as data (teacher_steps 2), f-distill JS on the digits teacher (FSDP only: DeepSpeed refuses
    several optimizer groups). One process with the doubled batch trains the same runs; the largest absolute
    difference of every tensor in the step-20 checkpoints (weights, EMA, optimizer state) is recorded, with the rows
    of teacher sampling each process did.
-2. The kill points of tests/onestep/test_sharded_crash.py (SIGKILL on either rank, inside a checkpoint save at each phase,
-   after an optimizer step, at random times), each relaunched until it finishes: resumed bitwise or not.
+2. The kill points of tests/onestep/test_sharded_crash.py (SIGKILL on either rank, inside a checkpoint save at
+   each phase, after an optimizer step, at random times), each relaunched until it finishes: resumed bitwise or not.
 
 Writes {"rows": [...], "kills": [...], "protocol": {...}}; the README's tables are rendered from it
 (benchmarks/report.py).
@@ -49,7 +49,8 @@ def main(argv=None) -> None:
         teacher = save_tiny_teacher("unet", {"name": "unet"}, tmp / "teacher")
         single = {}
         for objective in ("splitmeanflow", "fdistill"):
-            t = Trainer(sharded_cfg(tmp / "single", teacher["path"], objective, 2 * BATCH, STEPS, "ddp")).fit(resume=False)
+            t = Trainer(sharded_cfg(tmp / "single", teacher["path"], objective, 2 * BATCH, STEPS,
+                                    "ddp")).fit(resume=False)
             single[objective] = (tmp / "single" / f"{objective}-ddp", getattr(t.data, "teacher_passes", None))
         for config, label, objectives in (("fsdp", "fsdp", ("splitmeanflow", "fdistill")),
                                           ("deepspeed_zero2", "deepspeed", ("splitmeanflow",))):
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
             seconds = time.perf_counter() - start
             for objective in objectives:
                 run, one_rows = single[objective]
-                diff = ts.max_diff(ts.checkpoint(tmp / label / f"{objective}-{label}", STEPS), ts.checkpoint(run, STEPS))
+                diff = ts.max_diff(ts.checkpoint(tmp / label / f"{objective}-{label}", STEPS),
+                                   ts.checkpoint(run, STEPS))
                 per_rank = [ts.rank_record(tmp / label, objective, label, r) for r in (0, 1)]
                 rows.append({"strategy": label, "objective": objective, "processes": 2, "steps": STEPS,
                              "batch_per_process": BATCH, "max_abs_diff_vs_one_process": diff,

@@ -124,7 +124,8 @@ def train_and_score(setting: str, seed: int, arch: str = "mlp", steps: int = 300
                 far = not finite or bool(out.norm(dim=1).max() > 50)
     row.update({
         "diverged": nonfinite_at is not None or far, "nonfinite_loss_at": nonfinite_at, "steps": steps,
-        "max_loss": max(losses) if losses else None, "final_loss_mean100": sum(losses[-100:]) / max(1, len(losses[-100:])),
+        "max_loss": max(losses) if losses else None,
+        "final_loss_mean100": sum(losses[-100:]) / max(1, len(losses[-100:])),
         "train_seconds": round(seconds, 1),
         "settings": {**{k: v for k, v in vars(cfg).items()}, "clip_grad_norm": clip, "lr": lr, "batch": batch,
                      "optimizer": "Adam", "student": "MLPAvgVelocity(2, hidden=256, depth=3)" if arch == "mlp"
@@ -147,7 +148,8 @@ def merge(out: Path, rows: list[dict], protocol: dict) -> dict:
     """Add `rows` to `out` (replacing rows of the same setting, arch and seed) under a file lock."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # the lock file lives in the temporary directory, not next to the committed results
-    lock_path = Path(tempfile.gettempdir()) / f"splitmeanflow_stability-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}.lock"
+    lock_path = Path(tempfile.gettempdir()) / (
+        f"splitmeanflow_stability-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}.lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(out.read_text()) if out.exists() else {"rows": []}
@@ -163,7 +165,8 @@ def merge(out: Path, rows: list[dict], protocol: dict) -> dict:
 def summary(rows: list[dict]) -> list[str]:
     import statistics
 
-    lines = ["| setting | student | seeds | diverged | 1-step energy distance (mean ± sd) | 2-step |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | student | seeds | diverged | 1-step energy distance (mean ± sd) | 2-step |",
+             "|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["setting"], r["arch"]), []).append(r)
@@ -196,7 +199,8 @@ def main() -> None:
                 "diverged_if": "non-finite loss, or a 1-step sample farther than 50 from the origin",
                 "threads": args.threads, "torch": torch.__version__,
                 "library_default": {k: v for k, v in vars(SplitMeanFlowConfig()).items()
-                                    if k in ("time_sampler", "mu", "sigma", "anchor_share", "anchor_intervals", "flow_ratio")}}
+                                    if k in ("time_sampler", "mu", "sigma", "anchor_share", "anchor_intervals",
+                                             "flow_ratio")}}
     for setting in args.only or list(SETTINGS):
         for arch in args.arch:
             for seed in args.seeds:

@@ -37,7 +37,8 @@ def main() -> None:
     except ConfigError as e:
         ap.error(str(e))
     if cfg.data.name != "digits" or not cfg.has_teacher:
-        ap.error(f"{args.config} is not a digits distillation recipe (data {cfg.data.name}, teacher {cfg.teacher['name']})")
+        ap.error(f"{args.config} is not a digits distillation recipe "
+                 f"(data {cfg.data.name}, teacher {cfg.teacher['name']})")
     steps = sorted(set(args.steps) | {50})   # the ratios are to the 50-step score
     cfg = replace(cfg, eval=replace(cfg.eval, teacher_steps=steps, student_steps=[]))
     results = evaluate_digits_seeds(build_teacher(cfg), None, cfg, "cpu", args.seeds)

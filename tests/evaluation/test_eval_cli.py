@@ -92,7 +92,8 @@ def test_bench_latency(run_dir, tmp_path, capsys):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
 ])
 def test_bad_input_is_one_line_exit_2(run_dir, digits_ref, tmp_path, capsys, extra, words):
-    args = ["eval", "fid", "--run", str(run_dir), "--num-samples", "8", "--shard-size", "8", "--out", str(tmp_path / "o")]
+    args = ["eval", "fid", "--run", str(run_dir), "--num-samples", "8", "--shard-size", "8",
+            "--out", str(tmp_path / "o")]
     if "--reference" not in extra:
         args += ["--reference", str(digits_ref), "--features", "digits"]
     capsys.readouterr()
@@ -170,7 +171,8 @@ def sd_run(tmp_path_factory):
                                    unet=tiny_sd_unet(), scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(root / "sd")
-    cfg = load_config(None, [f"output_dir={root}", "name=sd", "teacher.name=stable_diffusion", f"teacher.path={root / 'sd'}"])
+    cfg = load_config(None, [f"output_dir={root}", "name=sd", "teacher.name=stable_diffusion",
+                             f"teacher.path={root / 'sd'}"])
     run = root / "sd"
     run.mkdir(exist_ok=True)
     ckpt = run / "checkpoints" / "step-000001"
@@ -198,8 +200,8 @@ def test_clip_and_geneval_generate_from_a_text_to_image_run(sd_run, tmp_path):
     score = json.loads((out / "clip.json").read_text())
     images = load_images(out / "samples")
     assert images.shape[0] == 2 and score["protocol"]["steps"] == 1 and score["protocol"]["model"] == "student"
-    assert score["scores"]["clip_score"] == pytest.approx(clip_score(images, ["a cat", "the dog"], model=clip)["clip_score"],
-                                                          rel=1e-5)
+    assert score["scores"]["clip_score"] == pytest.approx(
+        clip_score(images, ["a cat", "the dog"], model=clip)["clip_score"], rel=1e-5)
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text(json.dumps({"tag": "two_object", "include": [{"class": "cat", "count": 1},
                                                                  {"class": "dog", "count": 1}],

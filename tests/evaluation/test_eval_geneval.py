@@ -74,7 +74,8 @@ def test_single_two_object_and_counting():
     two = {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]}
     assert verdict({"cat": [D(box(20, 20), 0.8)], "dog": [D(box(60, 60), 0.5)]}, two)
     assert not verdict({"cat": [D(box(20, 20), 0.8)]}, two)
-    count = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
+    count = {"tag": "counting", "include": [{"class": "clock", "count": 2}],
+             "exclude": [{"class": "clock", "count": 3}]}
     assert verdict({"clock": [D(box(10, 10), 0.95), D(box(30, 10), 0.92), D(box(50, 10), 0.85)]}, count)
     assert not verdict({"clock": [D(box(10, 10), 0.95), D(box(30, 10), 0.92), D(box(50, 10), 0.91)]}, count)  # 3
     assert not verdict({"clock": [D(box(10, 10), 0.95), D(box(30, 10), 0.6)]}, count)  # one counts at 0.9
@@ -259,7 +260,8 @@ def tiny_mask2former(folder):
     cfg = Mask2FormerConfig(backbone_config=swin, num_labels=80, num_queries=8, hidden_dim=32, mask_feature_size=32,
                             feature_size=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
                             encoder_feedforward_dim=32, dim_feedforward=32,
-                            id2label={i: n for i, n in enumerate(G.CLASSES)}, label2id={n: i for i, n in enumerate(G.CLASSES)})
+                            id2label={i: n for i, n in enumerate(G.CLASSES)},
+                            label2id={n: i for i, n in enumerate(G.CLASSES)})
     torch.manual_seed(0)
     Mask2FormerForUniversalSegmentation(cfg).save_pretrained(folder)
     Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32).save_pretrained(folder)

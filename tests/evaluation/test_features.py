@@ -43,7 +43,8 @@ def test_features_shape(net):
 def test_heldout_fid_is_far_below_noise(net):
     heldout = load_digits("heldout").images
     real = digits_fid(heldout, net=net)
-    noise = digits_fid(torch.randn(len(heldout), 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1), net=net)
+    noise = digits_fid(torch.randn(len(heldout), 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1),
+                       net=net)
     assert np.isfinite(real["digits_fid"]) and real["digits_fid"] >= 0
     assert noise["digits_fid"] >= 10 * real["digits_fid"]
     p = real["protocol"]

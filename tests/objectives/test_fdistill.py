@@ -85,8 +85,8 @@ def test_h_is_r_squared_f_second_derivative_for_every_divergence():
         "js": r * sympy.log(r) - (r + 1) * sympy.log((r + 1) / 2), "squared_hellinger": (sympy.sqrt(r) - 1) ** 2,
         "forward_kl": r * sympy.log(r), "jeffreys": (r - 1) * sympy.log(r), "neyman_chi2": (1 - r) ** 2 / r,
     }
-    spec_h = {"reverse_kl": 1, "softened_reverse_kl": 1 / (1 + r), "js": r / (1 + r), "squared_hellinger": sympy.sqrt(r) / 2,
-              "forward_kl": r, "jeffreys": 1 + r, "neyman_chi2": 2 / r}
+    spec_h = {"reverse_kl": 1, "softened_reverse_kl": 1 / (1 + r), "js": r / (1 + r),
+              "squared_hellinger": sympy.sqrt(r) / 2, "forward_kl": r, "jeffreys": 1 + r, "neyman_chi2": 2 / r}
     assert set(spec_f) == set(DIVERGENCES)
     grid = torch.logspace(-2, 2, 41, dtype=torch.float64)
     for name, f in spec_f.items():
@@ -106,7 +106,8 @@ def test_h_is_r_squared_f_second_derivative_for_every_divergence():
 
 # --- reverse KL is DMD ------------------------------------------------------------------------------------
 
-def direct_dmd(student, teacher, fake_score, disc, batch, generator, n_critic, gan_weight, time_range, feature_layers=None):
+def direct_dmd(student, teacher, fake_score, disc, batch, generator, n_critic, gan_weight, time_range,
+               feature_layers=None):
     """DMD2 written out from its definition (h = 1): generator loss and critic losses,
     drawing z, t, eps in the documented order from `generator`."""
     x_real = batch["x"]
@@ -160,7 +161,8 @@ def test_reverse_kl_is_dmd_loss_and_gradients(gmm_teacher):
     batch = {"x": x, "cond": None}
     ours = [obj.loss(batch, step) for step in range(3)]
     assert [obj.active_groups(s) for s in range(3)] == [["fake_score", "disc"]] * 2 + [["student"]]
-    ref = direct_dmd(obj.student, gmm_teacher, obj.fake_score, obj.discriminator, batch, torch.Generator().manual_seed(5),
+    ref = direct_dmd(obj.student, gmm_teacher, obj.fake_score, obj.discriminator, batch,
+                     torch.Generator().manual_seed(5),
                      n_critic=2, gan_weight=1e-2, time_range=cfg.time_range)
     for step in range(2):
         assert torch.equal(ours[step]["fake_score"], ref[f"critic{step}"][0])
@@ -311,7 +313,8 @@ def test_generator_step_gives_no_gradient_to_the_critics(gmm_teacher):
     out = obj.loss({"x": x, "cond": None}, 0)
     for group in ("fake_score", "disc"):
         assert out[group].requires_grad
-        assert all(g is None for g in torch.autograd.grad(out[group], list(obj.student.parameters()), allow_unused=True))
+        assert all(g is None
+                   for g in torch.autograd.grad(out[group], list(obj.student.parameters()), allow_unused=True))
 
 
 def test_schedule_groups_and_options(gmm_teacher):
@@ -456,7 +459,8 @@ def tiny_class_conditional_unet_teacher():
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, attention_head_dim=4, num_class_embeds=11,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     with torch.no_grad():  # diffusers zero-initialises output layers: make every layer matter
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)

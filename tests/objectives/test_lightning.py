@@ -114,7 +114,8 @@ def test_stage_schedule_and_previous_model(gmm_teacher):
     obj = lightning(student, gmm_teacher, teacher_steps=8, stages=[4, 2, 1], stage_iters=[3, 4, 4], mse_stages=1,
                     conditional_share=0.5)
     phases = [obj.phase(s) for s in range(11)]
-    assert phases == ["mse"] * 3 + ["conditional"] * 2 + ["unconditional"] * 2 + ["conditional"] * 2 + ["unconditional"] * 2
+    assert phases == (["mse"] * 3 + ["conditional"] * 2 + ["unconditional"] * 2 + ["conditional"] * 2
+                      + ["unconditional"] * 2)
     assert [obj.active_groups(s) for s in range(3, 7)] == [["student"], ["disc"], ["student"], ["disc"]]
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     x = gmm_teacher.mixture.sample(16, generator=torch.Generator().manual_seed(0))[0]
@@ -203,7 +204,8 @@ def test_bad_schedules_are_config_errors(gmm_teacher, bad):
     from onestep.config import ConfigError
 
     with pytest.raises(ConfigError):
-        lightning(MLPAvgVelocity(2), gmm_teacher, **{"teacher_steps": 8, "stages": [4, 2], "stage_iters": [1, 1], **bad})
+        lightning(MLPAvgVelocity(2), gmm_teacher,
+                  **{"teacher_steps": 8, "stages": [4, 2], "stage_iters": [1, 1], **bad})
 
 
 # --- x0 ("sample") prediction in the 1-step stage of eps-prediction VP students -------------
@@ -249,7 +251,8 @@ def test_sample_reading_takes_diffusers_ddim_steps_with_prediction_type_sample()
     student.backbone.conv_out.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))   # native VP sample
     for k, k_next in ((749, 499), (499, 249)):
-        t, r = (student.adapter.time.schedule.flow_t(torch.full((2,), float(s), dtype=torch.float64)) for s in (k, k_next))
+        t, r = (student.adapter.time.schedule.flow_t(torch.full((2,), float(s), dtype=torch.float64))
+                for s in (k, k_next))
         with torch.no_grad():
             z = paths.vp_to_flow_x(x, abar[k])
             z_next = z - paths.expand_like(t - r, z) * student(z, r, t)
@@ -461,7 +464,8 @@ def test_export_of_a_one_step_stage_sd_student_is_ddim_sample_in_stock_diffusers
     _randomise(pipe.unet, seed=1)
     pipe.save_pretrained(tmp_path / "teacher")
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=sd", "teacher.name=stable_diffusion",
-                             f"teacher.path={tmp_path / 'teacher'}", "objective.name=lightning", "objective.teacher_steps=4",
+                             f"teacher.path={tmp_path / 'teacher'}", "objective.name=lightning",
+                             "objective.teacher_steps=4",
                              "objective.stages=[2,1]", "objective.stage_iters=[2,2]", "objective.mse_stages=2"])
     run = tmp_path / "sd"
     run.mkdir()
@@ -476,7 +480,8 @@ def test_export_of_a_one_step_stage_sd_student_is_ddim_sample_in_stock_diffusers
         save_file({f"student.{k}": v for k, v in params.items()}, ckpt / "trainable.safetensors")
         write_checksums(ckpt)
     folders = {step: export_run(run, tmp_path / f"step{step}", steps=1, checkpoint=f"step-{step}") for step in (2, 3)}
-    scheduler = {step: json.loads((d / "scheduler" / "scheduler_config.json").read_text()) for step, d in folders.items()}
+    scheduler = {step: json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+                 for step, d in folders.items()}
     assert scheduler[3]["_class_name"] == "DDIMScheduler" and scheduler[3]["prediction_type"] == "sample"
     assert scheduler[2]["prediction_type"] == "epsilon"
     assert 'prediction_type="sample"' in (folders[3] / "README.md").read_text()
@@ -489,7 +494,8 @@ def test_export_of_a_one_step_stage_sd_student_is_ddim_sample_in_stock_diffusers
 noise = load_file("noise.safetensors")["noise"]
 pipe = DiffusionPipeline.from_pretrained({str(folders[3])!r})
 assert pipe.scheduler.config.prediction_type == "sample"
-save_file({{"latents": run(pipe, "stable_diffusion", noise, dict(guidance_scale=1.0, num_inference_steps=1)).contiguous()}},
+save_file({{"latents": run(pipe, "stable_diffusion", noise,
+                          dict(guidance_scale=1.0, num_inference_steps=1)).contiguous()}},
           "latents.safetensors")
 """, tmp_path)
     got = load_file(tmp_path / "latents.safetensors")["latents"]

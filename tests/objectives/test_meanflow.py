@@ -256,7 +256,8 @@ def test_finite_difference_mode_approximates_the_jvp_on_a_smooth_field(gmm_teach
     z, v = torch.randn(16, 2, dtype=torch.float64, generator=g), torch.randn(16, 2, dtype=torch.float64, generator=g)
     t = torch.rand(16, dtype=torch.float64, generator=g) * 0.8 + 0.2
     r = t * torch.rand(16, dtype=torch.float64, generator=g)
-    exact = MeanFlow(net, gmm_teacher, MeanFlowConfig(jvp="single")).average_velocity_and_time_derivative(z, r, t, v, None)[1]
+    exact = MeanFlow(net, gmm_teacher, MeanFlowConfig(jvp="single")).average_velocity_and_time_derivative(
+        z, r, t, v, None)[1]
     fd_obj = MeanFlow(net, gmm_teacher, MeanFlowConfig(jvp="finite_difference", fd_step=1e-3))
     u, fd = fd_obj.average_velocity_and_time_derivative(z, r, t, v, None)
     assert (fd - exact).abs().max() < 1e-5 * (1 + exact.abs().max())
@@ -272,7 +273,8 @@ def test_attention_backend_from_the_config_reaches_the_student(tmp_path):
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                        layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     unet.save_pretrained(tmp_path / "teacher")
     cfg = load_config("digits_meanflow", [f"teacher.path={tmp_path / 'teacher'}", "student.attention=fused"])
     from onestep.build import build_teacher

@@ -13,7 +13,8 @@ from onestep.trigflow import HALF_PI, TrigFlowStudent, consistency_times, consis
 
 
 def direct_trig_field(teacher, y, s, cond=None):
-    """E[dy/ds | y] for y = cos s x + sin s eps, straight from the mixture's posterior: -sin s E[x|y] + cos s E[eps|y]."""
+    """E[dy/ds | y] for y = cos s x + sin s eps, straight from the mixture's posterior:
+    -sin s E[x|y] + cos s E[eps|y]."""
     x0, eps = teacher.mixture.posterior(y, torch.cos(s), torch.sin(s), cond)
     return -torch.sin(s)[:, None] * x0 + torch.cos(s)[:, None] * eps
 
@@ -223,7 +224,8 @@ def test_sampler_grid_options_reach_trained_and_rebuilt_students(gmm_teacher):
     rebuilt = MLPAvgVelocity(2, hidden=16).double()
     rebuilt.sampler = "consistency"
     SCM.configure_rebuilt_student(rebuilt, SCMConfig(sampler_data_std=0.5, sampler_intermediate=1.1), 10)
-    assert (rebuilt.default_times(2) - torch.tensor(consistency_times(2, 0.5, 1.1), dtype=torch.float64)).abs().max() == 0
+    assert (rebuilt.default_times(2)
+            - torch.tensor(consistency_times(2, 0.5, 1.1), dtype=torch.float64)).abs().max() == 0
     with pytest.raises(ConfigError, match="sampler_intermediate in"):
         scm_objective(student, gmm_teacher, sampler_intermediate=2.0)
 

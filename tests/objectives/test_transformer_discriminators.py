@@ -1,7 +1,8 @@
 """Discriminator heads on transformer teachers (tiny SD3 and SANA from onestep.teachers.flow_transformer.tiny).
 
 Transformer blocks return tokens [B, N, C]; the token heads are Conv1d over [B, C, N]. f-distill, SMD / SMT
-(both mixture nets) and Lightning take one critic and one generator step with finite losses; every token head gives one logit
+(both mixture nets) and Lightning take one critic and one generator step with finite losses; every token head
+gives one logit
 per image token of the tiny model (64: SD3 16 channels, SANA 8); and the logits equal the heads applied to
 the image tokens explicitly transposed to [B, C, N] (read by the test's own hooks: SD3's joint blocks return
 (text, image) streams). The tiny FLUX has as many tokens as channels (16), so it could not tell the layouts

@@ -160,7 +160,8 @@ def main(out: Path, num_random: int, points: list[tuple[str, int]]) -> None:
         results.append({**{k: v for k, v in case.items() if k != "delay"}, "killed": killed, "finished": finished,
                         "identical": bool(identical)})
         print(results[-1], flush=True)
-    (out / "crash_results.json").write_text(json.dumps({"reference_seconds": round(duration, 2), "cases": results}, indent=1))
+    (out / "crash_results.json").write_text(json.dumps({"reference_seconds": round(duration, 2), "cases": results},
+                                                       indent=1))
 
 
 if __name__ == "__main__":

@@ -96,10 +96,12 @@ def main(out: Path, batch: int, steps: int) -> None:
             save_file({"samples": sharded_samples(t)}, out / f"samples-rank{rank}.safetensors")
     t = Trainer(gmm_cfg(out / "runs-grad", "meanflow", batch, 1))
     save_file(meanflow_gradient(t), out / f"meanflow-grad-rank{t.accelerator.process_index}.safetensors")
-    t = Trainer(gmm_cfg(out / "runs-fdistill-grad", "fdistill", batch, FDISTILL_GRAD_STEP, FDISTILL_GRAD)).fit(resume=False)
+    t = Trainer(gmm_cfg(out / "runs-fdistill-grad", "fdistill", batch, FDISTILL_GRAD_STEP,
+                        FDISTILL_GRAD)).fit(resume=False)
     rank = t.accelerator.process_index
     save_file(fdistill_generator_gradient(t), out / f"fdistill-grad-rank{rank}.safetensors")
-    save_file(fdistill_generator_gradient(t, local_statistics=True), out / f"fdistill-grad-local-rank{rank}.safetensors")
+    save_file(fdistill_generator_gradient(t, local_statistics=True),
+              out / f"fdistill-grad-local-rank{rank}.safetensors")
     t.close()  # destroy the process group before exit (left up, a rank can abort at interpreter shutdown)
 
 

@@ -1,4 +1,5 @@
-"""Run by tests/onestep/test_sharded.py under `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml
+"""Run by tests/onestep/test_sharded.py under
+`accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}.yaml
 --num_processes 2` (gloo on CPU): trains students with the strategy the launch config selects (train.distributed
 =auto: FSDP2 or DeepSpeed ZeRO-2) and records per rank what the test compares with one process: the run folder
 (checkpoints with whole state dicts), the rows of teacher sampling this rank did, and the strategy used.
@@ -22,7 +23,8 @@ OPTIONS = {"fdistill": ["objective.critic_per_generator=2", "train.clip_grad_nor
            # the sampling these comparisons were set up with (a quarter of the interval samples on (0, 1)): with
            # the default's half on three intervals, this random tiny teacher drives gradient norms to ~2000 and
            # Adam turns rounding-level differences of the batch split into 2.5e-4 after 10 steps (measured)
-           "splitmeanflow": ["objective.lr=1e-3", "objective.anchor_share=0.25", "objective.anchor_intervals=[[0.0,1.0]]"]}
+           "splitmeanflow": ["objective.lr=1e-3", "objective.anchor_share=0.25",
+                             "objective.anchor_intervals=[[0.0,1.0]]"]}
 
 
 def sharded_cfg(out: Path, teacher: Path, objective: str, batch: int, steps: int, strategy: str, extra=(),
@@ -33,7 +35,8 @@ def sharded_cfg(out: Path, teacher: Path, objective: str, batch: int, steps: int
     AdamW turns rounding-level differences of the batch split into 5e-5 within 10 steps, under DDP as much as
     under FSDP)."""
     teacher_options = [
-        "teacher.name=unet", f"teacher.path={teacher}", "teacher.subfolder=unet", "teacher.scheduler_subfolder=scheduler",
+        "teacher.name=unet", f"teacher.path={teacher}", "teacher.subfolder=unet",
+        "teacher.scheduler_subfolder=scheduler",
         "data.name=teacher_samples", "data.teacher_steps=2"] if objective == "splitmeanflow" else \
         ["teacher.name=digits", "data.name=digits"]
     return load_config(None, [

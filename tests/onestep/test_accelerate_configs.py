@@ -56,5 +56,6 @@ def test_configs_load_as_cluster_configs(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
     cfg = ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml")
-    expected = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP, "deepspeed_zero2": DistributedType.DEEPSPEED}
+    expected = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
+                "deepspeed_zero2": DistributedType.DEEPSPEED}
     assert cfg.distributed_type == expected[name]

@@ -313,14 +313,17 @@ OUT_OF_RANGE = [
     ("meanflow velocity", ["objective.name=meanflow", "objective.velocity=noise"], "objective.velocity"),
     ("meanflow jvp", ["objective.name=meanflow", "objective.jvp=triple"], "objective.jvp must be one of"),
     ("meanflow time_sampler", ["objective.name=meanflow", "objective.time_sampler=beta"], "objective.time_sampler"),
-    ("meanflow interval_ratio", ["objective.name=meanflow", "objective.interval_ratio=1.5"], "objective.interval_ratio"),
+    ("meanflow interval_ratio", ["objective.name=meanflow", "objective.interval_ratio=1.5"],
+     "objective.interval_ratio"),
     ("meanflow class_dropout", ["objective.name=meanflow", "objective.class_dropout=-0.1"], "objective.class_dropout"),
     ("meanflow adaptive_p", ["objective.name=meanflow", "objective.adaptive_p=-1"], "objective.adaptive_p"),
     ("meanflow adaptive_c", ["objective.name=meanflow", "objective.adaptive_c=0"], "adaptive_c > 0"),
-    ("meanflow cfg_interval", ["objective.name=meanflow", "objective.cfg_interval=[0.8,0.2]"], "objective.cfg_interval"),
+    ("meanflow cfg_interval", ["objective.name=meanflow", "objective.cfg_interval=[0.8,0.2]"],
+     "objective.cfg_interval"),
     ("meanflow cfg_omega with teacher", ["objective.name=meanflow", "objective.cfg_omega=2.0"], "objective.cfg_omega"),
     ("meanflow anchor_share", ["objective.name=meanflow", "objective.anchor_share=2"], "objective.anchor_share"),
-    ("meanflow negative lr", ["objective.name=meanflow", "objective.lr=-0.1"], "objective.lr must be a finite number > 0"),
+    ("meanflow negative lr", ["objective.name=meanflow", "objective.lr=-0.1"],
+     "objective.lr must be a finite number > 0"),
     ("meanflow one beta", ["objective.name=meanflow", "objective.betas=[0.9]"], "objective.betas"),
     ("meanflow beta 1", ["objective.name=meanflow", "objective.betas=[0.9,1.0]"], "objective.betas"),
     ("meanflow anchors", ["objective.name=meanflow", "objective.anchor_share=0.5", "objective.anchor_intervals=[]"],
@@ -731,7 +734,8 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(file, how, trained_run, tmp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("how", ["trainable.safetensors garbage", "state.json not JSON", "ema.safetensors of another model"])
+@pytest.mark.parametrize("how", ["trainable.safetensors garbage", "state.json not JSON",
+                                 "ema.safetensors of another model"])
 def test_unloadable_checkpoint_with_valid_checksums(how, trained_run, tmp_path, monkeypatch):
     """Altered and re-checksummed (so only loading can tell): resume refuses in one line, run untouched."""
     monkeypatch.chdir(tmp_path)
@@ -806,7 +810,8 @@ def test_pickled_teacher_weights_are_never_loaded(name, tmp_path):
     only_pickle = teacher_copy(tmp_path, "only_pickle")
     (only_pickle / WEIGHTS).unlink()
     write_malicious(only_pickle / name, marker, "torch.save")
-    assert_clean_exception(f"teacher folder: only a malicious {name}", lambda: DigitsTeacher.from_pretrained(only_pickle),
+    assert_clean_exception(f"teacher folder: only a malicious {name}",
+                           lambda: DigitsTeacher.from_pretrained(only_pickle),
                            FileNotFoundError, [WEIGHTS, name, "never loads"])
     beside = teacher_copy(tmp_path, "beside")
     write_malicious(beside / name, marker, "torch.save")
@@ -864,7 +869,8 @@ def test_only_safe_loaders_in_the_package():
                     pairs = list(zip(args, node.args.defaults)) + list(zip(node.args.kwonlyargs, node.args.kw_defaults))
                     for arg, default in pairs:
                         if arg.arg == "trust_remote_code" and isinstance(default, ast.Constant) and default.value:
-                            problems.append(f"{path.relative_to(REPO)}:{node.lineno}: trust_remote_code defaults to True")
+                            problems.append(f"{path.relative_to(REPO)}:{node.lineno}: "
+                                            "trust_remote_code defaults to True")
     assert torch_loads >= 1  # the checker sees the trainer's loads
     assert not problems, problems
 
@@ -900,10 +906,12 @@ def corrupt_png_data() -> bytes:
 
 
 IMAGE_CASES = {
-    "a text file among images": ({"a.png": png_bytes(8, 8), "notes.txt": b"not an image"}, {}, ["notes.txt", "not an image"]),
+    "a text file among images": ({"a.png": png_bytes(8, 8), "notes.txt": b"not an image"}, {},
+                                 ["notes.txt", "not an image"]),
     "a text file named .png": ({"a.png": png_bytes(8, 8), "b.png": b"hello"}, {}, ["b.png", "not an image"]),
     "an empty .png": ({"a.png": b"", "b.png": png_bytes(8, 8)}, {}, ["a.png", "not an image"]),
-    "a truncated PNG": ({"a.png": png_bytes(8, 8), "b.png": png_bytes(32, 32, 7)[:60]}, {}, ["b.png", "unreadable image"]),
+    "a truncated PNG": ({"a.png": png_bytes(8, 8), "b.png": png_bytes(32, 32, 7)[:60]}, {},
+                        ["b.png", "unreadable image"]),
     "a PNG with corrupt pixel data": ({"a.png": corrupt_png_data()}, {}, ["a.png", "unreadable image"]),
     "random bytes as .jpg": ({"x.jpg": np.random.default_rng(1).bytes(300)}, {}, ["x.jpg", "not an image"]),
     "mixed sizes": ({"a.png": png_bytes(8, 8), "b.png": png_bytes(8, 8), "c.png": png_bytes(16, 12)}, {},
@@ -981,13 +989,16 @@ def test_random_bytes_as_images(blob, suffix, fuzz_folder):
 
 
 PROMPT_CASES = {
-    "latin-1 bytes": ("prompts.txt", "a cat\nun café noir\n".encode("latin-1"), ["prompts.txt is not UTF-8", "byte 0xe9 at offset 12", "line 2"]),
+    "latin-1 bytes": ("prompts.txt", "a cat\nun café noir\n".encode("latin-1"),
+                      ["prompts.txt is not UTF-8", "byte 0xe9 at offset 12", "line 2"]),
     "UTF-16 with BOM": ("prompts.txt", "a cat\n".encode("utf-16"), ["not UTF-8", "byte 0xff at offset 0"]),
-    "cut inside a UTF-8 character": ("prompts.txt", "a cat\ncaf".encode() + b"\xc3", ["not UTF-8", "offset 9", "line 2"]),
+    "cut inside a UTF-8 character": ("prompts.txt", "a cat\ncaf".encode() + b"\xc3",
+                                     ["not UTF-8", "offset 9", "line 2"]),
     "NUL bytes (UTF-16 without BOM)": ("prompts.txt", "a cat\n".encode("utf-16-le"), ["NUL byte at offset 1"]),
     "empty file": ("prompts.txt", b"", ["holds no prompts"]),
     "only comments and blank lines": ("prompts.txt", b"# header\n\n   \n  # more\n", ["holds no prompts"]),
-    "jsonl: a line that is not JSON": ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"}\n{prompt: c}\n', ["p.jsonl, line 3", "not valid JSON"]),
+    "jsonl: a line that is not JSON": ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b"}\n{prompt: c}\n',
+                                       ["p.jsonl, line 3", "not valid JSON"]),
     "jsonl: a line that is a list": ("p.jsonl", b'{"prompt": "a"}\n["b"]\n', ["p.jsonl, line 2", '"prompt"']),
     "jsonl: no prompt key": ("p.jsonl", b'{"text": "a"}\n', ["p.jsonl, line 1", '"prompt"']),
     "jsonl: prompt is a number": ("p.jsonl", b'\n{"prompt": 3}\n', ["p.jsonl, line 2", '"prompt"']),
@@ -1046,21 +1057,31 @@ def cli_arg_cases(root: Path, trained: Path) -> dict[str, tuple[list, list[str]]
         "--config without a value": (["demo", "--config"], ["--config: expected one argument"]),
         "flag given a value": (["demo", "--no-resume=yes"], ["--no-resume", "ignored explicit argument"]),
         "list with an argument": (["list", "all"], ["unrecognized arguments: all"]),
-        "export --steps 0": (["export", "--run", run, "--out", out, "--steps", "0"], ["steps must be an integer >= 1", "0"]),
-        "export --steps -3": (["export", "--run", run, "--out", out, "--steps", "-3"], ["steps must be an integer >= 1", "-3"]),
-        "export --steps two": (["export", "--run", run, "--out", out, "--steps", "two"], ["--steps must be an integer", "'two'"]),
-        "export --steps 1.5": (["export", "--run", run, "--out", out, "--steps", "1.5"], ["--steps must be an integer", "'1.5'"]),
+        "export --steps 0": (["export", "--run", run, "--out", out, "--steps", "0"],
+                             ["steps must be an integer >= 1", "0"]),
+        "export --steps -3": (["export", "--run", run, "--out", out, "--steps", "-3"],
+                              ["steps must be an integer >= 1", "-3"]),
+        "export --steps two": (["export", "--run", run, "--out", out, "--steps", "two"],
+                               ["--steps must be an integer", "'two'"]),
+        "export --steps 1.5": (["export", "--run", run, "--out", out, "--steps", "1.5"],
+                               ["--steps must be an integer", "'1.5'"]),
         "export --steps empty": (["export", "--run", run, "--out", out, "--steps", ""], ["--steps must be an integer"]),
-        "export --steps without a value": (["export", "--run", run, "--out", out, "--steps"], ["--steps: expected one argument"]),
-        "export --format": (["export", "--run", run, "--out", out, "--format", "ckpt"], ["unknown format 'ckpt'", "allowed:"]),
-        "export --weights": (["export", "--run", run, "--out", out, "--weights", "best"], ["unknown weights 'best'", "allowed: ema, trained"]),
-        "export --checkpoint": (["export", "--run", run, "--out", out, "--checkpoint", "latest"], ["--checkpoint must look like step-N", "'latest'"]),
-        "export --checkpoint missing": (["export", "--run", run, "--out", out, "--checkpoint", "step-9"], ["'step-9' not found", "step-000002"]),
+        "export --steps without a value": (["export", "--run", run, "--out", out, "--steps"],
+                                           ["--steps: expected one argument"]),
+        "export --format": (["export", "--run", run, "--out", out, "--format", "ckpt"],
+                            ["unknown format 'ckpt'", "allowed:"]),
+        "export --weights": (["export", "--run", run, "--out", out, "--weights", "best"],
+                             ["unknown weights 'best'", "allowed: ema, trained"]),
+        "export --checkpoint": (["export", "--run", run, "--out", out, "--checkpoint", "latest"],
+                                ["--checkpoint must look like step-N", "'latest'"]),
+        "export --checkpoint missing": (["export", "--run", run, "--out", out, "--checkpoint", "step-9"],
+                                        ["'step-9' not found", "step-000002"]),
         "export --run missing": (["export", "--run", root / "nope", "--out", out], ["nope not found"]),
         "export --run is a file": (["export", "--run", a_file, "--out", out], ["a_file", "not found"]),
         "export --out is a file": (["export", "--run", run, "--out", a_file], ["a_file", "not a directory"]),
         "export without --out": (["export", "--run", run], ["--run and --out are required"]),
-        "export --out is the sentinel run": (["export", "--run", run, "--out", root / "runs" / "sentinel"], ["not an onestep export"]),
+        "export --out is the sentinel run": (["export", "--run", run, "--out", root / "runs" / "sentinel"],
+                                             ["not an onestep export"]),
         "teacher-train --out is a file": (["teacher-train", "--out", a_file], ["--out", "a_file is a file"]),
         "teacher-train --out is a run directory": (["teacher-train", "--out", root / "runs" / "sentinel"],
                                                    ["--out", "sentinel holds files that are not a saved teacher"]),

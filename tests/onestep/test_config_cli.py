@@ -10,12 +10,14 @@ from onestep.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    (["objective.flow_rate=0.5"], "unknown key objective.flow_rate; allowed: anchor_intervals, anchor_share, boundary_target, flow_ratio"),
+    (["objective.flow_rate=0.5"],
+     "unknown key objective.flow_rate; allowed: anchor_intervals, anchor_share, boundary_target, flow_ratio"),
     (["objective.name=nope"], "objective.name: unknown objective 'nope'; allowed: "),
     (["teacher.name=nope"], "teacher.name: unknown teacher 'nope'; allowed: digits, "),
     (["train.stepz=3"], "unknown key train.stepz; allowed: checkpoint_every, clip_grad_norm"),
     (["stepz=3"], "unknown key stepz; allowed: data, eval, name, objective"),
-    (["student.size=3"], "unknown key student.size; allowed: attention, backbone, dropout, gradient_checkpointing, init"),
+    (["student.size=3"],
+     "unknown key student.size; allowed: attention, backbone, dropout, gradient_checkpointing, init"),
     (["train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
     (["eval.student_steps=[0,1]"], "eval.student_steps must list step counts >= 1"),
     (["data.name=gmm"], "data.name=gmm draws from the teacher's mixture"),

@@ -50,7 +50,8 @@ def test_demo_end_to_end_on_a_tiny_teacher(tmp_path):
         assert s["ratio_mean"] == round(sum(ratios) / 2, 3)
         assert s["ratio_sd"] == round(abs(ratios[0] - ratios[1]) / 2 ** 0.5, 3)
     goal = next(t for t in saved["targets"] if t["what"].startswith("student 1-step FID / teacher 50-step"))
-    assert goal["what"].endswith("(mean over noise seeds)") and goal["value"] == round(spread["1-step"]["ratio_mean"], 4)
+    assert goal["what"].endswith("(mean over noise seeds)") and \
+        goal["value"] == round(spread["1-step"]["ratio_mean"], 4)
     assert "over 2 paired noise seeds (1234, 1235" in (run / "report.md").read_text().splitlines()[4]
 
 

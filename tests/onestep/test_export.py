@@ -163,7 +163,8 @@ def test_consistency_student_exports_one_step_only(run_dir, tmp_path):
     # the checkpoint and the export store the sampler the objective set: consistency, with the recipe's grid
     from onestep.sampling import SamplerSpec
 
-    spec = SamplerSpec.from_dict(json.loads((tmp_path / "scm" / "checkpoints" / "step-000001" / "sampler.json").read_text()))
+    spec = SamplerSpec.from_dict(
+        json.loads((tmp_path / "scm" / "checkpoints" / "step-000001" / "sampler.json").read_text()))
     assert (spec.kind, spec.grid) == ("consistency", "consistency")
     assert (spec.consistency_data_std, spec.consistency_intermediate) == \
         (cfg.objective["sampler_data_std"], cfg.objective["sampler_intermediate"])
@@ -187,7 +188,8 @@ def test_consistency_student_exports_one_step_only(run_dir, tmp_path):
     stock = DiffusionPipeline.from_pretrained(export_run(tmp_path / "dense", tmp_path / "stock", steps=1))
     stock.set_progress_bar_config(disable=True)
     want, _ = expected_images(student, 1)
-    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED),
+                output_type="pt").images
     assert (got - want).abs().max().item() < TOL
 
 
@@ -306,7 +308,8 @@ def test_velocity_model_exports_as_euler_sampler(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     want, _ = expected_images(velocity, 3)
-    got = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    got = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(SEED),
+               output_type="pt").images
     assert (got - want).abs().max().item() < TOL
 
 
@@ -331,11 +334,13 @@ def test_dense_time_student_exports_stock_at_one_step_and_as_onestep_pipeline(tm
     stock.set_progress_bar_config(disable=True)
     assert type(stock).__name__ == "DDPMPipeline" and not stock.unet.time_embedding.linear_1.weight.any()
     want, _ = expected_images(student, 1)
-    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    got = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED),
+                output_type="pt").images
     assert (got - want).abs().max().item() < TOL
     # with only the interval embedding folded, the stock pipeline's timestep 1000 is far off: the time fold matters
     stock.unet = fold_interval_embedding(student.unet, 1, student.interval_scale)
-    wrong = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    wrong = stock(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(SEED),
+                  output_type="pt").images
     assert (wrong - want).abs().max().item() > 100 * TOL
     assert "exact only for `num_inference_steps=1`" in (tmp_path / "stock1" / "README.md").read_text()
     out = export_run(tmp_path / "d", tmp_path / "k2", format="onestep", steps=2)
@@ -344,11 +349,13 @@ def test_dense_time_student_exports_stock_at_one_step_and_as_onestep_pipeline(tm
     assert pipe.config.time_scale == 1.0
     for k in (1, 2, 3):
         want, _ = expected_images(student, k)
-        got = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+        got = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED),
+                   output_type="pt").images
         assert (got - want).abs().max().item() < TOL
         # the same pipeline feeding 1000 t (the scheduler's timesteps) is far off: the time scale matters
         pipe.register_to_config(time_scale=None)
-        wrong = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+        wrong = pipe(batch_size=4, num_inference_steps=k, generator=torch.Generator().manual_seed(SEED),
+                     output_type="pt").images
         pipe.register_to_config(time_scale=1.0)
         assert (wrong - want).abs().max().item() > 100 * TOL
     assert "timestep is 1 t" in (out / "README.md").read_text()

@@ -105,14 +105,16 @@ def _sana(tok):
 
 
 BUILDERS = {"stable_diffusion": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "sana": _sana}
-TEACHER_OPTIONS = {"stable_diffusion": [], "sdxl": [], "sd3": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32"],
+TEACHER_OPTIONS = {"stable_diffusion": [], "sdxl": [],
+                   "sd3": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32"],
                    "flux": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32", f"teacher.resolution={SIDE}",
                             "teacher.guidance=2.5"],
                    "sana": [f"teacher.max_sequence_length={SEQ}", "teacher.dtype=float32",
                             "teacher.resolution=32"]}  # SanaPipeline wants sides divisible by 32
 #: what a user passes to run the student (guidance off; FLUX-dev's embedded scale is the teacher's)
 CALLS = {"stable_diffusion": dict(guidance_scale=1.0), "sdxl": dict(guidance_scale=1.0),
-         "sd3": dict(guidance_scale=1.0, max_sequence_length=SEQ), "flux": dict(guidance_scale=2.5, max_sequence_length=SEQ),
+         "sd3": dict(guidance_scale=1.0, max_sequence_length=SEQ),
+         "flux": dict(guidance_scale=2.5, max_sequence_length=SEQ),
          "sana": dict(guidance_scale=1.0, max_sequence_length=SEQ, use_resolution_binning=False)}
 STEPS = {"stable_diffusion": (1,), "sdxl": (1,), "sd3": (1, 2), "flux": (1, 2), "sana": (2,)}
 
@@ -218,7 +220,8 @@ def run(pipe, family, noise, call):
 def isolated(script: str, cwd: Path):
     # -I: no current directory or PYTHON* variables on the path; onestep stays importable from the venv
     # (editable install), which is why the meta-path blocker is what proves it is not used
-    full = NO_ONESTEP + script + "\nassert not any(m == 'onestep' or m.startswith('onestep.') for m in sys.modules)\nprint('clean')\n"
+    full = NO_ONESTEP + script + ("\nassert not any(m == 'onestep' or m.startswith('onestep.') for m in sys.modules)"
+                                  "\nprint('clean')\n")
     proc = subprocess.run([sys.executable, "-I", "-c", full], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("clean"), proc.stderr[-3000:]
 
@@ -359,7 +362,8 @@ def test_lora_on_the_teacher_pipeline_reproduces_the_student(lora_runs, runs, te
     save_file(noises, tmp_path / "noises.safetensors")
     script = f"""
 from diffusers import FlowMatchEulerDiscreteScheduler, DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
-classes = {{"stable_diffusion": (StableDiffusionPipeline, DDIMScheduler), "sd3": (StableDiffusion3Pipeline, FlowMatchEulerDiscreteScheduler)}}
+classes = {{"stable_diffusion": (StableDiffusionPipeline, DDIMScheduler),
+           "sd3": (StableDiffusion3Pipeline, FlowMatchEulerDiscreteScheduler)}}
 jobs, folders, teachers = {jobs!r}, {folders!r}, {({f: str(teacher_dirs[f]) for f in jobs})!r}
 calls = {({f: CALLS[f] for f in jobs})!r}
 noises = load_file("noises.safetensors")
@@ -453,7 +457,8 @@ def _pixel_teacher_dir(root: Path, num_class_embeds=None) -> Path:
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, attention_head_dim=4, num_class_embeds=num_class_embeds,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     _randomise(unet, seed=2)
     unet.save_pretrained(root / "unet")
     _ddim("v_prediction").save_pretrained(root / "scheduler")
@@ -515,11 +520,13 @@ def test_model_card_reports_the_runs_eval_scores_and_protocols(runs, tmp_path):
                 "weights": "ema", "model": "student"}
     (run / "eval" / "fid.json").write_text(json.dumps({"scores": {"fid": 23.25}, "protocol": protocol}))
     latency = {**protocol, "metric": "latency", "checkpoint": "step-000009", "steps": None, "model": "both"}
-    rows = [{"model": "teacher", "steps": 28, "ms_per_image": 812.5}, {"model": "student", "steps": 2, "ms_per_image": 61.0}]
+    rows = [{"model": "teacher", "steps": 28, "ms_per_image": 812.5},
+            {"model": "student", "steps": 2, "ms_per_image": 61.0}]
     (run / "eval" / "latency.json").write_text(json.dumps({"scores": {"rows": rows}, "protocol": latency}))
     (run / "eval" / "notes.json").write_text("[1, 2]")  # not a score file: ignored
     card = (export_run(run, tmp_path / "e", steps=2) / "README.md").read_text()
-    assert "**fid** from `eval/fid.json` (model student, steps 2, checkpoint step-000001, weights ema) - scores this export" in card
+    assert ("**fid** from `eval/fid.json` (model student, steps 2, checkpoint step-000001, weights ema) "
+            "- scores this export") in card
     assert "Scores: fid = 23.25." in card and "reference: coco-val-1k" in card and "versions: torch 2.14.1" in card
     assert "**latency** from `eval/latency.json`" in card and "not this export's checkpoint" in card
     assert "| student | 2 | 61 |" in card and "Not evaluated" not in card

@@ -136,7 +136,8 @@ def test_meta_counts_of_lora_and_interval_embedding_equal_the_real_student(tmp_p
 
     teacher = _build_teacher(_tiny_teacher_section("stable_diffusion", tmp_path))
     student = student_from_teacher(teacher)
-    assert interval_embedding_params(teacher.backbone()) == sum(p.numel() for p in student.interval_embedding.parameters())
+    assert interval_embedding_params(teacher.backbone()) == \
+        sum(p.numel() for p in student.interval_embedding.parameters())
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     trainable = add_lora(student, 4, None, targets)
     real_lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n)
@@ -351,7 +352,8 @@ def test_image_folder_batches_are_the_vae_latents(tmp_path, offline):
     folder.mkdir()
     gen = torch.Generator().manual_seed(0)
     for i in range(3):  # 20 x 20: resized to the tiny teacher's 16 x 16
-        Image.fromarray(torch.randint(0, 256, (20, 20, 3), generator=gen, dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+        Image.fromarray(torch.randint(0, 256, (20, 20, 3), generator=gen, dtype=torch.uint8).numpy()).save(
+            folder / f"{i}.png")
     cfg = _config(tmp_path, {"teacher": _tiny_teacher_section("sd3", tmp_path),
                              "objective": {"name": "flow_matching", "target": "data"},
                              "data": {"name": "image_folder", "path": str(folder)}})

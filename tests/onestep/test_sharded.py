@@ -35,7 +35,8 @@ def tiny_teacher(tmp_path_factory):
 def launch(out: Path, teacher: Path, config: str, label: str, *objectives: str) -> None:
     """`accelerate launch` with a shipped accelerate config, as a user starts a multi-GPU run (2 CPU processes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"),
            "--num_processes", "2", "--mixed_precision", "no", str(HERE / "sharded_worker.py"), str(out), str(teacher),
            label, *objectives]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -111,12 +112,14 @@ def test_fsdp_two_processes_equal_one_with_the_doubled_batch(fsdp_runs, single_r
     assert {"trainable", "ema", "optim-student"} <= groups and (objective != "fdistill" or "optim-fake_score" in groups)
     # it trained: the comparison can fail
     start = checkpoint(single_out / f"{objective}-ddp", EVERY)
-    assert max((ref[k].double() - start[k].double()).abs().max().item() for k in ref if k.startswith("trainable/")) > 1e-4
+    assert max((ref[k].double() - start[k].double()).abs().max().item()
+               for k in ref if k.startswith("trainable/")) > 1e-4
     ours_norms, ref_norms = grad_norms(fsdp_runs / f"{objective}-fsdp"), grad_norms(single_out / f"{objective}-ddp")
     assert len(ours_norms) == len(ref_norms) > 0
     assert max(abs(a - b) / b for a, b in zip(ours_norms, ref_norms)) <= 1e-4
     # the logged loss is the run's, not rank 0's share of it
-    ours_loss, ref_loss = logged(fsdp_runs / f"{objective}-fsdp", "loss"), logged(single_out / f"{objective}-ddp", "loss")
+    ours_loss, ref_loss = (logged(fsdp_runs / f"{objective}-fsdp", "loss"),
+                           logged(single_out / f"{objective}-ddp", "loss"))
     assert len(ours_loss) == len(ref_loss) == STEPS
     assert max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(ours_loss, ref_loss)) <= 1e-4
 

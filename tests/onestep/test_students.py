@@ -179,7 +179,8 @@ def test_student_is_the_teacher_at_init(teachers, family, dtype):
         err = (student(z, t, t, cond) - v).abs().max().item()
         # the interval MLP's last layer is zero: u(z, r, t) = v(z, t) for every r at init
         err_r = (student(z, 0.3 * t, t, cond) - v).abs().max().item()
-    print(f"\n{family} {str(dtype)[6:]}: max |u(z, t, t) - v_teacher| {err:.1e}, max |u(z, 0.3t, t) - v_teacher| {err_r:.1e} "
+    print(f"\n{family} {str(dtype)[6:]}: max |u(z, t, t) - v_teacher| {err:.1e}, "
+          f"max |u(z, 0.3t, t) - v_teacher| {err_r:.1e} "
           f"(max |v| {v.abs().max():.2f}); time embedding {student.time_embedding_name}")
     assert v.abs().max() > 1e-2  # a velocity worth comparing
     assert err < 1e-6 and err_r < 1e-6

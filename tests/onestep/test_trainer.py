@@ -165,8 +165,8 @@ def benchmark_module(name: str):
 
 
 def test_benchmark_seed_spread_is_over_paired_ratios():
-    """--noise-seeds (benchmarks/objectives.py, noise_seeds.py): the mean and sd of the per-seed ratios student / teacher (2 / 1 and 3 / 2), not
-    the ratio of the means (5 / 3)."""
+    """--noise-seeds (benchmarks/objectives.py, noise_seeds.py): the mean and sd of the per-seed ratios
+    student / teacher (2 / 1 and 3 / 2), not the ratio of the means (5 / 3)."""
     from onestep.demo import seed_spread
 
     spread = seed_spread([7, 8], [2.0, 3.0], [1.0, 2.0])
@@ -188,7 +188,8 @@ def test_noise_seeds_record_names_what_a_run_changed_and_its_train_time(tmp_path
     assert run["objective.tangent_norm_c"] == 1.0 and run["teacher.shipped"] == "dense" and "name" not in run
     # the objective's defaults are settings too (a recipe that spells one out trains the same); logging,
     # checkpoints, sample grids and scoring are not
-    assert run["objective.time_clamp"] == SCMConfig().time_clamp and "time_clamp" not in load_config("digits_scm").objective
+    assert run["objective.time_clamp"] == SCMConfig().time_clamp and \
+        "time_clamp" not in load_config("digits_scm").objective
     assert not [k for k in run if k.startswith(("eval.", "train.checkpoint", "train.log", "train.sample"))]
     assert setting_differences(run, recipe) == ["objective.tangent_norm_c=1.0", "seed=1", "train.steps=2000"]
     assert setting_differences(recipe, recipe) == []
@@ -245,7 +246,8 @@ def test_digit_classes_summary_counts_a_dropped_digit_as_half_its_share():
     out = module.class_summary(probs, train)
     assert out["n"] == 100 and out["class_share"][0] == 0.0 and out["class_share"][1] == 0.2
     assert out["tv_to_train"] == 0.1 and out["min_share"] == 0.0 and out["mean_top_prob"] == 0.64
-    assert module.class_summary(torch.nn.functional.one_hot(torch.arange(100) % 10, 10).double(), train)["tv_to_train"] == 0.0
+    assert module.class_summary(torch.nn.functional.one_hot(torch.arange(100) % 10, 10).double(),
+                                train)["tv_to_train"] == 0.0
 
 
 def test_benchmark_scores_smt_from_data_next_to_the_shipped_teacher():

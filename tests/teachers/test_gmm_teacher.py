@@ -70,7 +70,8 @@ def test_velocity_is_stable_at_the_ends():
         assert torch.isfinite(teacher.velocity(x, t)).all()
     # at t = 1 the marginal is N(0, I) and E[x0 | x] = mean of the data: v = x - E[x0]
     v1 = teacher.velocity(x, 1.0)
-    assert torch.allclose(v1, x - (four_component_mixture().weights[:, None] * four_component_mixture().means).sum(0), atol=1e-12)
+    assert torch.allclose(v1, x - (four_component_mixture().weights[:, None] * four_component_mixture().means).sum(0),
+                          atol=1e-12)
 
 
 @pytest.mark.parametrize("solver,steps,tol", [("euler", 400, 2e-2), ("heun", 100, 2e-3)])

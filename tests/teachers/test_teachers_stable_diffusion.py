@@ -112,7 +112,8 @@ def test_cfg_is_pipeline_formula_and_null_is_empty_prompt(sd64):
     torch.testing.assert_close(teacher.velocity(x, t, cond, guidance=w), expected, rtol=1e-10, atol=1e-10)
     # one prompt for the whole batch is broadcast (also under CFG)
     one = teacher.encode_prompt(["a cat"])
-    torch.testing.assert_close(teacher.velocity(x, t, one, guidance=w), teacher.velocity(x, t, one.expand(2), guidance=w))
+    torch.testing.assert_close(teacher.velocity(x, t, one, guidance=w),
+                               teacher.velocity(x, t, one.expand(2), guidance=w))
     # cond=None is the unconditional (empty prompt) velocity
     torch.testing.assert_close(teacher.velocity(x, t), teacher.velocity(x, t, null), rtol=0, atol=0)
 

@@ -262,7 +262,9 @@ def test_triton_interpreter_matches_torch_path():
     """Triton reads TRITON_INTERPRET when triton.language is imported, so this runs in a subprocess."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    gpu_check = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "benchmarks", "gpu_check.py")
+    gpu_check = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+        "benchmarks", "gpu_check.py")
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, gpu_check], env=env, capture_output=True, text=True,
                          timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -126,7 +126,8 @@ def _sana_cross_case(mask_kind):
                      dim_head=8, bias=True, out_bias=True, processor=SanaAttnProcessor2_0())
     _randomise_norms(attn, 1)
     g = _gen(2)
-    args = dict(hidden_states=torch.randn(B, 12, 16, generator=g), encoder_hidden_states=torch.randn(B, 6, 8, generator=g))
+    args = dict(hidden_states=torch.randn(B, 12, 16, generator=g),
+                encoder_hidden_states=torch.randn(B, 6, 8, generator=g))
     if mask_kind == "padding":  # what SanaTransformer2DModel makes of a [B, M] 1/0 caption mask
         keep = torch.ones(B, 6)
         keep[0, 4:] = 0
@@ -369,7 +370,8 @@ def test_whole_model_jvp_check_catches_a_wrong_attention_jvp(monkeypatch):
     import onestep.kernels.attention as ka
 
     real = ka._torch_jvp
-    monkeypatch.setattr(ka, "_torch_jvp", lambda q, k, v, o, lse, dq, dk, dv, *a: real(q, k, v, o, lse, None, dk, dv, *a))
+    monkeypatch.setattr(ka, "_torch_jvp",
+                        lambda q, k, v, o, lse, dq, dk, dv, *a: real(q, k, v, o, lse, None, dk, dv, *a))
     for family in ("flux", "sana"):
         _, _, _, _, jvp, fd, _ = _jvp_vs_central_difference(family)
         assert _rel(jvp, fd) > 5 * JVP_FD_TOL, family
@@ -405,7 +407,8 @@ def test_config_accepts_fused_triton(tmp_path):
     from onestep.config import ConfigError, load_config
 
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     unet.save_pretrained(tmp_path / "teacher")
     base = [f"teacher.path={tmp_path / 'teacher'}"]

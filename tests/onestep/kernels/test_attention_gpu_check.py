@@ -47,9 +47,11 @@ def test_without_cuda_exits_2_with_one_line(tmp_path):
 
 
 def test_torch_path_passes_the_check_on_cpu():
-    cases = gc.correctness({"torch_path": gc.attn_torch_path}, CPU_SHAPES, list(gc.DTYPES), "cpu", log=lambda line: None)
+    cases = gc.correctness({"torch_path": gc.attn_torch_path}, CPU_SHAPES, list(gc.DTYPES), "cpu",
+                           log=lambda line: None)
     assert len(cases) == len(CPU_SHAPES) * 3 * 3
-    assert [c["torch_path"]["passed"] for c in cases] == [True] * len(cases), [c for c in cases if not c["torch_path"]["passed"]]
+    assert [c["torch_path"]["passed"] for c in cases] == [True] * len(cases), \
+        [c for c in cases if not c["torch_path"]["passed"]]
     worst = {d: gc.worst_error(cases, "torch_path", d) for d in gc.DTYPES}
     print("\ntorch path worst error / tolerance:", {d: f"{worst[d]:.1e} / {gc.TOLERANCES[d]:.0e}" for d in worst})
     # the errors are real measurements at each dtype's precision, not zeros
@@ -58,7 +60,8 @@ def test_torch_path_passes_the_check_on_cpu():
 
 
 def _failing(case, name="bad"):
-    return sorted(q for q, e in case[name]["errors"].items() if e > case["tolerance"]) if "errors" in case[name] else None
+    return (sorted(q for q, e in case[name]["errors"].items() if e > case["tolerance"])
+            if "errors" in case[name] else None)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -76,7 +79,8 @@ def test_the_check_catches_wrong_kernels(dtype, monkeypatch):
         assert "out" in _failing(gc.check_case({"bad": no_mask}, shape, dtype, mask_kind, "cpu"))
     # a wrong JVP rule (the query tangent dropped) fails only "jvp"; a wrong backward only its gradient
     real_jvp, real_bwd = ka._torch_jvp, ka._torch_backward
-    monkeypatch.setattr(ka, "_torch_jvp", lambda q, k, v, o, lse, dq, dk, dv, *a: real_jvp(q, k, v, o, lse, None, dk, dv, *a))
+    monkeypatch.setattr(ka, "_torch_jvp",
+                        lambda q, k, v, o, lse, dq, dk, dv, *a: real_jvp(q, k, v, o, lse, None, dk, dv, *a))
     assert _failing(gc.check_case({"bad": gc.attn_torch_path}, shape, dtype, "bool", "cpu")) == ["jvp"]
     monkeypatch.setattr(ka, "_torch_jvp", real_jvp)
 
