@@ -273,6 +273,8 @@ METHODS = [
      ["digits_scm_ladd"]),
     ("lightning", "SDXL-Lightning", "Lin, Wang, Yang 2024", "https://arxiv.org/abs/2402.13929",
      ["digits_lightning", "digits_lightning_4step"]),
+    ("ladd", "LADD", "Sauer et al. 2024", "https://arxiv.org/abs/2403.12015", ["digits_ladd"]),
+    ("rcm", "rCM (sCM + DMD)", "Zheng et al. 2025", "https://arxiv.org/abs/2510.08431", ["digits_rcm"]),
 ]
 OBJECTIVE_FILES = {"scm_ladd": "objectives/ladd.py", "smd": "objectives/smt.py"}
 
@@ -292,7 +294,7 @@ def _expected_cell(objective: str) -> str:
                   else f"{at_protocol:.2f}× (seed 1234 only)")
         cells.append(f"{r['steps']}-step {spread}"
                      + (f", `{r['recipe']}`" if len({x['recipe'] for x in _objective_rows(objective)}) > 1 else ""))
-    return "; ".join(cells)
+    return "; ".join(cells) or "not measured yet: no training run in benchmarks/results/objectives.json"
 
 
 def methods_table() -> str:
@@ -390,12 +392,31 @@ def feature_throughput_table() -> str:
 
 
 OBJECTIVE_NAMES = ("splitmeanflow", "meanflow", "fdistill", "smt", "smd", "scm", "scm_ladd", "lightning")
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def recipe_sizes_table() -> str:
+    """Full-size parameter counts per real recipe (benchmarks/recipe_sizes.py, as --dry-run prints them)."""
+    data = _load("recipe_sizes.json")
+    lines = _header("recipe", "teacher params (denoiser)", "student trainable / total",
+                    "teacher-copied nets of the objective: trainable / total")
+    for r in data["rows"]:
+        teacher = r["teacher_params"]
+        copies = f"{_count(r['copies_trainable'])} / {_count(r['copies_total'])}" if r["copies"] else "–"
+        lines.append(f"| {r['recipe']} | {_count(sum(teacher.values()))} ({_count(teacher['denoiser'])}) | "
+                     f"{_count(r['student_trainable'])} / {_count(r['student_total'])} | {copies} |")
+    lines.append(f"\n`{data['command']}`, {data['date']}.")
+    return "\n".join(lines)
+
+
 RENDERERS = {"smoke": smoke_table, "sharded": sharded_table, "full_size": full_size_table,
              "splitmeanflow_stability": splitmeanflow_stability_table, "objectives": objectives_table,
              "teacher_steps": teacher_steps_table, "runs": runs_table, "lightning_stages": lightning_stages_table,
              "attention": attention_table, "time_smoothing": time_smoothing_table, "step_cost": step_cost_table,
              "digit_classes": digit_classes_table, "gmm_modes": gmm_modes_table,
              "feature_throughput": feature_throughput_table, "methods": methods_table,
+             "recipe_sizes": recipe_sizes_table,
              **{f"expected_{name}": _expected(name) for name in OBJECTIVE_NAMES}}
 _BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(?:(.*?)\n)?(<!-- /table:\2 -->)", re.S)   # body may be empty
 

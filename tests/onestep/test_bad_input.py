@@ -360,8 +360,9 @@ def test_out_of_range_values_and_bad_options(i, case, workspace, no_training):
 
 
 UNKNOWN_NAMES = [
-    ("unknown objective", ["objective.name=consistency"], ["objective.name: unknown objective 'consistency'",
-                                                            "allowed: fdistill, flow_matching, lightning, meanflow"]),
+    ("unknown objective", ["objective.name=consistency"],
+     ["objective.name: unknown objective 'consistency'",
+      "allowed: fdistill, flow_matching, ladd, lightning, meanflow"]),
     ("unknown teacher", ["teacher.name=sdxxl"], ["teacher.name: unknown teacher 'sdxxl'", "allowed: digits, edm"]),
     ("empty objective name", ["objective.name="], ["objective.name"]),
     ("objective name is a list", ["objective.name=[a,b]"], ["objective.name must be a name", "allowed:"]),
