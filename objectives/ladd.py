@@ -162,10 +162,8 @@ class LADD(Objective):
 
     # --- contract ------------------------------------------------------------------------------------
     def param_groups(self):
-        student = [p for p in self.student.parameters() if p.requires_grad]
-        if self.scm.logvar is not None:
-            student += list(self.scm.logvar.parameters())
-        return {"student": student, "disc": [p for p in self.discriminator.parameters() if p.requires_grad]}
+        return {"student": self.scm.student_parameters(),
+                "disc": [p for p in self.discriminator.parameters() if p.requires_grad]}
 
     def default_optim(self, group):
         cfg = self.cfg

@@ -118,10 +118,8 @@ class RCM(Objective):
 
     # --- contract ----------------------------------------------------------------------------------
     def param_groups(self):
-        student = [p for p in self.student.parameters() if p.requires_grad]
-        if self.scm.logvar is not None:
-            student += list(self.scm.logvar.parameters())
-        return {"student": student, "fake_score": [p for p in self.fake_score.parameters() if p.requires_grad]}
+        return {"student": self.scm.student_parameters(),
+                "fake_score": [p for p in self.fake_score.parameters() if p.requires_grad]}
 
     def default_optim(self, group):
         cfg = self.cfg

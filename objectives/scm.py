@@ -122,6 +122,11 @@ class SCMLoss(nn.Module):
         self.cfg = cfg
         self.logvar = LogVarianceHead() if cfg.learn_logvar else None
 
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the student's optimizer group trains: its trainable parameters and the log-variance head's."""
+        params = [p for p in self.objective.student.parameters() if p.requires_grad]
+        return params + (list(self.logvar.parameters()) if self.logvar is not None else [])
+
     # --- pieces ------------------------------------------------------------------------------------
     def student_trig(self, y, s, cond=None):
         """F_theta(y, s): the TrigFlow field of the student's jump to the data."""
@@ -220,10 +225,7 @@ class SCM(Objective):
         set_sampler_grid(student, cfg)
 
     def param_groups(self):
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if self.scm.logvar is not None:
-            params += list(self.scm.logvar.parameters())
-        return {"student": params}
+        return {"student": self.scm.student_parameters()}
 
     def default_optim(self, group):
         return OptimDefaults(lr=self.cfg.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay)
