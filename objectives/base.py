@@ -11,12 +11,15 @@ net), say which updates at a step through one `UpdateSchedule`, set by the confi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from onestep.errors import ConfigError
+from onestep.sampling import SamplerSpec
+from onestep.student import AvgVelocityField
 
 
 @dataclass
@@ -101,8 +104,11 @@ class Objective(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg):
         super().__init__()
-        if self.student_sampler != "avg_velocity":
-            student.sampler = self.student_sampler
+        spec = self.sampler_spec(cfg, 0, teacher)
+        if spec != SamplerSpec():
+            # the attributes the samplers read, on any student module (tests train plain nn.Modules too); prediction
+            # types that change from stage to stage are the objective's to switch while it trains
+            AvgVelocityField.set_sampler_spec(student, dataclasses.replace(spec, prediction_type=None))
         self.student = student
         self.teacher = teacher
         self.cfg = cfg
@@ -130,10 +136,13 @@ class Objective(nn.Module):
         (checked at load time, before any model is built) and the teacher or None afterwards."""
 
     @classmethod
-    def configure_rebuilt_student(cls, student: nn.Module, cfg, steps_done: int, teacher=None) -> None:
-        """Set on a student rebuilt from a checkpoint without its objective (export, evaluation) what
-        this objective had set on it after `steps_done` training steps (e.g. Lightning's sampling grid
-        from `teacher`'s schedule). Default: nothing to set."""
+    def sampler_spec(cls, cfg, steps_done: int = 0, teacher=None) -> SamplerSpec:
+        """How a student trained with options `cfg` samples after `steps_done` training steps (`teacher`: for the
+        grids and output readings it defines). Set on the student when the objective is built, stored by every
+        checkpoint (sampler.json) and applied by `onestep.runs.load_student` to checkpoints written before that
+        file existed; the student's own scales stay as built. Default: `student_sampler` on its own grid."""
+        consistency = cls.student_sampler == "consistency"
+        return SamplerSpec(kind=cls.student_sampler, grid="consistency" if consistency else "uniform")
 
     @classmethod
     def smoke_options(cls, options: dict) -> dict:

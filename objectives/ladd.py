@@ -43,7 +43,7 @@ from onestep.objectives.base import (
 )
 from onestep.objectives.discriminators import FeatureDiscriminator
 from onestep.objectives.distribution_matching import call_with_frozen_parameters, module_device_dtype
-from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
+from onestep.objectives.scm import ConsistencySampled, SCMConfig, SCMLoss, check_scm_config
 from torch import nn
 from torch.nn import functional as F
 
@@ -125,20 +125,18 @@ def check_adversarial_config(name: str, cfg, teacher=...) -> None:
 
 
 @OBJECTIVES.register("ladd")
-class LADD(Objective):
+class LADD(ConsistencySampled, Objective):
     """Adversarial distillation on the frozen teacher's features alone (no sCM term); see the module docstring.
     `self.scm` holds sCM's pieces that the adversarial sample uses (the student's TrigFlow field, sCM's times);
     with `learn_logvar` off (`ladd`) it has no parameters."""
 
     Config = LADDConfig
     needs_interval = True
-    student_sampler = "consistency"
 
     def __init__(self, student, teacher, cfg, discriminator: nn.Module | None = None):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
-        set_sampler_grid(student, cfg)
         if discriminator is None:
             try:
                 discriminator = LADDDiscriminator(teacher, cfg.feature_layers, cfg.head_hidden)
@@ -155,10 +153,6 @@ class LADD(Objective):
                                   f"{getattr(cfg, key)!r}); use objective scm_ladd for sCM + LADD")
         check_scm_config(cfg, teacher if teacher is not None else ...)   # the time and sampler options
         check_adversarial_config("ladd", cfg, teacher)
-
-    @classmethod
-    def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
-        set_sampler_grid(student, cfg)
 
     # --- contract ------------------------------------------------------------------------------------
     def param_groups(self):

@@ -22,7 +22,7 @@ Grids in flow time: "trailing" for discrete VP teachers (diffusers' `timestep_sp
 timesteps 999, 999 - 1000/N, ... mapped to flow time, the first replaced by t = 1: the adapter then feeds
 the model pure noise at its last timestep, SDXL-Lightning's schedule fix; DiscreteVPSchedule.trailing_grid);
 "uniform" ([1, 1 - 1/N, ..., 0], the continuous trailing grid) for flow-time teachers. The student carries
-its grid (`student.trailing_schedule`, set here and by `configure_rebuilt_student`), so
+its grid (`student.trailing_schedule`, set here and recorded by `Lightning.sampler_spec`), so
 `student.sample(noise, steps=k)` (evaluation, export, benchmarks) samples the grid it was trained on. Each
 stage's student initialises the next (it is the same network, trained on). Students may be full or LoRA
 (`student.lora_rank`) alike.
@@ -36,7 +36,7 @@ the 1-step stage on, the student's backbone output is therefore read as x0 (`one
 one step returns that output itself. The reading is a function of the stage, so of the step: the loss
 sets it for the step it trains; a checkpoint after N steps holds weights last trained at step N - 1 and
 takes that step's reading, both when the trainer restores the objective (`previous_stage`, before any
-loss runs) and when export / evaluation rebuild the student (`configure_rebuilt_student`); the exported
+loss runs) and when export / evaluation rebuild the student (`sampler_spec`, stored in sampler.json); the exported
 diffusers scheduler then says prediction_type="sample". Velocity-parameterised students (flow-time
 teachers, digits and MLP students) need no switch: x0 = z - u(z, 0, 1) is well conditioned. Measured on
 the VP mixture toy (tests/objectives/test_lightning.py, the teacher's 8 trailing steps -> 1 step, 150 steps): the
@@ -73,6 +73,7 @@ from torch.nn import functional as F
 from onestep import paths
 from onestep.errors import ConfigError
 from onestep.registry import OBJECTIVES
+from onestep.sampling import SamplerSpec
 
 GRIDS = ("auto", "uniform", "trailing")
 #: how a 1-step stage reads a VP student's backbone output ("auto": "sample" for eps-prediction students)
@@ -259,16 +260,18 @@ class Lightning(Objective):
         self.use_stage_prediction(int(self.previous_stage))
 
     @classmethod
-    def configure_rebuilt_student(cls, student, cfg: LightningConfig, steps_done: int, teacher=None) -> None:
-        """The grid the student trained on (as __init__ sets it), and its reading of the backbone: a checkpoint
-        after `steps_done` steps holds weights last trained in the stage of step steps_done - 1."""
-        vp_model = teacher if teacher is not None else getattr(student, "adapter", None)  # the adapter: same schedule
-        schedule = getattr(getattr(vp_model, "time", None), "schedule", None)
-        student.trailing_schedule = schedule if cfg.grid != "uniform" else None
-        base = getattr(student, "prediction_type", None)
+    def sampler_spec(cls, cfg: LightningConfig, steps_done: int = 0, teacher=None) -> SamplerSpec:
+        """The grid the student trains on (a discrete VP teacher's trailing grid unless grid=uniform) and how it
+        reads its backbone: a checkpoint after `steps_done` steps holds weights last trained in the stage of step
+        steps_done - 1."""
+        time = getattr(teacher, "time", None)
+        schedule = getattr(time, "schedule", None)
+        trailing = schedule is not None and cfg.grid != "uniform"
+        base = getattr(time, "prediction_type", None)   # the teacher's reading, which the student starts with
         kind = stage_prediction_type(cfg, stage_at(cfg.stage_iters, max(steps_done - 1, 0))[0], base)
-        if kind is not None:
-            student.set_prediction_type(kind)
+        return SamplerSpec(grid="trailing" if trailing else "uniform",
+                           alphas_cumprod=tuple(schedule.alphas_cumprod.tolist()) if trailing else None,
+                           prediction_type=kind)
 
     def phase(self, step: int) -> str:
         """"mse", "conditional" or "unconditional" at this training step."""

@@ -49,7 +49,7 @@ from onestep.objectives.distribution_matching import (
     trainable_copy_of_backbone,
 )
 from onestep.objectives.fdistill import check_time_options
-from onestep.objectives.scm import SCMConfig, SCMLoss, check_scm_config, set_sampler_grid
+from onestep.objectives.scm import ConsistencySampled, SCMConfig, SCMLoss, check_scm_config
 
 from onestep.errors import ConfigError
 from onestep.registry import OBJECTIVES
@@ -74,10 +74,9 @@ class RCMConfig(SCMConfig):
 
 
 @OBJECTIVES.register("rcm")
-class RCM(Objective):
+class RCM(ConsistencySampled, Objective):
     Config = RCMConfig
     needs_interval = True          # u(., 0, t): the sCM jumps and the one-step generator u(z, 0, 1)
-    student_sampler = "consistency"
 
     def __init__(self, student, teacher, cfg: RCMConfig, fake_score=None):
         """`fake_score`: a velocity network net(x, r, t, cond) used at r = t (default: a trainable copy of the
@@ -85,7 +84,6 @@ class RCM(Objective):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
-        set_sampler_grid(student, cfg)
         self.fake_score = fake_score if fake_score is not None else trainable_copy_of_backbone(teacher, student)
         self.dmd = DMDLoss(self)
         self.register_buffer("sigma_grid", karras_sigmas(cfg.levels, cfg.sigma_min, cfg.sigma_max, cfg.rho),
@@ -111,10 +109,6 @@ class RCM(Objective):
         if cfg.fake_score_betas is not None and len(cfg.fake_score_betas) != 2:
             raise ConfigError(f"objective.fake_score_betas must be two numbers (or null: betas), got "
                               f"{cfg.fake_score_betas}")
-
-    @classmethod
-    def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
-        set_sampler_grid(student, cfg)
 
     # --- contract ----------------------------------------------------------------------------------
     def param_groups(self):

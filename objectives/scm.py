@@ -36,6 +36,7 @@ from torch import nn
 from onestep import paths
 from onestep.errors import ConfigError
 from onestep.registry import OBJECTIVES
+from onestep.sampling import SamplerSpec
 from onestep.student import sinusoidal_embedding
 from onestep.trigflow import HALF_PI, consistency_times, sample_trig_time, teacher_trig_field, trig_field
 
@@ -92,10 +93,16 @@ def check_scm_config(cfg, teacher=...) -> None:
                           f"{cfg.sampler_data_std}, {cfg.sampler_intermediate}") from None
 
 
-def set_sampler_grid(student, cfg) -> None:
-    """The consistency sampler's grid options on the student (training, and students rebuilt from checkpoints)."""
-    student.consistency_data_std = cfg.sampler_data_std
-    student.consistency_intermediate = cfg.sampler_intermediate
+class ConsistencySampled:
+    """For objectives whose students sample with the consistency sampler (scm, scm_ladd, ladd, rcm): on the grid of
+    the config's `sampler_data_std` and `sampler_intermediate`."""
+
+    student_sampler = "consistency"
+
+    @classmethod
+    def sampler_spec(cls, cfg, steps_done: int = 0, teacher=None) -> SamplerSpec:
+        return SamplerSpec(kind="consistency", grid="consistency", consistency_data_std=cfg.sampler_data_std,
+                           consistency_intermediate=cfg.sampler_intermediate)
 
 
 class LogVarianceHead(nn.Module):
@@ -203,26 +210,20 @@ class SCMLoss(nn.Module):
 
 
 @OBJECTIVES.register("scm")
-class SCM(Objective):
+class SCM(ConsistencySampled, Objective):
     """sCM alone: the student (and its log-variance head) every step."""
 
     Config = SCMConfig
     needs_interval = True          # the student's u(., 0, t): its interval embedding carries t - 0
-    student_sampler = "consistency"
 
     def __init__(self, student, teacher, cfg: SCMConfig):
         super().__init__(student, teacher, cfg)
         self.check_config(cfg, teacher)
         self.scm = SCMLoss(self, cfg)
-        set_sampler_grid(student, cfg)
 
     @staticmethod
     def check_config(cfg, teacher=...) -> None:
         check_scm_config(cfg, teacher)
-
-    @classmethod
-    def configure_rebuilt_student(cls, student, cfg, steps_done: int, teacher=None) -> None:
-        set_sampler_grid(student, cfg)
 
     def param_groups(self):
         return {"student": self.scm.student_parameters()}

@@ -89,7 +89,7 @@ def load_student(info: RunInfo):
     except FileNotFoundError as e:  # the student's architecture comes from the teacher's files
         raise ExportError(f"cannot rebuild the student: {str(e).splitlines()[0]}") from None
     # how the student samples by this checkpoint (e.g. Lightning's trailing grid and 1-step x0 prediction): the
-    # checkpoint's sampler.json; checkpoints written before it existed ask the objective what it had set
+    # checkpoint's sampler.json; checkpoints written before it existed ask the objective (`sampler_spec`)
     spec_file = info.checkpoint / SamplerSpec.FILE
     if spec_file.is_file():
         try:
@@ -98,7 +98,7 @@ def load_student(info: RunInfo):
             raise ExportError(f"{spec_file}: {str(e).splitlines()[0]}") from None
     else:
         objective, objective_cfg = section_config("objective", info.cfg.objective, OBJECTIVES)
-        objective.configure_rebuilt_student(student, objective_cfg, info.step, teacher)
+        student.set_sampler_spec(objective.sampler_spec(objective_cfg, info.step, teacher))
     # trainable.safetensors holds the objective's modules, the student's under "student."; ema.safetensors the
     # EMA of the student's trained parameters under their own names (of every parameter in older checkpoints;
     # a LoRA student's frozen base never changes, so it comes from trainable.safetensors)

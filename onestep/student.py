@@ -28,7 +28,7 @@ class AvgVelocityField(nn.Module):
     sampler: str = "avg_velocity"
     #: the grid `sample` takes when given no `times`: None for the sampler's own (uniform for "avg_velocity"),
     #: or a discrete VP schedule (onestep.paths.DiscreteVPSchedule) whose trailing grid the student was
-    #: trained on (Lightning with VP teachers: Lightning sets it, and configure_rebuilt_student on students
+    #: trained on (Lightning with VP teachers: Lightning sets it, and its sampler_spec on students
     #: rebuilt from its checkpoints), so evaluation, export and benchmarks sample the trained grid.
     trailing_schedule = None
     #: the "consistency" sampler's grid, onestep.trigflow.consistency_times(steps, data_std, intermediate):

@@ -210,7 +210,7 @@ def test_consistency_grid_matches_the_trigflow_snr_for_the_data_std():
 
 def test_sampler_grid_options_reach_trained_and_rebuilt_students(gmm_teacher):
     """objective.sampler_data_std / sampler_intermediate set the student's default k-step grid, both when the
-    objective is built and when a student is rebuilt from a checkpoint (configure_rebuilt_student)."""
+    objective is built and when a student is rebuilt from a checkpoint (the objective's sampler_spec)."""
     torch.manual_seed(0)
     student = MLPAvgVelocity(2, hidden=16).double()
     torch.nn.init.normal_(student.interval_embed[-1].weight, std=0.3)
@@ -222,8 +222,7 @@ def test_sampler_grid_options_reach_trained_and_rebuilt_students(gmm_teacher):
         assert (student.sample(z, steps=steps, times=consistency_times(steps)) - want).abs().max() > 1e-3
     assert "data_std 0.5, 2-step intermediate 1.1" in student.sampler_description()
     rebuilt = MLPAvgVelocity(2, hidden=16).double()
-    rebuilt.sampler = "consistency"
-    SCM.configure_rebuilt_student(rebuilt, SCMConfig(sampler_data_std=0.5, sampler_intermediate=1.1), 10)
+    rebuilt.set_sampler_spec(SCM.sampler_spec(SCMConfig(sampler_data_std=0.5, sampler_intermediate=1.1), 10))
     assert (rebuilt.default_times(2)
             - torch.tensor(consistency_times(2, 0.5, 1.1), dtype=torch.float64)).abs().max() == 0
     with pytest.raises(ConfigError, match="sampler_intermediate in"):
