@@ -19,7 +19,8 @@ FLUX's ``FluxAttention``) and gives it a processor for one of :data:`ATTENTION_B
   module and call by ``search="adaspa"`` (searched at chosen denoising steps, reused in between) or
   ``search="flexprefill"`` (estimated at every call), keeping each head's blocks up to ``threshold`` of
   the attention mass; products with a mask (padded prompts) run dense through ``fused``. For long-sequence
-  teachers' multi-step sampling; ``threshold=1`` keeps every block (dense attention).
+  teachers' multi-step sampling; ``threshold=1`` keeps every block (dense attention). ``with
+  attention_backend(model, "sparse", ...)`` scopes it to one sampling call (fresh searches, processors restored).
 
 ``UNet2DModel`` has no ``set_attn_processor`` in diffusers 0.42, hence the module walk. Processor
 layouts handled, each reproducing the stock processor's computation with only the softmax attention
@@ -40,6 +41,7 @@ attention classes are reported, not silently skipped.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -48,8 +50,8 @@ from torch import nn
 from .attention import DEFAULT_BLOCK_SIZE, fused_attention, math_attention
 from .sparse_attention import AdaSpaSearch, FlexPrefillSearch, block_sparse_attention
 
-__all__ = ["ATTENTION_BACKENDS", "OnestepAttnProcessor", "OnestepFluxAttnProcessor", "OnestepJointAttnProcessor",
-           "OnestepSanaAttnProcessor", "set_attention_backend"]
+__all__ = ["ATTENTION_BACKENDS", "attention_backend", "OnestepAttnProcessor", "OnestepFluxAttnProcessor",
+           "OnestepJointAttnProcessor", "OnestepSanaAttnProcessor", "set_attention_backend"]
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math", "fused", "fused_triton", "sparse")
 _ONESTEP_BACKENDS = ("fused", "math", "fused_triton", "sparse")
@@ -404,3 +406,19 @@ def set_attention_backend(model: nn.Module, backend: str, *, block_size=DEFAULT_
         else:
             module.set_processor(_stock_processor(backend, layout))
     return len(targets)
+
+
+@contextlib.contextmanager
+def attention_backend(model: nn.Module, backend: str, **options):
+    """`set_attention_backend(model, backend, **options)` for the duration of a `with` block, then every attention
+    module gets its previous processor back. For a multi-step sampling call with ``backend="sparse"``: each call
+    gets fresh search objects, so an AdaSpa pattern is searched on this call's inputs and reused over its own
+    denoising steps only, e.g. ``with attention_backend(teacher.backbone(), "sparse", search="adaspa",
+    threshold=0.9): teacher.sample(noise, cond, steps=50)``."""
+    saved = [(m, m.processor) for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    set_attention_backend(model, backend, **options)
+    try:
+        yield model
+    finally:
+        for module, processor in saved:
+            module.set_processor(processor)

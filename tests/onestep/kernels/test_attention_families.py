@@ -481,3 +481,32 @@ def test_sparse_backend_on_transformer_families(family, search):
         set_attention_backend(model, "sparse", search="topk")
     with pytest.raises(ValueError, match="apply to backend 'sparse' only"):
         set_attention_backend(model, "fused", js_threshold=0.1)
+
+
+def test_attention_backend_is_scoped_to_one_sampling_call():
+    """`with attention_backend(model, "sparse", ...)`: fresh searches per block (an AdaSpa pattern searched at the
+    call's first denoising step, reused at the others), and diffusers' processors back afterwards, even after an
+    error inside the block."""
+    from onestep.kernels import attention_backend
+
+    model, x, f, _ = FAMILIES["sd3"]()
+    stock = [m.processor for m in model.modules() if isinstance(m, Attention)]
+    times = torch.linspace(1.0, 0.25, 4)
+
+    def searches(m):
+        return [mod.processor.search for mod in m.modules() if hasattr(getattr(mod, "processor", None), "search")]
+
+    with torch.no_grad():
+        ref = f(model, x, times[0].repeat(B))
+        with attention_backend(model, "sparse", search="adaspa", threshold=0.5, sparse_block_size=4) as m:
+            first = searches(m)
+            for t in times:                                  # the steps of one sampling call
+                f(model, x, t.repeat(B))
+        assert first and all(s.calls == len(times) and s.last_search == 0 for s in first)
+        assert [m.processor for m in model.modules() if isinstance(m, Attention)] == stock
+        assert torch.equal(f(model, x, times[0].repeat(B)), ref)
+        with pytest.raises(RuntimeError, match="inside"):
+            with attention_backend(model, "sparse", search="adaspa", threshold=0.5, sparse_block_size=4) as m:
+                assert all(s.calls == 0 for s in searches(m))    # a new call, new searches
+                raise RuntimeError("an error inside the block")
+        assert [m.processor for m in model.modules() if isinstance(m, Attention)] == stock
