@@ -1,6 +1,8 @@
 """Turn a validated RunConfig into objects: teacher, student, objective, data."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from onestep.config import RunConfig, section_config, teacher_families
@@ -26,17 +28,12 @@ def build_student(cfg: RunConfig, teacher):
             set_attention_backend(student, cfg.student.attention)
         except (RuntimeError, ValueError) as e:  # e.g. xformers missing or on CPU: the config's problem
             raise ConfigError(f"student.attention={cfg.student.attention}: {e}") from None
-    # the k-step sampler the objective trains the student for (e.g. sCM's consistency sampler), also
-    # for students rebuilt from a checkpoint without their objective (export, evaluation)
-    student.sampler = student_sampler(cfg)
+    # how the objective's student samples (e.g. sCM's consistency sampler) before the objective is built, also
+    # for students rebuilt without it; the prediction type is the objective's to switch (Lightning's stages)
+    objective, objective_cfg = section_config("objective", cfg.objective, OBJECTIVES)
+    spec = objective.sampler_spec(objective_cfg, 0, teacher)
+    student.set_sampler_spec(dataclasses.replace(spec, prediction_type=None))
     return student
-
-
-def student_sampler(cfg: RunConfig) -> str:
-    """The sampler the run's objective trains its student for ("avg_velocity" unless it says otherwise)."""
-    load_builtin()
-    name = cfg.objective.get("name")
-    return OBJECTIVES.get(name).student_sampler if name in OBJECTIVES else "avg_velocity"
 
 
 def _build_student(cfg: RunConfig, teacher):
